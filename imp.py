@@ -1,0 +1,1168 @@
+"""
+nanoImp: the whole Imp model in one file.
+
+Imp (Shao et al., 2024, "Imp: Highly Capable Large Multimodal Models for Mobile Devices", arXiv 2405.12107)
+is a LLaVA-style multimodal model. Imp-3B is
+
+    image --> SigLIP-SO400M/14@384 (26 of its 27 layers) --> 2-layer MLP connector --> spliced into the prompt
+          --> Phi-2 (2.7B) --> answer tokens
+
+Read this file top to bottom; it is ordered leaves first, the whole model last (like nanoGPT):
+  1. configs           VisionConfig, PhiConfig, ImpConfig (official Imp-3B numbers as defaults)
+  2. shared pieces     attention(), rotary embedding, KV cache
+  3. SigLIP            the vision tower (paper section 4.1, "visual encoder")
+  4. Connector         Linear -> GELU -> Linear (paper section 4.1)
+  5. Phi-2             the language model
+  6. LoRA              low-rank adapters for stage-2 training (paper section 4.2)
+  7. Imp               splicing image features into the text, the training loss, generation
+  8. preprocessing     image loading and the official image processor
+  9. prompt, tokenizer the phi2 conversation template and the byte-level BPE tokenizer
+ 10. checkpoint I/O    one explicit key table per official layout, streamed tensor by tensor
+
+Numbers and behaviours cited as "official" come from the MILVLG/imp training code and the Hugging Face releases
+(MILVLG/imp-v1-3b, MILVLG/Imp-v1.5-3B-Phi2); see README.md for the map from the paper's sections to this code.
+"""
+
+import json
+import math
+import os
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Configs: one dataclass per component, official Imp-3B numbers as defaults.
+
+
+@dataclass
+class VisionConfig:
+    """SigLIP-SO400M/14@384, as Imp uses it."""
+    hidden_size: int = 1152        # "SO400M": the shape-optimised ViT of Alabdulmohsin et al.
+    intermediate_size: int = 4304  # MLP width (not 4x: another result of that shape search)
+    num_hidden_layers: int = 27    # layers in the SigLIP checkpoint; Imp keeps 26 of them (see select_layer)
+    num_attention_heads: int = 16  # head_dim = 1152 / 16 = 72
+    image_size: int = 384          # 384 / 14 = 27 patches per side -> 729 image tokens (196 px -> 14 x 14 = 196)
+    patch_size: int = 14
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-6
+    select_layer: int = -2         # Imp (like LLaVA) feeds the output of the penultimate layer to the connector
+
+    @property
+    def num_layers_kept(self) -> int:
+        # hidden_states[-2] is the output of layer num_hidden_layers - 2, so layers 0 .. num_hidden_layers - 2 run.
+        return self.num_hidden_layers + self.select_layer + 1
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, d: dict, select_layer: int = -2) -> "VisionConfig":
+        d = d.get("vision_config", d)  # a whole SiglipModel config nests the vision part
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known and k != "select_layer"}, select_layer=select_layer)
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "select_layer"}
+        d.update(model_type="siglip_vision_model", hidden_act="gelu_pytorch_tanh", attention_dropout=0.0)
+        return d
+
+
+@dataclass
+class PhiConfig:
+    """Phi-2 (2.7B)."""
+    vocab_size: int = 51200        # 50257 GPT-2/CodeGen tokens + added ones, padded to a multiple of 64
+    hidden_size: int = 2560
+    intermediate_size: int = 10240
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32  # head_dim = 2560 / 32 = 80
+    rotary_dim: int = 32           # partial rotary: only the first 32 of the 80 head dims rotate (factor 0.4)
+    rope_theta: float = 10000.0
+    layer_norm_eps: float = 1e-5
+    max_position_embeddings: int = 2048  # Phi-2's pretraining context; Imp trains at 3072 (ImpConfig.max_length)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PhiConfig":
+        """Reads both namings: current transformers (hidden_size, ...) and legacy phi-msft (n_embd, ...)."""
+        if "n_embd" in d and "hidden_size" not in d:  # legacy "MixFormer" config of the first Imp releases
+            hidden = d["n_embd"]
+            return cls(vocab_size=d.get("vocab_size", 51200), hidden_size=hidden,
+                       intermediate_size=d.get("n_inner") or 4 * hidden, num_hidden_layers=d["n_layer"],
+                       num_attention_heads=d["n_head"], rotary_dim=d.get("rotary_dim", 32),
+                       rope_theta=d.get("rope_theta", 10000.0), layer_norm_eps=d.get("layer_norm_epsilon", 1e-5),
+                       max_position_embeddings=d.get("n_positions", 2048))
+        hidden, heads = d["hidden_size"], d["num_attention_heads"]
+        rope = {**d, **(d.get("rope_parameters") or {})}  # transformers >= 5 nests the rotary settings
+        return cls(vocab_size=d.get("vocab_size", 51200), hidden_size=hidden,
+                   intermediate_size=d.get("intermediate_size") or 4 * hidden,
+                   num_hidden_layers=d["num_hidden_layers"], num_attention_heads=heads,
+                   rotary_dim=int(round(rope.get("partial_rotary_factor", 0.5) * (hidden // heads))),
+                   rope_theta=rope.get("rope_theta", 10000.0), layer_norm_eps=d.get("layer_norm_eps", 1e-5),
+                   max_position_embeddings=d.get("max_position_embeddings", 2048))
+
+    def to_dict(self) -> dict:
+        """Current transformers naming (what microsoft/phi-2 and the current Imp releases use)."""
+        return dict(vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                    intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
+                    num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_attention_heads,
+                    partial_rotary_factor=self.rotary_dim / self.head_dim, rope_theta=self.rope_theta,
+                    layer_norm_eps=self.layer_norm_eps, max_position_embeddings=self.max_position_embeddings,
+                    hidden_act="gelu_new", qk_layernorm=False, tie_word_embeddings=False,
+                    resid_pdrop=0.1, embd_pdrop=0.0, attention_dropout=0.0)
+
+
+@dataclass
+class ImpConfig:
+    """The whole model: a vision tower, a connector, a language model, and the token ids that glue them."""
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: PhiConfig = field(default_factory=PhiConfig)
+    image_token_index: int = 50296   # id of "<image>"; that one position is replaced by the image features
+    eos_token_id: int = 50295        # "</s>", added by Imp as the end of every assistant turn
+    pad_token_id: int = 50256        # "<|endoftext|>", Phi-2's bos/unk, used as padding in training
+    image_aspect_ratio: str = "square"  # "square": squash to size x size; "pad": pad to a square first
+    max_length: int = 3072           # Imp's tokenizer_model_max_length: the longest spliced sequence it trains on
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ImpConfig":
+        select = d.get("mm_vision_select_layer", -2)
+        if "vision_tower_config" in d:
+            vision = VisionConfig.from_dict(d["vision_tower_config"], select_layer=select)
+        else:  # some legacy configs only name the tower; the 196-px variant says so in the name
+            tower = str(d.get("mm_vision_tower", ""))
+            vision = VisionConfig(image_size=196 if "196" in tower else 384, select_layer=select)
+        text = PhiConfig.from_dict(d)
+        return cls(vision=vision, text=text, image_token_index=d.get("image_token_index", 50296),
+                   eos_token_id=d.get("eos_token_id", 50295), pad_token_id=d.get("pad_token_id", 50256),
+                   image_aspect_ratio=d.get("image_aspect_ratio", "square"),
+                   max_length=d.get("tokenizer_model_max_length", d.get("n_positions", 3072)))
+
+    def to_dict(self) -> dict:
+        """config.json in the current official Imp naming (MILVLG/imp-v1-3b main)."""
+        d = dict(architectures=["ImpForCausalLM"], model_type="imp", **self.text.to_dict())
+        d.update(mm_hidden_size=self.vision.hidden_size, mm_projector_type="mlp2x_gelu",
+                 mm_vision_select_layer=self.vision.select_layer, mm_vision_select_feature="patch",
+                 mm_vision_tower=f"google/siglip-so400m-patch14-{self.vision.image_size}",
+                 vision_tower_config=self.vision.to_dict(), image_token_index=self.image_token_index,
+                 image_token="<image>", eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+                 bos_token_id=self.pad_token_id, image_aspect_ratio=self.image_aspect_ratio,
+                 tokenizer_model_max_length=self.max_length, use_cache=True)
+        return d
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Shared pieces: attention, rotary position embedding, KV cache.
+
+# The fused kernel (scaled_dot_product_attention) is the fast path; `attention_reference` below is the readable one.
+# tests/test_imp.py pins them equal. Set to False to run (and step through) the readable path everywhere.
+USE_FUSED_ATTENTION = hasattr(F, "scaled_dot_product_attention")
+
+
+def attention_reference(q, k, v, causal: bool):
+    """softmax(q k^T / sqrt(d)) v, written out. q: (B, H, Tq, D); k, v: (B, H, Tk, D) -> (B, H, Tq, D).
+
+    Like the official Phi-2 code, q and k are upcast to float32 before the product and the softmax runs in
+    float32, so 16-bit models do not overflow; the probabilities are cast back to v's dtype for the product with v.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = (q.float() @ k.float().transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
+    if causal:
+        scores = scores.masked_fill(~causal_mask(q.shape[-2], k.shape[-2], q.device), float("-inf"))
+    probabilities = torch.softmax(scores, dim=-1).to(v.dtype)
+    return probabilities @ v
+
+
+def causal_mask(query_len: int, key_len: int, device) -> torch.Tensor:
+    """(Tq, Tk) boolean, True where query i may look at key j. Queries are the *last* Tq positions of the keys
+    (with a KV cache the keys include earlier tokens), so the diagonal is shifted by Tk - Tq."""
+    return torch.ones(query_len, key_len, dtype=torch.bool, device=device).tril(diagonal=key_len - query_len)
+
+
+def attention(q, k, v, causal: bool):
+    if not USE_FUSED_ATTENTION:
+        return attention_reference(q, k, v, causal)
+    query_len, key_len = q.shape[-2], k.shape[-2]
+    if not causal or query_len == 1:  # one new token may look at everything before it: no mask needed
+        return F.scaled_dot_product_attention(q, k, v)
+    if query_len == key_len:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    # is_causal aligns the mask top-left; a prompt chunk after cached tokens needs it bottom-right.
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(query_len, key_len, q.device))
+
+
+def rotary_cos_sin(positions: torch.Tensor, rotary_dim: int, theta: float, dtype):
+    """cos and sin tables for rotary position embedding (Su et al., RoFormer), GPT-NeoX "rotate-half" layout.
+
+    Pair j of the rotated dims turns by angle position * theta^(-2j / rotary_dim), j = 0 .. rotary_dim/2 - 1.
+    positions: (T,) -> cos, sin: (T, rotary_dim). Computed in float32 like the official code, then cast.
+    """
+    inverse_frequency = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=positions.device).float() / rotary_dim))
+    angles = positions.float()[:, None] * inverse_frequency[None, :]  # (T, rotary_dim / 2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, rotary_dim): the two halves share one angle per pair
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x, cos, sin, rotary_dim: int):
+    """Rotate the first `rotary_dim` dims of each head; the rest pass through (Phi-2's "partial rotary").
+
+    x: (B, H, T, D). Dim i of the first half pairs with dim i + rotary_dim/2 ("rotate-half", not interleaved):
+    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin).
+    """
+    x_rotary, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+    x1, x2 = x_rotary.chunk(2, dim=-1)
+    rotate_half = torch.cat([-x2, x1], dim=-1)
+    return torch.cat([x_rotary * cos + rotate_half * sin, x_pass], dim=-1)
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, for one attention layer.
+
+    Preallocated to the full length (prompt + max new tokens), as in gpt-fast, rather than grown with torch.cat
+    as in nanoVLM: growing copies the whole cache at every step (quadratic work over a long answer and a ~770-token
+    Imp prompt) and fragments memory, while a preallocated buffer is written in place and its size is known up front.
+    """
+
+    def __init__(self, batch_size, num_heads, max_length, head_dim, dtype, device):
+        self.keys = torch.zeros(batch_size, num_heads, max_length, head_dim, dtype=dtype, device=device)
+        self.values = torch.zeros_like(self.keys)
+
+    def update(self, start: int, keys, values):
+        """Write (B, H, T, D) at positions start .. start+T-1; return everything up to there."""
+        end = start + keys.shape[2]
+        if end > self.keys.shape[2]:
+            raise ValueError(f"KV cache holds {self.keys.shape[2]} positions, asked to write up to {end}")
+        self.keys[:, :, start:end] = keys
+        self.values[:, :, start:end] = values
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+def run_layers(layers, x, gradient_checkpointing: bool, *args):
+    """Run a stack of layers; with gradient checkpointing (a training flag) activations are recomputed in the
+    backward pass instead of stored, trading ~30% more compute for much less memory (official: on for both stages)."""
+    for layer in layers:
+        if gradient_checkpointing and torch.is_grad_enabled():
+            x = torch.utils.checkpoint.checkpoint(layer, x, *args, use_reentrant=False)
+        else:
+            x = layer(x, *args)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. SigLIP vision tower. Mirrors transformers' modeling_siglip.py (SiglipVisionEmbeddings, SiglipEncoderLayer).
+
+
+class SiglipAttention(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x):  # x: (B, N, D)
+        B, N, D = x.shape
+        split = lambda t: t.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, head_dim)
+        out = attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), causal=False)
+        return self.out_proj(out.transpose(1, 2).reshape(B, N, D))  # every patch sees every patch: no mask
+
+
+class SiglipMLP(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))  # SigLIP's "gelu_pytorch_tanh"
+
+
+class SiglipEncoderLayer(nn.Module):
+    """Pre-LayerNorm transformer layer: x + Attn(LN1(x)), then x + MLP(LN2(x))."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = SiglipAttention(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = SiglipMLP(config)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class SigLIP(nn.Module):
+    """The vision tower: image (B, 3, 384, 384) -> one feature vector per 14x14 patch (B, 729, 1152).
+
+    Imp runs only the first 26 of SigLIP's 27 layers (select_layer -2), takes that output as is (no
+    post_layernorm: transformers applies it to last_hidden_state only, not to the hidden_states Imp reads) and
+    drops the attention-pooling head: a language model wants one vector per patch, not one per image.
+    """
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.config = config
+        # A 14x14 convolution with stride 14 is a linear map applied to each non-overlapping patch.
+        self.patch_embedding = nn.Conv2d(config.num_channels, config.hidden_size, config.patch_size,
+                                         stride=config.patch_size)
+        self.position_embedding = nn.Embedding(config.num_patches, config.hidden_size)  # learned, no CLS token
+        self.layers = nn.ModuleList(SiglipEncoderLayer(config) for _ in range(config.num_layers_kept))
+        self.gradient_checkpointing = False
+
+    def forward(self, pixel_values):  # (B, 3, S, S), values in [-1, 1]
+        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (B, D, S/14, S/14)
+        x = x.flatten(2).transpose(1, 2)  # (B, N, D), patches in row-major order: index = row * 27 + col
+        x = x + self.position_embedding.weight  # (N, D) broadcast over the batch
+        return run_layers(self.layers, x, self.gradient_checkpointing)  # (B, N, D)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "SigLIP":
+        """A google/siglip-* folder (SiglipModel or SiglipVisionModel), or the vision tower of an Imp folder."""
+        checkpoint = open_checkpoint(path)
+        if checkpoint.layout in ("imp", "imp-legacy"):
+            return Imp.from_pretrained(path, dtype, device, with_tokenizer=False).vision
+        if checkpoint.layout != "siglip":
+            raise CheckpointError(f"{path}: holds a {checkpoint.layout} checkpoint, not a SigLIP one")
+        config = VisionConfig.from_dict(checkpoint.config)
+        prefix = "vision_model." if any(key.startswith("vision_model.") for key in checkpoint.shapes) else ""
+        table, unused = key_table_siglip(config, checkpoint=prefix, ours="")
+        unused += [r"text_model\..*", r"logit_scale", r"logit_bias"]  # the text half of a SiglipModel
+        return load_weights(build_on_meta(cls, config), checkpoint, table, unused, dtype, device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Connector ("mlp2x_gelu"): maps each 1152-d patch feature into Phi-2's 2560-d token-embedding space.
+
+
+class Connector(nn.Module):
+    def __init__(self, vision_size: int, text_size: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(vision_size, text_size)
+        self.linear_2 = nn.Linear(text_size, text_size)
+
+    def forward(self, x):  # (B, N, 1152) -> (B, N, 2560)
+        return self.linear_2(F.gelu(self.linear_1(x)))  # nn.GELU() default: the exact erf GELU, not tanh
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. Phi-2. Mirrors transformers' modeling_phi.py and Imp's vendored copy of it.
+
+
+class PhiAttention(nn.Module):
+    def __init__(self, config: PhiConfig):
+        super().__init__()
+        self.config = config
+        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)  # the output projection
+
+    def forward(self, x, start: int, cache: KVCache | None):  # x: (B, T, C); tokens sit at positions start..start+T-1
+        B, T, C = x.shape
+        split = lambda t: t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, 80)
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        positions = torch.arange(start, start + T, device=x.device)
+        cos, sin = rotary_cos_sin(positions, self.config.rotary_dim, self.config.rope_theta, q.dtype)
+        q = apply_rotary(q, cos, sin, self.config.rotary_dim)  # rotary on queries and keys, never on values
+        k = apply_rotary(k, cos, sin, self.config.rotary_dim)
+        if cache is not None:
+            k, v = cache.update(start, k, v)  # (B, H, start+T, 80): the new keys appended to the earlier ones
+        out = attention(q, k, v, causal=True)  # (B, H, T, 80)
+        return self.dense(out.transpose(1, 2).reshape(B, T, C))
+
+
+class PhiMLP(nn.Module):
+    def __init__(self, config: PhiConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))  # "gelu_new" is the tanh approximation
+
+
+class PhiBlock(nn.Module):
+    """Phi's *parallel* block: attention and MLP both read the same LayerNorm output and are added to x together,
+    x + Attn(LN(x)) + MLP(LN(x)), one LayerNorm per block (GPT-J style), instead of GPT-2's two in sequence."""
+
+    def __init__(self, config: PhiConfig):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = PhiAttention(config)
+        self.mlp = PhiMLP(config)
+
+    def forward(self, x, start: int = 0, cache: KVCache | None = None):
+        h = self.input_layernorm(x)
+        return x + self.self_attn(h, start, cache) + self.mlp(h)
+
+
+class Phi2(nn.Module):
+    """Token ids (or embeddings) -> next-token logits (B, T, vocab), float32."""
+
+    def __init__(self, config: PhiConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(PhiBlock(config) for _ in range(config.num_hidden_layers))
+        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)  # untied from the embedding, with a bias
+        self.gradient_checkpointing = False
+
+    def make_cache(self, batch_size: int, max_length: int) -> list:
+        weight = self.embed_tokens.weight
+        return [KVCache(batch_size, self.config.num_attention_heads, max_length, self.config.head_dim,
+                        weight.dtype, weight.device) for _ in self.layers]
+
+    def forward(self, input_ids=None, inputs_embeds=None, start: int = 0, cache: list | None = None,
+                last_only: bool = False):
+        """input_ids (B, T) or inputs_embeds (B, T, C), at positions start .. start+T-1.
+        cache: from make_cache, for generation. last_only: compute logits for the last position only (generation
+        needs no more, and the 51200-wide lm_head over a 770-token prompt would cost ~100 GFLOP)."""
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        if cache is None:
+            x = run_layers(self.layers, x, self.gradient_checkpointing, start, None)
+        else:
+            for layer, layer_cache in zip(self.layers, cache):
+                x = layer(x, start, layer_cache)
+        x = self.final_layernorm(x if not last_only else x[:, -1:])
+        return self.lm_head(x).float()  # (B, T, vocab): logits in float32, as the official code returns them
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "Phi2":
+        """A microsoft/phi-2 folder (current transformers format), or the language model of an Imp folder."""
+        checkpoint = open_checkpoint(path)
+        if checkpoint.layout in ("imp", "imp-legacy"):
+            return Imp.from_pretrained(path, dtype, device, with_tokenizer=False).llm
+        if checkpoint.layout != "phi-2":
+            raise CheckpointError(f"{path}: holds a {checkpoint.layout} checkpoint, not a Phi-2 one")
+        config = PhiConfig.from_dict(checkpoint.config)
+        return load_weights(build_on_meta(cls, config), checkpoint, key_table_phi(config, "current", ours=""), [],
+                            dtype, device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. LoRA (Hu et al., 2021): train a low-rank update B @ A beside a frozen weight W. Imp's stage 2 puts it on every
+#    Linear of the language model, lm_head included (paper section 4.2: rank 256 beats full finetuning).
+
+
+class LoRALinear(nn.Module):
+    """y = W x + b + (alpha / rank) * B (A dropout(x)), with W and b frozen; A: (rank, in), B: (out, rank).
+
+    B starts at zero, so training starts from exactly the base model. `merge()` folds the update into W
+    (W += scale * B A) for inference at no extra cost; `unmerge()` takes it out again. Both are idempotent.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int = 256, alpha: float = 256, dropout: float = 0.05):
+        super().__init__()
+        self.base = base
+        self.base.requires_grad_(False)
+        self.rank, self.scale = rank, alpha / rank
+        weight = base.weight
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=weight.dtype, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=weight.dtype, device=weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # peft's init: A random, B zero
+        self.dropout = nn.Dropout(dropout)
+        self.merged = False
+
+    def forward(self, x):
+        y = self.base(x)
+        if not self.merged:
+            y = y + (self.dropout(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scale
+        return y
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            self.base.weight += (self.lora_B @ self.lora_A).to(self.base.weight.dtype) * self.scale
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.base.weight -= (self.lora_B @ self.lora_A).to(self.base.weight.dtype) * self.scale
+            self.merged = False
+
+
+def add_lora(model: nn.Module, rank=256, alpha=256, dropout=0.05) -> list:
+    """Wrap every nn.Linear inside `model` (pass imp_model.llm for the official recipe) in a LoRALinear.
+    Returns the wrapped module names."""
+    wrapped = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, child_name, LoRALinear(child, rank, alpha, dropout))
+                wrapped.append(f"{name}.{child_name}" if name else child_name)
+    return wrapped
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and put the plain nn.Linear back (the official release is merged)."""
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                child.merge()
+                setattr(module, child_name, child.base)
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict:
+    """Only the adapter weights: what stage 2 trains besides the connector, small enough to share separately."""
+    return {name: tensor for name, tensor in model.state_dict().items() if ".lora_" in name}
+
+
+def init_weights(module: nn.Module, std: float = 0.02):
+    """Initialisation for training from scratch (the demo model): the transformers default for Phi/SigLIP."""
+    for sub in module.modules():
+        if isinstance(sub, (nn.Linear, nn.Conv2d)):
+            nn.init.normal_(sub.weight, std=std)
+            if sub.bias is not None:
+                nn.init.zeros_(sub.bias)
+        elif isinstance(sub, nn.Embedding):
+            nn.init.normal_(sub.weight, std=std)
+        elif isinstance(sub, nn.LayerNorm):
+            nn.init.ones_(sub.weight)
+            nn.init.zeros_(sub.bias)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 7. Imp: the vision tower, the connector and Phi-2 put together.
+
+IMAGE_SENTINEL = -200  # the official training code's stand-in id for <image>; accepted as well as the real id
+IGNORE_INDEX = -100    # label of positions the loss skips (image features, prompt text, padding)
+
+
+class PromptTooLongError(ValueError):
+    pass
+
+
+class Imp(nn.Module):
+    def __init__(self, config: ImpConfig):
+        super().__init__()
+        self.config = config
+        self.vision = SigLIP(config.vision)
+        self.connector = Connector(config.vision.hidden_size, config.text.hidden_size)
+        self.llm = Phi2(config.text)
+        self.tokenizer = None  # a tokenizers.Tokenizer, set by from_pretrained
+        self.last_stats = {}   # timings of the last generate() call (infer.py --stats, bench.py)
+
+    def encode_images(self, pixel_values):
+        """(n, 3, S, S) -> (n, N, C): one language-model "token" per image patch."""
+        return self.connector(self.vision(pixel_values))
+
+    def splice(self, input_ids, image_features=None, labels=None):
+        """Replace each <image> id in input_ids (B, T) by its image's N feature vectors (paper section 3: the
+        visual tokens are concatenated with the text tokens). Images are used in order of appearance. Rows whose
+        spliced lengths differ are right-padded with zeros (and label IGNORE_INDEX), as in the official code.
+        Returns embeddings (B, T', C) and labels (B, T') or None."""
+        is_image = (input_ids == self.config.image_token_index) | (input_ids == IMAGE_SENTINEL)
+        token_embeddings = self.llm.embed_tokens(input_ids.masked_fill(is_image, 0))  # (B, T, C)
+        num_images = int(is_image.sum())
+        if num_images == 0:
+            return token_embeddings, labels
+        if image_features is None or image_features.shape[0] != num_images:
+            given = 0 if image_features is None else image_features.shape[0]
+            raise ValueError(f"the prompt has {num_images} <image> tokens but {given} images were given")
+        rows, row_labels, next_image = [], [], 0
+        for b in range(input_ids.shape[0]):
+            pieces, label_pieces, previous = [], [], 0
+            for position in is_image[b].nonzero().flatten().tolist():
+                features = image_features[next_image].to(token_embeddings.dtype)  # (N, C)
+                pieces += [token_embeddings[b, previous:position], features]
+                if labels is not None:
+                    label_pieces += [labels[b, previous:position],
+                                     labels.new_full((features.shape[0],), IGNORE_INDEX)]
+                previous, next_image = position + 1, next_image + 1
+            pieces.append(token_embeddings[b, previous:])
+            rows.append(torch.cat(pieces))
+            if labels is not None:
+                row_labels.append(torch.cat(label_pieces + [labels[b, previous:]]))
+        longest = max(len(row) for row in rows)
+        embeddings = torch.stack([F.pad(row, (0, 0, 0, longest - len(row))) for row in rows])  # (B, T', C)
+        if labels is not None:
+            labels = torch.stack([F.pad(row, (0, longest - len(row)), value=IGNORE_INDEX) for row in row_labels])
+        return embeddings, labels
+
+    def forward(self, input_ids, pixel_values=None):
+        """input_ids (B, T) with <image> ids, pixel_values (num_images, 3, S, S) -> logits (B, T', vocab)."""
+        features = self.encode_images(pixel_values) if pixel_values is not None else None
+        embeddings, _ = self.splice(input_ids, features)
+        return self.llm(inputs_embeds=embeddings)
+
+    def loss(self, input_ids, labels, pixel_values=None):
+        """Mean next-token cross-entropy over the supervised positions (labels != IGNORE_INDEX)."""
+        features = self.encode_images(pixel_values) if pixel_values is not None else None
+        embeddings, labels = self.splice(input_ids, features, labels)
+        logits = self.llm(inputs_embeds=embeddings)  # (B, T', V) float32
+        # Position t predicts token t+1: drop the last logit and the first label.
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+
+    # -- generation ------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(self, input_ids, pixel_values=None, max_new_tokens=256, temperature=0.0, top_k=0, top_p=1.0,
+                 seed=None, stop_ids=None):
+        """Yield new token ids one by one for a single prompt (1, T). Greedy by default (the official setting:
+        temperature 0, num_beams 1); stops at eos ("</s>") or after max_new_tokens. Fills self.last_stats."""
+        started = time.perf_counter()
+        features = self.encode_images(pixel_values) if pixel_values is not None else None
+        vision_done = time.perf_counter()
+        embeddings, _ = self.splice(input_ids, features)  # (1, T', C)
+        prompt_length = embeddings.shape[1]
+        if prompt_length >= self.config.max_length:
+            raise PromptTooLongError(f"the prompt is {prompt_length} tokens with the image, but the model's context "
+                                     f"is {self.config.max_length} tokens: shorten the question or the history")
+        max_new_tokens = min(max_new_tokens, self.config.max_length - prompt_length)
+        stop_ids = {self.config.eos_token_id} if stop_ids is None else set(stop_ids)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        stats = self.last_stats = dict(vision_seconds=vision_done - started, prompt_tokens=prompt_length,
+                                       prompt_seconds=0.0, generated_tokens=0, generate_seconds=0.0)
+        cache = self.llm.make_cache(1, prompt_length + max_new_tokens)
+        logits = self.llm(inputs_embeds=embeddings, cache=cache, last_only=True)  # the prefill: whole prompt at once
+        prompt_done = time.perf_counter()
+        stats["prompt_seconds"] = prompt_done - vision_done
+        position = prompt_length
+        for _ in range(max_new_tokens):
+            token = sample_next_token(logits[0, -1], temperature, top_k, top_p, generator)
+            if token in stop_ids:
+                break
+            stats["generated_tokens"] += 1
+            stats["generate_seconds"] = time.perf_counter() - prompt_done
+            yield token
+            if position >= prompt_length + max_new_tokens:
+                break
+            logits = self.llm(input_ids=torch.tensor([[token]], device=embeddings.device), start=position,
+                              cache=cache, last_only=True)  # decode: one token, attending to the cached ones
+            position += 1
+        stats["generate_seconds"] = time.perf_counter() - prompt_done
+
+    def prepare_inputs(self, image=None, question="", history=(), aspect=None):
+        """PIL image (or None) + question (+ earlier (question, answer) turns) -> input_ids (1, T), pixel_values."""
+        if self.tokenizer is None:
+            raise CheckpointError("this model has no tokenizer: load it from a folder with tokenizer files")
+        prompt = build_prompt(question, history, with_image=image is not None)
+        input_ids = torch.tensor([self.tokenizer.encode(prompt).ids], device=self.llm.embed_tokens.weight.device)
+        pixel_values = None
+        if image is not None:
+            size, mode = self.config.vision.image_size, aspect or self.config.image_aspect_ratio
+            pixel_values = preprocess_image(image, size, mode)[None].to(input_ids.device)  # (1, 3, S, S)
+        return input_ids, pixel_values
+
+    def stream(self, image=None, question="", history=(), aspect=None, **settings):
+        """Yield the answer as text pieces while it is generated (settings: see generate)."""
+        input_ids, pixel_values = self.prepare_inputs(image, question, history, aspect)
+        token_ids, shown = [], ""
+        for token in self.generate(input_ids, pixel_values, **settings):
+            token_ids.append(token)
+            text = self.tokenizer.decode(token_ids, skip_special_tokens=True).lstrip()
+            if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest of its bytes
+                continue
+            yield text[len(shown):]
+            shown = text
+
+    def answer(self, image=None, question="", history=(), aspect=None, **settings) -> str:
+        """The whole answer as one string, stripped (the official README decodes and .strip()s)."""
+        return "".join(self.stream(image, question, history, aspect, **settings)).strip()
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", with_tokenizer=True) -> "Imp":
+        """An Imp folder in either official layout (current `model.*` or legacy `transformer.h.*`), or one written
+        by save_pretrained / train.py / quant.py. Weights are streamed tensor by tensor into a model built on the
+        meta device (no random init, no second copy), and cast to `dtype`."""
+        checkpoint = open_checkpoint(path)
+        if checkpoint.layout not in ("imp", "imp-legacy"):
+            raise CheckpointError(f"{path}: holds a {checkpoint.layout} checkpoint, not an Imp one (for official "
+                                  "phi-2 + siglip folders use Imp.from_components(llm_folder, vision_folder))")
+        config = ImpConfig.from_dict(checkpoint.config)
+        model = build_on_meta(cls, config)
+        quantization = checkpoint.config.get("quantization")
+        if quantization:
+            import quant  # only quantized folders need quant.py
+            quant.prepare_for_loading(model, quantization)
+        table, unused = key_table_imp(config, checkpoint.layout)
+        load_weights(model, checkpoint, table, unused, dtype, device)
+        if quantization:
+            quant.finish_loading(model)
+        if with_tokenizer:
+            model.tokenizer = load_tokenizer(path)
+        return model
+
+    @classmethod
+    def from_components(cls, llm_path, vision_path, dtype=torch.float32, device="cpu") -> "Imp":
+        """Stage-1 starting point: official microsoft/phi-2 + google/siglip folders and a new random connector.
+        Adds Imp's two tokens to Phi-2's tokenizer ("</s>" = 50295, "<image>" = 50296 for the real Phi-2)."""
+        llm, vision = Phi2.from_pretrained(llm_path, dtype, device), SigLIP.from_pretrained(vision_path, dtype, device)
+        tokenizer = load_tokenizer(llm_path)
+        tokenizer.add_special_tokens(["</s>", "<image>"])
+        config = ImpConfig(vision=vision.config, text=llm.config, image_token_index=tokenizer.token_to_id("<image>"),
+                           eos_token_id=tokenizer.token_to_id("</s>"),
+                           pad_token_id=tokenizer.token_to_id("<|endoftext|>") or 0)
+        with torch.device("meta"):
+            model = cls(config)
+        model.vision, model.llm = vision, llm
+        model.connector = Connector(config.vision.hidden_size, config.text.hidden_size).to(device, dtype)
+        model.tokenizer = tokenizer
+        return model
+
+    def save_pretrained(self, path, max_shard_bytes=2 * 1024**3, extra_config=None):
+        """Write config.json, safetensors weights (sharded with an index past max_shard_bytes) and the tokenizer,
+        in the current official layout, each file atomically. LoRA adapters must be merged first."""
+        state = self.state_dict()
+        if any(".lora_" in name for name in state):
+            raise ValueError("merge the LoRA adapters (imp.merge_lora(model)) before save_pretrained")
+        rename = official_names(self.config)
+        tensors = {rename(name): tensor.contiguous() for name, tensor in state.items()}
+        os.makedirs(path, exist_ok=True)
+        dtype = str(next(iter(state.values())).dtype).replace("torch.", "") if state else "float32"
+        config = dict(self.config.to_dict(), torch_dtype=dtype, **(extra_config or {}))
+        write_safetensors(path, tensors, max_shard_bytes)
+        write_json(os.path.join(path, "config.json"), config)
+        if self.tokenizer is not None:
+            save_tokenizer(self.tokenizer, path, self.config)
+
+
+def sample_next_token(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None) -> int:
+    """logits (vocab,) -> a token id. temperature 0: argmax (greedy). Otherwise softmax(logits / temperature),
+    keeping only the top_k most likely tokens (0: all) and the smallest set whose probability reaches top_p."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth_best = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probabilities = torch.softmax(sorted_logits, dim=-1)
+        before = probabilities.cumsum(-1) - probabilities  # mass of the strictly more likely tokens
+        sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))  # the best token always stays
+        logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
+    return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
+
+
+def best_cpu_dtype() -> torch.dtype:
+    """bfloat16 where the CPU multiplies bfloat16 natively (x86 AVX-512 BF16 or AMX, ARMv8.6 BF16), else float32:
+    without native support every bfloat16 product is converted in software and runs slower than float32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:  # not Linux (macOS, Windows): stay with the dtype that is always fast and exact
+        return torch.float32
+    return torch.bfloat16 if flags & {"avx512_bf16", "amx_bf16", "bf16"} else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 8. Images: loading, and the official preprocessing (Imp's ImpImageProcessor / LLaVA's expand2square).
+
+
+class ImageError(ValueError):
+    pass
+
+
+def load_image(path, notes=None) -> Image.Image:
+    """Open an image file, upright (EXIF orientation applied), first frame of an animation. Anything unreadable
+    raises ImageError with one clear line. Remarks worth telling the user are appended to `notes`."""
+    import warnings
+    if not os.path.exists(path):
+        raise ImageError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise ImageError(f"{path}: is a folder, not an image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # refuse, do not just warn
+            image = Image.open(path)
+            if getattr(image, "n_frames", 1) > 1:
+                image.seek(0)
+                if notes is not None:
+                    notes.append(f"{os.path.basename(path)} is animated ({image.n_frames} frames): using its first")
+            image.load()
+            image = ImageOps.exif_transpose(image)  # phone photos store "rotate 90" as a tag, not in the pixels
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageError(f"{path}: too large to open safely ({error})") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image file (or a format PIL cannot read)") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageError(f"{path}: cannot read the image, the file looks damaged ({error})") from None
+    return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. For the usual modes (RGBA, LA, P, L, CMYK, ...) this is PIL's convert("RGB"),
+    as the official code does (transparency is dropped, not composited). 16- and 32-bit integer images (16-bit PNG
+    greyscale) are first scaled to 0..255, where convert() would clip them to white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
+        pixels = np.asarray(image).astype(np.float64)
+        if pixels.max(initial=0) > 255:  # a 16-bit range
+            pixels = pixels / 257.0   # 65535 / 257 = 255
+        image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="L")
+    import warnings
+    with warnings.catch_warnings():  # PIL warns about palette transparency; dropping it is what we want
+        warnings.simplefilter("ignore")
+        return image.convert("RGB")
+
+
+def expand_to_square(image: Image.Image, fill=(127, 127, 127)) -> Image.Image:
+    """LLaVA's expand2square: paste the image centred on a square of side max(W, H). The fill is the processor's
+    mean 0.5 as int(0.5 * 255) = 127, so padding becomes ~0 after normalisation."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new(image.mode, (side, side), fill)
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
+
+
+def preprocess_image(image: Image.Image, size: int = 384, mode: str = "square") -> torch.Tensor:
+    """PIL image -> (3, size, size) float32 in [-1, 1], bit for bit what the official processor computes:
+    RGB -> ["pad": expand_to_square] -> PIL bicubic resize to size x size (aspect not kept) -> x / 255 (in float64,
+    then float32, as transformers' rescale does) -> (x - 0.5) / 0.5 -> channels first."""
+    if mode not in ("square", "pad"):
+        raise ValueError(f"image aspect mode must be 'square' or 'pad', not {mode!r}")
+    image = to_rgb(image)
+    if mode == "pad":
+        image = expand_to_square(image)
+    image = image.resize((size, size), resample=Image.BICUBIC)
+    pixels = (np.asarray(image, dtype=np.uint8).astype(np.float64) * (1 / 255)).astype(np.float32)  # (S, S, 3)
+    pixels = (pixels - np.float32(0.5)) / np.float32(0.5)
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))  # (3, S, S)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 9. The phi2 conversation template and the tokenizer.
+
+SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def phi2_prompt(turns) -> str:
+    """The official `conv_phi2` template (separator style TWO: " " after user turns, "</s>" after answers).
+    turns: [(user message, assistant answer or None)]; None leaves the assistant turn open for generation:
+    "{system} USER: {q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT:" """
+    text = SYSTEM_PROMPT + " "
+    for question, answer in turns:
+        text += f"USER: {question} "
+        text += "ASSISTANT:" if answer is None else f"ASSISTANT: {answer}</s>"
+    return text
+
+
+def build_prompt(question: str, history=(), with_image=True) -> str:
+    """The inference prompt: <image> then a newline open the first user message (as in the official README)."""
+    turns = [(q, a) for q, a in history] + [(question, None)]
+    if with_image:
+        turns[0] = (IMAGE_PLACEHOLDER + "\n" + turns[0][0], turns[0][1])
+    return phi2_prompt(turns)
+
+
+SPECIAL_TOKENS = ("<|endoftext|>", "</s>", "<image>")  # skipped when decoding answers
+
+
+def load_tokenizer(path):
+    """A tokenizers.Tokenizer from a checkpoint folder: tokenizer.json when present, otherwise rebuilt from the
+    GPT-2/CodeGen files vocab.json + merges.txt (+ added_tokens.json), which is what the Imp releases ship."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    tokenizer_json = os.path.join(path, "tokenizer.json")
+    vocab, merges = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
+    try:
+        if os.path.exists(tokenizer_json):
+            return Tokenizer.from_file(tokenizer_json)
+        if not (os.path.exists(vocab) and os.path.exists(merges)):
+            raise CheckpointError(f"{path}: no tokenizer (expected tokenizer.json, or vocab.json + merges.txt)")
+        tokenizer = Tokenizer(models.BPE.from_file(vocab, merges))
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2: no leading space added
+        tokenizer.decoder = decoders.ByteLevel()
+        added_path = os.path.join(path, "added_tokens.json")
+        added = json.load(open(added_path, encoding="utf-8")) if os.path.exists(added_path) else {}
+        for token, token_id in sorted(added.items(), key=lambda item: item[1]):  # ids must come out as listed
+            if token in SPECIAL_TOKENS:
+                tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False)])
+            else:  # Phi-2's runs of spaces and tabs (ids 50257..50294): ordinary text
+                tokenizer.add_tokens([AddedToken(token, normalized=False)])
+            if tokenizer.token_to_id(token) != token_id:
+                raise CheckpointError(f"{added_path}: {token!r} should have id {token_id} but got "
+                                      f"{tokenizer.token_to_id(token)} (ids must follow vocab.json without gaps)")
+        tokenizer.add_special_tokens([t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is not None])
+        return tokenizer
+    except CheckpointError:
+        raise
+    except Exception as error:  # tokenizers raises plain Exceptions on malformed files
+        raise CheckpointError(f"{path}: cannot read the tokenizer files ({error})") from None
+
+
+def save_tokenizer(tokenizer, path, config: ImpConfig):
+    """tokenizer.json (what we load first) plus the GPT-2-style files official tooling reads."""
+    with tempfile.TemporaryDirectory(dir=path) as scratch:
+        tokenizer.save(os.path.join(scratch, "tokenizer.json"))
+        tokenizer.model.save(scratch)  # vocab.json, merges.txt
+        base_size = tokenizer.get_vocab_size(with_added_tokens=False)
+        added = {token: token_id for token, token_id in tokenizer.get_vocab(with_added_tokens=True).items()
+                 if token_id >= base_size}
+        write_json(os.path.join(scratch, "added_tokens.json"), added)
+        names = dict(bos_token="<|endoftext|>", eos_token="</s>", unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+        write_json(os.path.join(scratch, "special_tokens_map.json"), names)
+        write_json(os.path.join(scratch, "tokenizer_config.json"),
+                   dict(names, tokenizer_class="CodeGenTokenizer", add_prefix_space=False,
+                        model_max_length=config.max_length, padding_side="right"))
+        for name in os.listdir(scratch):
+            os.replace(os.path.join(scratch, name), os.path.join(path, name))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 10. Checkpoint I/O. One explicit key table per official layout: checkpoint key -> [(our parameter, rows)].
+#     `rows` is None, or a slice of the checkpoint tensor's rows (the legacy fused Wqkv feeds three parameters).
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+@dataclass
+class Checkpoint:
+    path: str
+    config: dict
+    files: list          # safetensors files, in order
+    shapes: dict         # key -> shape, read from the headers without loading any tensor
+    layout: str          # "imp", "imp-legacy", "phi-2" or "siglip"
+
+
+def open_checkpoint(path) -> Checkpoint:
+    """Find and check a folder's config.json and safetensors files (single, or sharded with an index)."""
+    from safetensors import safe_open
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such model folder" if not os.path.exists(path) else f"{path}: not a folder")
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no config.json, so this is not a model folder") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path}/config.json: not valid JSON ({error})") from None
+    index_path, single = os.path.join(path, "model.safetensors.index.json"), os.path.join(path, "model.safetensors")
+    if os.path.exists(index_path):
+        try:
+            weight_map = json.load(open(index_path, encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise CheckpointError(f"{index_path}: not a valid index ({error})") from None
+        files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
+        missing = [os.path.basename(f) for f in files if not os.path.exists(f)]
+        if missing:
+            raise CheckpointError(f"{path}: missing shard(s) {', '.join(missing)} listed in the index")
+    elif os.path.exists(single):
+        files = [single]
+    elif any(name.endswith(".bin") for name in os.listdir(path)):
+        raise CheckpointError(f"{path}: only pickle .bin weights found; nanoImp loads safetensors only, because "
+                              "unpickling can run arbitrary code (the current Imp releases ship safetensors)")
+    else:
+        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    shapes = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    shapes[key] = tuple(f.get_slice(key).get_shape())
+        except Exception as error:  # safetensors raises its own error types for truncated or corrupt files
+            raise CheckpointError(f"{file}: not a readable safetensors file, maybe truncated ({error})") from None
+    return Checkpoint(path, config, files, shapes, detect_layout(path, shapes))
+
+
+def detect_layout(path, keys) -> str:
+    if any(key.startswith(("transformer.h.", "transformer.embd.")) for key in keys):
+        return "imp-legacy"   # the MixFormer naming of the first Imp releases (fused Wqkv)
+    if any(key.startswith(("model.mm_projector.", "model.vision_tower.")) for key in keys):
+        return "imp"          # current MILVLG/imp-v1-3b and Imp-v1.5-3B-Phi2 main
+    if any(key.startswith("model.layers.") for key in keys):
+        return "phi-2"        # microsoft/phi-2 in current transformers format
+    if any(key.startswith(("vision_model.", "embeddings.patch_embedding.")) for key in keys):
+        return "siglip"       # google/siglip-* (SiglipModel; or a SiglipVisionModel, saved with or without prefix)
+    raise CheckpointError(f"{path}: unknown checkpoint layout (first keys: {', '.join(sorted(keys)[:3])})")
+
+
+def key_table_siglip(config: VisionConfig, checkpoint: str, ours: str):
+    """SigLIP vision keys (below `checkpoint`, e.g. "vision_model.") -> ours. Also returns the patterns of tensors
+    Imp knowingly drops: the layers after the selected one, post_layernorm and the attention-pooling head."""
+    table = {f"{checkpoint}embeddings.patch_embedding.{p}": [(f"{ours}patch_embedding.{p}", None)]
+             for p in ("weight", "bias")}
+    table[f"{checkpoint}embeddings.position_embedding.weight"] = [(f"{ours}position_embedding.weight", None)]
+    for j in range(config.num_layers_kept):
+        for name in ("layer_norm1", "layer_norm2", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                     "self_attn.out_proj", "mlp.fc1", "mlp.fc2"):
+            for p in ("weight", "bias"):
+                table[f"{checkpoint}encoder.layers.{j}.{name}.{p}"] = [(f"{ours}layers.{j}.{name}.{p}", None)]
+    kept = config.num_layers_kept
+    later_layers = "|".join(str(j) for j in range(kept, max(kept, config.num_hidden_layers) + 1))
+    escaped = re.escape(checkpoint)
+    unused = [rf"{escaped}post_layernorm\..*", rf"{escaped}head\..*", rf"{escaped}encoder\.layers\.({later_layers})\..*"]
+    return table, unused
+
+
+def key_table_phi(config: PhiConfig, layout: str, ours: str) -> dict:
+    """Phi-2 keys -> ours. layout "current": transformers naming (model.layers.{i}.self_attn.q_proj ...);
+    "legacy": the MixFormer naming (transformer.h.{i}.mixer.Wqkv ...), whose fused Wqkv rows are [Q; K; V]."""
+    table, hidden = {}, config.hidden_size
+    current = layout == "current"
+    embedding = "model.embed_tokens.weight" if current else "transformer.embd.wte.weight"
+    table[embedding] = [(f"{ours}embed_tokens.weight", None)]
+    for p in ("weight", "bias"):
+        table[f"model.final_layernorm.{p}" if current else f"lm_head.ln.{p}"] = [(f"{ours}final_layernorm.{p}", None)]
+        table[f"lm_head.{p}" if current else f"lm_head.linear.{p}"] = [(f"{ours}lm_head.{p}", None)]
+        for i in range(config.num_hidden_layers):
+            block, mine = (f"model.layers.{i}" if current else f"transformer.h.{i}"), f"{ours}layers.{i}"
+            if current:
+                for name in ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                             "self_attn.dense", "mlp.fc1", "mlp.fc2"):
+                    table[f"{block}.{name}.{p}"] = [(f"{mine}.{name}.{p}", None)]
+            else:
+                table[f"{block}.ln.{p}"] = [(f"{mine}.input_layernorm.{p}", None)]
+                table[f"{block}.mixer.Wqkv.{p}"] = [(f"{mine}.self_attn.{name}.{p}", slice(n * hidden, (n + 1) * hidden))
+                                                    for n, name in enumerate(("q_proj", "k_proj", "v_proj"))]
+                table[f"{block}.mixer.out_proj.{p}"] = [(f"{mine}.self_attn.dense.{p}", None)]
+                table[f"{block}.mlp.fc1.{p}"] = [(f"{mine}.mlp.fc1.{p}", None)]
+                table[f"{block}.mlp.fc2.{p}"] = [(f"{mine}.mlp.fc2.{p}", None)]
+    return table
+
+
+def key_table_imp(config: ImpConfig, layout: str):
+    """The whole Imp checkpoint in the current ("imp") or legacy ("imp-legacy") layout -> our Imp module."""
+    top = "model." if layout == "imp" else "transformer."
+    table = key_table_phi(config.text, "current" if layout == "imp" else "legacy", ours="llm.")
+    vision_table, unused = key_table_siglip(config.vision, f"{top}vision_tower.vision_tower.vision_model.", "vision.")
+    table.update(vision_table)
+    for index, ours in ((0, "linear_1"), (2, "linear_2")):  # mm_projector = Sequential(Linear, GELU, Linear)
+        for p in ("weight", "bias"):
+            table[f"{top}mm_projector.{index}.{p}"] = [(f"connector.{ours}.{p}", None)]
+    return table, unused
+
+
+def official_names(config: ImpConfig):
+    """A function: our parameter name -> its key in the current official layout (used to save)."""
+    ours_to_official = {targets[0][0]: key for key, targets in key_table_imp(config, "imp")[0].items()}
+
+    def rename(name):
+        if name in ours_to_official:
+            return ours_to_official[name]
+        module, attribute = name.rsplit(".", 1)  # e.g. a quantized layer's "qweight": named after its "weight"
+        if module + ".weight" in ours_to_official:
+            return ours_to_official[module + ".weight"].rsplit(".", 1)[0] + "." + attribute
+        raise KeyError(f"no official name for {name}")
+    return rename
+
+
+def build_on_meta(cls, config):
+    """Build the module on the meta device: shapes only, no memory, no random init; load_weights fills it."""
+    with torch.device("meta"):
+        return cls(config)
+
+
+def load_weights(model: nn.Module, checkpoint: Checkpoint, table: dict, unused: list, dtype, device):
+    """Stream every tensor of the checkpoint into `model` through `table`, one at a time, so peak memory stays
+    near the model's own size. Unknown, mis-shaped and missing tensors raise one CheckpointError naming them."""
+    from safetensors import safe_open
+    expected = dict(model.named_parameters()) | dict(model.named_buffers())  # name -> meta tensor (shape only)
+    unused_pattern = re.compile("|".join(unused)) if unused else None
+
+    def targets_of(key):
+        if key in table:
+            return table[key]
+        module_key, attribute = key.rsplit(".", 1)  # quantized layers store e.g. "<layer>.qweight", "<layer>.scales"
+        if module_key + ".weight" in table and attribute not in ("weight", "bias"):
+            return [(table[module_key + ".weight"][0][0].rsplit(".", 1)[0] + "." + attribute, None)]
+        return None
+
+    # Check everything from the headers first, so a bad checkpoint fails before any tensor is read.
+    plan, unknown, mismatched = {}, [], []
+    for key, shape in checkpoint.shapes.items():
+        targets = targets_of(key)
+        if targets is None or any(name not in expected for name, _ in targets):
+            if not (unused_pattern and unused_pattern.fullmatch(key)):
+                unknown.append(key)
+            continue
+        for name, rows in targets:
+            piece_shape = ((rows.stop - rows.start),) + shape[1:] if rows else shape
+            if tuple(expected[name].shape) != tuple(piece_shape):
+                mismatched.append(f"{key} {list(piece_shape)} (expected {list(expected[name].shape)})")
+        plan[key] = targets
+    loaded = {name for targets in plan.values() for name, _ in targets}
+    missing = [name for name in expected if name not in loaded]
+    problems = [f"{len(items)} {what}: {', '.join(items[:6])}{' ...' if len(items) > 6 else ''}"
+                for what, items in (("unknown tensors", unknown), ("mis-shaped tensors", mismatched),
+                                    ("missing tensors", missing)) if items]
+    if problems:
+        raise CheckpointError(f"{checkpoint.path} ({checkpoint.layout} layout): " + "; ".join(problems))
+
+    for file in checkpoint.files:
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                if key not in plan:
+                    continue
+                tensor = f.get_tensor(key)
+                for name, rows in plan[key]:
+                    piece = tensor[rows] if rows else tensor
+                    module_name, attribute = name.rsplit(".", 1)
+                    module = model.get_submodule(module_name)
+                    if attribute in module._parameters:  # weights take the requested dtype ...
+                        module._parameters[attribute] = nn.Parameter(piece.to(device, dtype).contiguous(),
+                                                                     requires_grad=piece.is_floating_point())
+                    else:  # ... buffers (quantized integers, their scales) keep the stored one
+                        module._buffers[attribute] = piece.to(device).contiguous()
+                del tensor
+    return model.eval()
+
+
+def write_json(path, obj):
+    """Atomic JSON write: a crash leaves the old file or the new one, never half of one."""
+    temporary = f"{path}.tmp{os.getpid()}"
+    with open(temporary, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    os.replace(temporary, path)
+
+
+def write_safetensors(path, tensors: dict, max_shard_bytes=2 * 1024**3, metadata=None):
+    """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json past max_shard_bytes
+    (the Hugging Face sharding convention). Every file goes through a temporary name and os.replace."""
+    from safetensors.torch import save_file
+    shards, current, size = [], {}, 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name], size = tensor, size + nbytes
+    shards.append(current)
+    metadata = dict(metadata or {}, format="pt")
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for name, shard in zip(names, shards):
+        temporary = os.path.join(path, f".{name}.tmp{os.getpid()}")
+        save_file(shard, temporary, metadata=metadata)
+        os.replace(temporary, os.path.join(path, name))
+    index_path = os.path.join(path, "model.safetensors.index.json")
+    if len(shards) > 1:
+        weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        write_json(index_path, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    else:
+        if os.path.exists(index_path):  # a stale index would win over the new single file: remove it
+            os.remove(index_path)
+    for stale in os.listdir(path):  # shards of an earlier save with another shard count
+        if re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", stale) and stale not in names:
+            os.remove(os.path.join(path, stale))

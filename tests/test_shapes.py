@@ -1,0 +1,180 @@
+"""Tests for shapes.py: determinism, answers that agree with the pixels and the scene, the splits, the tokenizer and the CLI."""
+import hashlib
+import json
+import os
+import random
+import re
+
+import pytest
+
+import shapes
+
+
+def scenes(count, image_size=112, start=0):
+    """(image, scene, questions) for seeds start .. start+count-1, built exactly as the public API is meant to be used."""
+    for seed in range(start, start + count):
+        rng = random.Random(seed)
+        image, scene = shapes.make_scene(rng, image_size)
+        yield image, scene, shapes.make_questions(rng, scene)
+
+
+def test_same_seed_same_sample_and_different_seed_different_sample():
+    first = list(scenes(5))
+    again = list(scenes(5))
+    for (image_a, scene_a, questions_a), (image_b, scene_b, questions_b) in zip(first, again):
+        assert image_a.tobytes() == image_b.tobytes()
+        assert scene_a == scene_b and questions_a == questions_b
+    other = list(scenes(5, start=100))
+    assert all(a[0].tobytes() != b[0].tobytes() for a, b in zip(first, other))
+
+
+def test_shapes_inside_image_apart_and_drawn_where_the_scene_says():
+    for image_size in (112, 64):
+        for image, scene, _ in scenes(300, image_size):
+            assert 1 <= len(scene) <= 3 and image.size == (image_size, image_size)
+            for index, item in enumerate(scene):
+                x0, y0, x1, y1 = item["box"]
+                assert 0 < x0 < x1 < image_size and 0 < y0 < y1 < image_size
+                for other in scene[index + 1:]:
+                    assert not shapes._boxes_touch(item["box"], other["box"])
+                # The pixel a little below the centre lies inside every shape, triangles included. It must be close to
+                # the named colour (the jitter is at most 15 per channel).
+                pixel = image.getpixel((int(item["x"]), int(item["y"] + item["side"] / 6)))
+                assert max(abs(p - c) for p, c in zip(pixel, shapes.COLORS[item["color"]])) <= 15, (item, pixel)
+            # The scene is listed left to right, which captions and position answers rely on.
+            assert [item["x"] for item in scene] == sorted(item["x"] for item in scene)
+    # The two sizes never get close to each other, so "small" vs "large" can be seen.
+    small = [i["side"] for _, s, _ in scenes(300) for i in s if i["size"] == "small"]
+    large = [i["side"] for _, s, _ in scenes(300) for i in s if i["size"] == "large"]
+    assert max(small) * 1.4 < min(large)
+
+
+def answer_from_scene(kind, question, scene):
+    """An independent oracle: read the question back and compute the expected answer from the scene."""
+    words = re.findall(r"[a-z]+", question.lower())
+    named_shapes = [w for w in words if w in shapes.SHAPES]
+    named_colors = [w for w in words if w in shapes.COLORS]
+    if kind == "count":
+        return "There is 1 shape." if len(scene) == 1 else f"There are {len(scene)} shapes."
+    if kind == "exists":
+        present = any(i["color"] == named_colors[0] and i["shape"] == named_shapes[0] for i in scene)
+        return "Yes, there is." if present else "No, there is not."
+    if kind == "shape":
+        (item,) = [i for i in scene if i["color"] == named_colors[0]]  # must be exactly one
+        return f"It is a {item['shape']}."
+    if kind == "position":
+        side = "left" if "left" in words else "right"
+        assert len(scene) == 2 and scene[0]["box"][2] < scene[1]["box"][0]
+        item = min(scene, key=lambda i: i["x"]) if side == "left" else max(scene, key=lambda i: i["x"])
+        return f"The {item['shape']} is on the {side}."
+    (item,) = [i for i in scene if i["shape"] == named_shapes[0]]  # color and size: exactly one such shape
+    return f"The {item['shape']} is {item['color'] if kind == 'color' else item['size']}."
+
+
+def test_answers_agree_with_the_scene():
+    seen = set()
+    for _, scene, questions in scenes(500):
+        assert len({q["type"] for q in questions}) == len(questions)  # at most one question per type
+        for q in questions:
+            assert q["answer"] == answer_from_scene(q["type"], q["question"], scene), (q, scene)
+            seen.add(q["type"])
+    assert seen == set(shapes.TYPES)
+
+
+def test_exists_answers_are_balanced():
+    answers = [q["answer"] for _, _, qs in scenes(400) for q in qs if q["type"] == "exists"]
+    assert len(answers) == 400
+    yes = sum(a.startswith("Yes") for a in answers)
+    assert 0.42 < yes / len(answers) < 0.58, yes
+
+
+def test_caption_lists_shapes_left_to_right():
+    scene = [dict(shape="circle", color="red", size="large", x=10), dict(shape="triangle", color="blue", size="small", x=50)]
+    assert shapes.caption(scene) == "A large red circle and a small blue triangle."
+    assert shapes.caption(scene[:1]) == "A large red circle."
+    three = scene + [dict(shape="square", color="green", size="small", x=90)]
+    assert shapes.caption(three) == "A large red circle, a small blue triangle and a small green square."
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    records = []
+    for index, (_, scene, questions) in enumerate(scenes(200)):
+        records.append({"conversations": [{"from": "human", "value": "<image>\n" + questions[0]["question"]},
+                                          {"from": "gpt", "value": questions[0]["answer"]},
+                                          {"from": "gpt", "value": shapes.caption(scene)}]})
+    return shapes.train_tokenizer(shapes.corpus_texts(records), vocab_size=512)
+
+
+def test_tokenizer_special_token_ids(tokenizer):
+    size = tokenizer.get_vocab_size()
+    assert size <= 512
+    assert tokenizer.token_to_id("<|endoftext|>") == 0
+    assert tokenizer.token_to_id("</s>") == size - 2
+    assert tokenizer.token_to_id("<image>") == size - 1
+    # Inside text, the special tokens are always one id each, whatever surrounds them.
+    ids = tokenizer.encode("USER: <image>\nIs there a red circle? ASSISTANT: Yes, there is.</s>").ids
+    assert ids.count(size - 1) == 1 and ids[-1] == size - 2
+    assert tokenizer.encode("x<image>y</s>z").ids[1:4:2] == [size - 1, size - 2]
+    # They are *special* tokens, so decoding a generated answer can drop them.
+    assert tokenizer.decode(tokenizer.encode("<|endoftext|>Yes, there is.</s>").ids) == "Yes, there is."
+
+
+def test_tokenizer_round_trip_and_compact_prompt(tokenizer):
+    text = "Is  there   a grüner Würfel? ✓ 🙂\n\ttabs <image> and </s> too "
+    assert tokenizer.decode(tokenizer.encode(text).ids, skip_special_tokens=False) == text
+    prompt = (f"{shapes.SYSTEM_PROMPT} USER: <image>\nWhat color is the circle? ASSISTANT: The circle is red.</s>")
+    assert len(tokenizer.encode(prompt).ids) < 60  # whole words, not bytes
+
+
+def test_cli_writes_valid_llava_json_with_held_out_test(tmp_path, capsys):
+    out = tmp_path / "shapes"
+    shapes.main(["--out", str(out), "--train", "30", "--test", "10", "--seed", "3", "--tokenizer-out", str(out)])
+    printed = capsys.readouterr().out
+    assert '"train_images": 30' in printed and "tokenizer:" in printed
+
+    captions = json.loads((out / "captions.json").read_text())
+    train = json.loads((out / "train.json").read_text())
+    test = json.loads((out / "test.json").read_text())
+    assert (len(captions), len(train), len(test)) == (30, 30, 10)
+    for record in captions:
+        assert record["conversations"][0] == {"from": "human", "value": "<image>"}
+        assert record["conversations"][1]["from"] == "gpt"
+    for record in train + test:
+        assert not os.path.isabs(record["image"]) and (out / record["image"]).is_file()
+        assert record["type"] in shapes.TYPES
+        turns = record["conversations"]
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2) and 2 <= len(turns) <= 4
+        assert turns[0]["value"].startswith("<image>\n")
+        assert all("<image>" not in t["value"] for t in turns[1:])
+    assert all(len(record["conversations"]) == 2 for record in test)
+    assert len({r["id"] for r in train + test}) == 40
+
+    def digest(record):
+        return hashlib.sha256((out / record["image"]).read_bytes()).hexdigest()
+    assert not {digest(r) for r in train} & {digest(r) for r in test}
+    assert (out / "tokenizer.json").is_file()
+    assert not [name for name in os.listdir(out) if ".tmp" in name]  # no leftovers from atomic writes
+
+    # Same seed again: byte-identical files.
+    again = tmp_path / "again"
+    shapes.generate_dataset(str(again), 30, 10, seed=3, progress=False)
+    assert (again / "train.json").read_bytes() == (out / "train.json").read_bytes()
+    assert all(digest(r) == hashlib.sha256((again / r["image"]).read_bytes()).hexdigest() for r in test)
+
+
+def test_cli_refuses_bad_input_with_one_line(tmp_path, capsys):
+    (tmp_path / "keep.txt").write_text("not ours")
+    with pytest.raises(SystemExit) as exit_info:
+        shapes.main(["--out", str(tmp_path), "--train", "2", "--test", "1"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "--force" in error and "Traceback" not in error
+    assert os.listdir(tmp_path) == ["keep.txt"]
+
+    with pytest.raises(SystemExit) as exit_info:
+        shapes.main(["--out", str(tmp_path / "new"), "--train", "-5"])
+    assert exit_info.value.code == 2 and ">= 0" in capsys.readouterr().err
+
+    shapes.main(["--out", str(tmp_path), "--train", "2", "--test", "1", "--force"])
+    assert (tmp_path / "train.json").is_file()
