@@ -1110,20 +1110,22 @@ def load_weights(model: nn.Module, checkpoint: Checkpoint, table: dict, unused: 
 
     for file in checkpoint.files:
         with safe_open(file, framework="pt") as f:
-            for key in f.keys():
-                if key not in plan:
-                    continue
+            keys = [key for key in f.keys() if key in plan]
+        for key in keys:
+            # The file is opened again for each tensor: safetensors memory-maps it, and every page read stays in
+            # our resident memory while the map is open, which would add a whole (2 GB) shard to the peak.
+            with safe_open(file, framework="pt") as f:
                 tensor = f.get_tensor(key)
-                for name, rows in plan[key]:
-                    piece = tensor[rows] if rows else tensor
-                    module_name, attribute = name.rsplit(".", 1)
-                    module = model.get_submodule(module_name)
-                    if attribute in module._parameters:  # weights take the requested dtype ...
-                        module._parameters[attribute] = nn.Parameter(piece.to(device, dtype).contiguous(),
-                                                                     requires_grad=piece.is_floating_point())
-                    else:  # ... buffers (quantized integers, their scales) keep the stored one
-                        module._buffers[attribute] = piece.to(device).contiguous()
-                del tensor
+            for name, rows in plan[key]:
+                piece = tensor[rows].clone() if rows else tensor  # a slice of the fused Wqkv gets its own storage
+                module_name, attribute = name.rsplit(".", 1)
+                module = model.get_submodule(module_name)
+                if attribute in module._parameters:  # weights take the requested dtype ...
+                    module._parameters[attribute] = nn.Parameter(piece.to(device, dtype).contiguous(),
+                                                                 requires_grad=piece.is_floating_point())
+                else:  # ... buffers (quantized integers, their scales) keep the stored one
+                    module._buffers[attribute] = piece.to(device).contiguous()
+            del tensor
     return model.eval()
 
 
