@@ -373,12 +373,12 @@ class PhiAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)  # the output projection
 
-    def forward(self, x, start: int, cache: KVCache | None):  # x: (B, T, C); tokens sit at positions start..start+T-1
+    def forward(self, x, rotary, start: int, cache: KVCache | None):
+        """x: (B, T, C), tokens at positions start .. start+T-1; rotary: their (cos, sin) tables."""
         B, T, C = x.shape
         split = lambda t: t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, 80)
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        positions = torch.arange(start, start + T, device=x.device)
-        cos, sin = rotary_cos_sin(positions, self.config.rotary_dim, self.config.rope_theta, q.dtype)
+        cos, sin = rotary
         q = apply_rotary(q, cos, sin, self.config.rotary_dim)  # rotary on queries and keys, never on values
         k = apply_rotary(k, cos, sin, self.config.rotary_dim)
         if cache is not None:
@@ -407,9 +407,9 @@ class PhiBlock(nn.Module):
         self.self_attn = PhiAttention(config)
         self.mlp = PhiMLP(config)
 
-    def forward(self, x, start: int = 0, cache: KVCache | None = None):
+    def forward(self, x, rotary, start: int = 0, cache: KVCache | None = None):
         h = self.input_layernorm(x)
-        return x + self.self_attn(h, start, cache) + self.mlp(h)
+        return x + self.self_attn(h, rotary, start, cache) + self.mlp(h)
 
 
 class Phi2(nn.Module):
@@ -435,11 +435,13 @@ class Phi2(nn.Module):
         cache: from make_cache, for generation. last_only: compute logits for the last position only (generation
         needs no more, and the 51200-wide lm_head over a 770-token prompt would cost ~100 GFLOP)."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        positions = torch.arange(start, start + x.shape[1], device=x.device)
+        rotary = rotary_cos_sin(positions, self.config.rotary_dim, self.config.rope_theta, x.dtype)  # once, for all
         if cache is None:
-            x = run_layers(self.layers, x, self.gradient_checkpointing, start, None)
+            x = run_layers(self.layers, x, self.gradient_checkpointing, rotary, start, None)
         else:
             for layer, layer_cache in zip(self.layers, cache):
-                x = layer(x, start, layer_cache)
+                x = layer(x, rotary, start, layer_cache)
         x = self.final_layernorm(x if not last_only else x[:, -1:])
         return self.lm_head(x).float()  # (B, T, vocab): logits in float32, as the official code returns them
 
