@@ -338,7 +338,7 @@ class SigLIP(nn.Module):
             return Imp.from_pretrained(path, dtype, device, with_tokenizer=False).vision
         if checkpoint.layout != "siglip":
             raise CheckpointError(f"{path}: holds a {checkpoint.layout} checkpoint, not a SigLIP one")
-        config = VisionConfig.from_dict(checkpoint.config)
+        config = parse_config(checkpoint, VisionConfig)
         prefix = "vision_model." if any(key.startswith("vision_model.") for key in checkpoint.shapes) else ""
         table, unused = key_table_siglip(config, checkpoint=prefix, ours="")
         unused += [r"text_model\..*", r"logit_scale", r"logit_bias"]  # the text half of a SiglipModel
@@ -425,7 +425,7 @@ class Phi2(nn.Module):
         self.gradient_checkpointing = False
 
     def make_cache(self, batch_size: int, max_length: int) -> list:
-        weight = self.embed_tokens.weight
+        weight = self.final_layernorm.weight  # a plain float parameter in every variant, quantized ones included
         return [KVCache(batch_size, self.config.num_attention_heads, max_length, self.config.head_dim,
                         weight.dtype, weight.device) for _ in self.layers]
 
@@ -453,7 +453,7 @@ class Phi2(nn.Module):
             return Imp.from_pretrained(path, dtype, device, with_tokenizer=False).llm
         if checkpoint.layout != "phi-2":
             raise CheckpointError(f"{path}: holds a {checkpoint.layout} checkpoint, not a Phi-2 one")
-        config = PhiConfig.from_dict(checkpoint.config)
+        config = parse_config(checkpoint, PhiConfig)
         return load_weights(build_on_meta(cls, config), checkpoint, key_table_phi(config, "current", ours=""), [],
                             dtype, device)
 
@@ -658,7 +658,7 @@ class Imp(nn.Module):
         if self.tokenizer is None:
             raise CheckpointError("this model has no tokenizer: load it from a folder with tokenizer files")
         prompt = build_prompt(question, history, with_image=image is not None)
-        input_ids = torch.tensor([self.tokenizer.encode(prompt).ids], device=self.llm.embed_tokens.weight.device)
+        input_ids = torch.tensor([self.tokenizer.encode(prompt).ids], device=self.llm.final_layernorm.weight.device)
         pixel_values = None
         if image is not None:
             size, mode = self.config.vision.image_size, aspect or self.config.image_aspect_ratio
@@ -692,7 +692,7 @@ class Imp(nn.Module):
         if checkpoint.layout not in ("imp", "imp-legacy"):
             raise CheckpointError(f"{path}: holds a {checkpoint.layout} checkpoint, not an Imp one (for official "
                                   "phi-2 + siglip folders use Imp.from_components(llm_folder, vision_folder))")
-        config = ImpConfig.from_dict(checkpoint.config)
+        config = parse_config(checkpoint, ImpConfig)
         model = build_on_meta(cls, config)
         quantization = checkpoint.config.get("quantization")
         if quantization:
@@ -984,6 +984,16 @@ def open_checkpoint(path) -> Checkpoint:
         except Exception as error:  # safetensors raises its own error types for truncated or corrupt files
             raise CheckpointError(f"{file}: not a readable safetensors file, maybe truncated ({error})") from None
     return Checkpoint(path, config, files, shapes, detect_layout(path, shapes))
+
+
+def parse_config(checkpoint: Checkpoint, config_class):
+    """config.json -> VisionConfig / PhiConfig / ImpConfig; a field that is missing or of the wrong type is a
+    CheckpointError that names it, not a KeyError from deep inside."""
+    try:
+        return config_class.from_dict(checkpoint.config)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise CheckpointError(f"{checkpoint.path}/config.json: not a valid {checkpoint.layout} config "
+                              f"({type(error).__name__}: {error})") from None
 
 
 def detect_layout(path, keys) -> str:

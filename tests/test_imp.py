@@ -307,6 +307,9 @@ def test_missing_tokenizer_and_bad_config(folders, tmp_path):
         os.remove(folder / name)
     with pytest.raises(imp.CheckpointError, match="no tokenizer"):
         imp.Imp.from_pretrained(str(folder))
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(imp.CheckpointError, match="config.json: not a valid imp config .KeyError: 'hidden_size'"):
+        imp.Imp.from_pretrained(str(folder))
     (folder / "config.json").write_text("{not json")
     with pytest.raises(imp.CheckpointError, match="config.json: not valid JSON"):
         imp.Imp.from_pretrained(str(folder))
