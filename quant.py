@@ -1,0 +1,628 @@
+"""
+quant.py: weight-only int8 and int4 quantization for nanoImp. Activations stay in floating point.
+
+    python quant.py --model imp-v1-3b --bits 4 --vision --group-size 64 --out imp-int4   # 1.91 GB folder
+    python quant.py --model imp-v1-3b --bits 8 --out imp-int8
+    python quant.py --eval --model imp-v1-3b --bits 4                                    # fidelity vs float32
+
+int8 (per output channel, symmetric): each row n of W [N, K] gets scale[n] = max|W[n]| / 127 and stores
+    q = round(W / scale) in -127..127 (int8). Decode: w = q * scale.
+int4 (groups of G along K, asymmetric min/max): each group of G consecutive weights of a row gets
+    scale = (max - min) / 15 and zero = min + 8 * scale, stores q = round((w - zero) / scale) + 8 in 0..15.
+    Decode: w = (q - 8) * scale + zero, exactly the decode of torch's packed int4 CPU kernel.
+    Why asymmetric: a symmetric grid is centred on 0, so a group whose weights lean to one side (a large outlier
+    on one side is common in LLM weights) wastes up to half of its 16 levels. min/max puts all 16 levels on the
+    range the group really has, at the price of a second 16-bit number per group: 5.0 bits per weight at G=32
+    instead of 4.5 (G=64: 4.5; G=128: 4.25).
+
+Our own on-disk format (safetensors; the packed kernels' tile layouts are private and have changed between torch
+releases, so they are built at load time only and never saved). For a Linear named <m>:
+    <m>.qweight  int8  [N, K]                   (8 bits)
+                 uint8 [N, Kp / 2]              (4 bits; Kp = K rounded up to a multiple of G, see "padding")
+                 Nibble order: byte j of a row holds column 2j in its LOW 4 bits and column 2j+1 in its HIGH 4 bits.
+    <m>.scales   float16 [N] (8 bits) or [N, Kp / G] (4 bits)
+    <m>.zeros    float16 [N, Kp / G]            (4 bits only)
+    <m>.bias     unchanged (a float parameter)
+float16, not bfloat16, for scales and zeros: same 2 bytes, 3 more mantissa bits (relative rounding 2^-11 instead of
+2^-8), and weight scales (1e-5 .. 10) sit far inside float16's range; quantize_* refuse anything that overflows.
+The settings live in config.json under "quantization" (see quantization_config) and in the safetensors metadata.
+Padding: when K is not a multiple of G (SigLIP's fc2 has K = 4304 = 134.5 * 32), the weight is padded with zero
+    columns up to Kp; dequantize() drops them again and the fast path pads the activations with zeros.
+
+Policy (which tensors get what; quantization_plan):
+    decoder Linears (q/k/v/dense, fc1, fc2)  -> `bits`            the bulk: 2.52 B of Phi-2's 2.78 B parameters
+    lm_head                                  -> int8 per channel  its errors land directly on the logits, so it gets
+                                                                  the finer grid (llama.cpp keeps it at 6 bits too)
+    embed_tokens                             -> int8 per row      a lookup, so size only; int8 is nearly lossless
+    vision tower and connector Linears       -> `bits` with include_vision, else kept in 16-bit
+    norms, biases, patch/position embeddings -> kept in 16-bit    tiny, and LayerNorms are sensitive
+File size of Imp-3B, exact from the shapes (GB = 1e9 bytes; int4 costs 0.5 + 4/G bytes per weight, int8 1 byte):
+    float16, everything                                                   6.37
+    --bits 8            decoder 2.52 + lm_head 0.13 + embedding 0.13 + vision 0.80   3.60
+    --bits 4            decoder 1.57 (G=32) + 0.13 + 0.13 + vision 0.80             2.65
+    --bits 4 --vision   G=32: 2.10   G=64: 1.91 <- the policy that meets <= 2.0 GB   G=128: 1.82
+    5 bits per weight (G=32) cannot reach 2.0 GB: even int4 lm_head at G=32 gives 2.05, and the float16 vision
+    tower alone is 0.80 GB, so the small file needs --vision and G >= 64 (or G=128 with a float16 embedding: 1.95).
+
+Runtime paths of QuantLinear.forward (measured on 2 cores, see README):
+    readable  dequantize the weight to the activation dtype, then F.linear. The reference; used for prefill.
+    fast      torch's packed CPU kernels. They are fast only with bfloat16 activations (with float32 ones they are
+              4-20x slower than a plain float32 F.linear), so the fast path casts the activations to bfloat16 and
+              the result back: a 2^-9 relative rounding, far below the quantization error itself. Used when the
+              input has at most FAST_PATH_MAX_ROWS rows (decode); for more rows dequantize + F.linear wins.
+              Cost: the int4 kernel's own layout is a second copy of the 4-bit weights in memory (not on disk).
+"""
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+FORMAT_VERSION = 1
+SUPPORTED_BITS = (4, 8)
+SUPPORTED_GROUP_SIZES = (32, 64, 128)
+DEFAULT_GROUP_SIZE = 32
+SCALE_DTYPE = torch.float16   # scales and zeros on disk
+KERNEL_DTYPE = torch.bfloat16  # the activation dtype the packed kernels are fast with
+# Up to this many rows (tokens) the packed kernels beat dequantize + F.linear. Measured on fc1 (2560 -> 10240),
+# float32 model, 2 cores: the packed path costs ~2 ms per row, dequantizing costs 100-300 ms per call whatever the
+# rows, so they cross at ~130 rows (int8) and ~250 (int4); with native bfloat16 (cpu-kernels.md) at ~170.
+# Decode has 1 row, an image prompt ~770: 64 keeps a margin on both sides.
+FAST_PATH_MAX_ROWS = 64
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. The math: quantize and dequantize one weight matrix, readable first.
+
+
+def quantize_int8(weight):
+    """weight [N, K] float -> (qweight int8 [N, K], scales float16 [N]). |w - q * scale| <= scale / 2."""
+    weight = weight.float()
+    scales = (weight.abs().amax(dim=1) / 127).to(SCALE_DTYPE)  # [N]
+    check_finite("scales", scales)
+    safe = scales.float().masked_fill(scales == 0, 1.0)  # an all-zero row: q = 0, any scale decodes it exactly
+    # Round with the *stored* (float16) scale, so that encoding and decoding use the very same number.
+    qweight = torch.round(weight / safe[:, None]).clamp(-127, 127).to(torch.int8)
+    return qweight, scales
+
+
+def dequantize_int8(qweight, scales):
+    return qweight * scales.float()[:, None]  # [N, K] float32 (int8 * float32 promotes to float32 in one pass)
+
+
+def quantize_int4(weight, group_size=DEFAULT_GROUP_SIZE):
+    """weight [N, K] float -> (qweight uint8 [N, Kp/2], scales, zeros float16 [N, Kp/G]); see the file docstring."""
+    out_features, in_features = weight.shape
+    padded = padded_in_features(in_features, 4, group_size)
+    weight = F.pad(weight.float(), (0, padded - in_features))  # zero columns; dropped again by dequantize
+    groups = weight.view(out_features, padded // group_size, group_size)  # [N, Kp/G, G]
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # [N, Kp/G]
+    scales = ((high - low) / 15).to(SCALE_DTYPE)
+    zeros = (low + 8 * scales.float()).to(SCALE_DTYPE)  # the value that code 8 decodes to
+    check_finite("scales", scales)
+    check_finite("zeros", zeros)
+    safe = scales.float().masked_fill(scales == 0, 1.0)  # a constant group: every q = 8 decodes to zero = min
+    q = torch.round((groups - zeros.float()[..., None]) / safe[..., None]) + 8
+    q = q.clamp(0, 15).to(torch.uint8).view(out_features, padded)  # [N, Kp], values 0..15
+    return pack_int4(q), scales, zeros
+
+
+def dequantize_int4(qweight, scales, zeros, group_size, in_features):
+    q = unpack_int4(qweight)  # [N, Kp] uint8, values 0..15
+    out_features, padded = q.shape
+    groups = q.view(out_features, padded // group_size, group_size)  # [N, Kp/G, G]
+    scales, zeros = scales.float()[..., None], zeros.float()[..., None]  # [N, Kp/G, 1]
+    # w = (q - 8) * scale + zero, written as q * scale + (zero - 8 * scale): one fused pass over the big tensor
+    weight = torch.addcmul(zeros - 8 * scales, groups, scales)  # [N, Kp/G, G] float32
+    return weight.view(out_features, padded)[:, :in_features]  # [N, K], padding dropped
+
+
+def pack_int4(q):
+    """[N, K] values 0..15 (K even) -> [N, K/2] uint8: column 2j in the low nibble, column 2j+1 in the high one."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_int4(packed):
+    """[N, K/2] uint8 -> [N, K] uint8 values 0..15 (the inverse of pack_int4)."""
+    return torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2)
+
+
+def padded_in_features(in_features, bits, group_size):
+    return in_features if bits == 8 else -(-in_features // group_size) * group_size
+
+
+def aligned(tensor):
+    """`tensor`, or a contiguous copy of it if its data does not start on a 64-byte boundary. The int8 kernel
+    crashes (segmentation fault, torch 2.13) on weights or activations that are not at least 16 / 32-byte aligned,
+    which is what a view into a safetensors file or a slice of a larger tensor can be. Fresh tensors are 64-aligned."""
+    if tensor.is_contiguous() and tensor.data_ptr() % 64 == 0:
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
+def check_finite(name, tensor):
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{name}: not representable in {SCALE_DTYPE} (weights too large or not finite)")
+
+
+def check_settings(bits, group_size):
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+    if bits == 4 and group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {SUPPORTED_GROUP_SIZES}, got {group_size!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. The packed CPU kernels: private ATen ops whose signatures have changed between torch releases, so they are
+#    tried once on a tiny matrix and compared with the readable path; any failure means "use the readable path".
+
+
+@functools.cache
+def packed_kernels_available() -> dict:
+    """{8: bool, 4: bool}: which packed kernels run here and give the right numbers (e.g. none on some builds)."""
+    generator = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(16, 64, generator=generator), torch.randn(2, 64, generator=generator).to(KERNEL_DTYPE)
+    available = {}
+    for bits in SUPPORTED_BITS:
+        try:
+            layer = QuantLinear.from_linear(nn.Linear(64, 16, bias=False), bits, 32)
+            with torch.no_grad():
+                layer.load_quantized(weight)
+            got, want = layer.forward_fast(x).float(), layer.forward_readable(x).float()
+            available[bits] = bool(torch.allclose(got, want, rtol=0.05, atol=0.05))
+        except Exception:  # RuntimeError, NotImplementedError, AttributeError (op missing): all mean "no"
+            available[bits] = False
+    return available
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Modules that hold the on-disk tensors as buffers, so `<module>.qweight` in a checkpoint fills `qweight`.
+
+
+class QuantizedModule(nn.Module):
+    """Shared by QuantLinear and QuantEmbedding: buffer checks, and a .to() that leaves the stored format alone."""
+
+    def expected_buffers(self) -> dict:  # name -> (shape, dtype), defined by the subclasses
+        raise NotImplementedError
+
+    def check_buffers(self, prefix=""):
+        """One clear ValueError, naming the tensor, for anything that is not exactly the on-disk format."""
+        for name, (shape, dtype) in self.expected_buffers().items():
+            tensor = self._buffers[name]
+            if tensor.is_meta:
+                raise ValueError(f"{prefix}{name}: never loaded (still on the meta device)")
+            if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                raise ValueError(f"{prefix}{name}: expected {str(dtype).replace('torch.', '')} {list(shape)}, "
+                                 f"got {str(tensor.dtype).replace('torch.', '')} {list(tensor.shape)}")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # load_state_dict would silently cast a float tensor into an int8 buffer: check first.
+        for name, (shape, dtype) in self.expected_buffers().items():
+            tensor = state_dict.get(prefix + name)
+            if tensor is not None and (tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype):
+                raise ValueError(f"{prefix}{name}: expected {str(dtype).replace('torch.', '')} {list(shape)}, "
+                                 f"got {str(tensor.dtype).replace('torch.', '')} {list(tensor.shape)}")
+        self.kernel_tensors = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) casts every floating-point buffer. Our float16 scales and zeros are part of the
+        # stored format (and bfloat16 would lose 3 bits of them), so they may change device but never dtype.
+        kept = {name: self._buffers.pop(name) for name in ("scales", "zeros") if name in self._buffers}
+        super()._apply(fn, recurse)
+        probe = fn(torch.empty(0, dtype=self.output_dtype))  # what .to() does to a float tensor: device and dtype
+        for name, tensor in kept.items():
+            self._buffers[name] = (torch.empty_like(tensor, device=probe.device) if tensor.is_meta
+                                   else tensor.to(probe.device))
+        self.output_dtype = probe.dtype
+        self.kernel_tensors = None
+        return self
+
+
+class QuantLinear(QuantizedModule):
+    """A drop-in for nn.Linear with an int8 or int4 weight. group_size is ignored for bits=8 (one scale per row)."""
+
+    def __init__(self, in_features, out_features, bias: bool, bits: int, group_size: int = DEFAULT_GROUP_SIZE,
+                 device=None, dtype=None):
+        super().__init__()
+        check_settings(bits, group_size)
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        self.group_size = group_size if bits == 4 else None
+        self.output_dtype = dtype or torch.get_default_dtype()  # only used by .to() bookkeeping
+        for name, (shape, buffer_dtype) in self.expected_buffers().items():
+            self.register_buffer(name, torch.zeros(shape, dtype=buffer_dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) \
+            if bias else None
+        self.kernel_tensors = None  # the packed kernels' private layout, built by prepare_fast_path, never saved
+
+    def expected_buffers(self):
+        N, K = self.out_features, self.in_features
+        if self.bits == 8:
+            return {"qweight": ((N, K), torch.int8), "scales": ((N,), SCALE_DTYPE)}
+        padded = padded_in_features(K, 4, self.group_size)
+        groups = (N, padded // self.group_size)
+        return {"qweight": ((N, padded // 2), torch.uint8), "scales": (groups, SCALE_DTYPE),
+                "zeros": (groups, SCALE_DTYPE)}
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int = DEFAULT_GROUP_SIZE) -> "QuantLinear":
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, bits, group_size,
+                    device=linear.weight.device, dtype=linear.weight.dtype)
+        with torch.no_grad():
+            layer.load_quantized(linear.weight)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    def load_quantized(self, weight):
+        tensors = quantize_int8(weight) if self.bits == 8 else quantize_int4(weight, self.group_size)
+        for name, tensor in zip(self.expected_buffers(), tensors):
+            self._buffers[name] = tensor
+        self.kernel_tensors = None
+
+    def dequantize(self):
+        """The float32 weight [N, K] that this layer stands for."""
+        if self.bits == 8:
+            return dequantize_int8(self.qweight, self.scales)
+        return dequantize_int4(self.qweight, self.scales, self.zeros, self.group_size, self.in_features)
+
+    def forward(self, x):  # x: (..., K) -> (..., N)
+        rows = x.numel() // self.in_features
+        if rows <= FAST_PATH_MAX_ROWS and self.fast_path_supported():
+            return self.forward_fast(x)
+        return self.forward_readable(x)
+
+    def forward_readable(self, x):
+        weight = self.dequantize().to(x.dtype)  # dequantized once per call: a float copy is never kept
+        return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+
+    def fast_path_supported(self) -> bool:
+        # Shape limits, measured on torch 2.13 (every Linear of Imp meets them): the int4 kernel refuses N that is
+        # not a multiple of 16, and the int8 kernel returns NaN or crashes when K is not a multiple of 16.
+        return (self.qweight.device.type == "cpu" and packed_kernels_available()[self.bits]
+                and self.in_features % 16 == 0 and (self.bits == 8 or self.out_features % 16 == 0))
+
+    def prepare_fast_path(self):
+        """Build the kernels' private layout from the on-disk buffers (at load time; the buffers stay as they are)."""
+        if self.bits == 8:  # the int8 kernel reads our [N, K] int8 weight as is; scales must match the activations
+            self.qweight = aligned(self.qweight)  # same values, so the stored format is unchanged
+            self.kernel_tensors = (self.qweight, self.scales.to(KERNEL_DTYPE))
+        else:
+            q = unpack_int4(self.qweight).to(torch.int32)  # [N, Kp], what the converter takes (not packed bytes)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # innerKTiles: unused on CPU
+            scales_and_zeros = torch.stack((self.scales, self.zeros), dim=-1)  # [N, Kp/G, 2]
+            self.kernel_tensors = (packed, scales_and_zeros.transpose(0, 1).contiguous().to(KERNEL_DTYPE))
+        return self.kernel_tensors
+
+    def forward_fast(self, x):  # only where fast_path_supported(); forward() checks
+        weight, scales = self.kernel_tensors or self.prepare_fast_path()
+        x2d = aligned(x.reshape(-1, self.in_features).to(KERNEL_DTYPE))  # (M, K): the kernels take 2-D inputs only
+        if self.bits == 8:
+            y = torch._weight_int8pack_mm(x2d, weight, scales)
+        else:
+            x2d = F.pad(x2d, (0, padded_in_features(self.in_features, 4, self.group_size) - self.in_features))
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, weight, self.group_size, scales)
+        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def extra_repr(self):
+        group = f", group_size={self.group_size}" if self.bits == 4 else ""
+        return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, bits={self.bits}{group}"
+
+
+class QuantEmbedding(QuantizedModule):
+    """nn.Embedding with an int8 weight [V, D] and one float16 scale per row. A lookup reads one row per token, so
+    this saves file size and memory only, not time. Its output has the model's float dtype (set by .to() and by
+    finish_loading)."""
+
+    def __init__(self, num_embeddings, embedding_dim, device=None, dtype=None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.bits = num_embeddings, embedding_dim, 8
+        self.output_dtype = dtype or torch.get_default_dtype()
+        for name, (shape, buffer_dtype) in self.expected_buffers().items():
+            self.register_buffer(name, torch.zeros(shape, dtype=buffer_dtype, device=device))
+        self.kernel_tensors = None
+
+    def expected_buffers(self):
+        return {"qweight": ((self.num_embeddings, self.embedding_dim), torch.int8),
+                "scales": ((self.num_embeddings,), SCALE_DTYPE)}
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding) -> "QuantEmbedding":
+        module = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.weight.device, embedding.weight.dtype)
+        module._buffers["qweight"], module._buffers["scales"] = quantize_int8(embedding.weight.detach())
+        return module
+
+    def dequantize(self):
+        return dequantize_int8(self.qweight, self.scales)  # [V, D] float32
+
+    @property
+    def weight(self):
+        """The dequantized table. Costly (V x D floats): only for code that reads .weight for its dtype or device."""
+        return self.dequantize().to(self.output_dtype)
+
+    def forward(self, input_ids):  # (B, T) -> (B, T, D)
+        rows = F.embedding(input_ids, self.qweight).to(self.output_dtype)  # int8 rows of the tokens
+        return rows * self.scales[input_ids].to(self.output_dtype)[..., None]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Whole models: which module gets what (one function, used both to quantize and to load), swap in, load.
+
+
+def quantization_config(bits=4, group_size=DEFAULT_GROUP_SIZE, include_vision=False, lm_head_bits=8,
+                        embedding_bits=8) -> dict:
+    """What config.json stores under "quantization"; quantization_plan turns it back into per-module settings."""
+    config = dict(format_version=FORMAT_VERSION, bits=bits, group_size=group_size, scheme="asymmetric",
+                  include_vision=include_vision, lm_head_bits=lm_head_bits, embedding_bits=embedding_bits)
+    return check_config(config)
+
+
+def check_config(config: dict) -> dict:
+    if not isinstance(config, dict):
+        raise ValueError(f"quantization: expected a dict, got {type(config).__name__}")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"quantization.format_version: expected {FORMAT_VERSION}, got {config.get('format_version')!r}"
+                         " (written by another version of quant.py)")
+    if config.get("scheme") != "asymmetric":
+        raise ValueError(f"quantization.scheme: only 'asymmetric' is supported, got {config.get('scheme')!r}")
+    check_settings(config.get("bits"), config.get("group_size"))
+    if config.get("lm_head_bits") not in (4, 8, 16) or config.get("embedding_bits") not in (8, 16):
+        raise ValueError("quantization.lm_head_bits must be 4, 8 or 16 and embedding_bits 8 or 16, got "
+                         f"{config.get('lm_head_bits')!r} and {config.get('embedding_bits')!r}")
+    return config
+
+
+def quantization_plan(model: nn.Module, config: dict) -> dict:
+    """module name -> bits (8 or 4) for every module to be replaced. By name, so that the loader rebuilds exactly
+    the same plan from config.json. Works on any nn.Module: names below `vision.` or `connector.` count as the
+    vision side, a module named `lm_head` / `embed_tokens` (at any depth) gets its own policy, and every other
+    nn.Linear is the language model."""
+    check_config(config)
+    plan = {}
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        is_vision = name.split(".", 1)[0] in ("vision", "connector")
+        if isinstance(module, nn.Embedding) and leaf == "embed_tokens" and not is_vision:
+            if config["embedding_bits"] == 8:
+                plan[name] = 8
+        elif isinstance(module, nn.Linear):
+            if leaf == "lm_head":
+                bits = config["lm_head_bits"]
+            else:
+                bits = config["bits"] if (config["include_vision"] or not is_vision) else 16
+            if bits != 16:
+                plan[name] = bits
+    return plan
+
+
+def replace_modules(model: nn.Module, config: dict, make) -> nn.Module:
+    """Swap each planned module for make(name, module, bits); returns the model (changed in place)."""
+    for name, bits in quantization_plan(model, config).items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, make(name, parent.get_submodule(child), bits))
+    return model
+
+
+def quantize_module(module, bits, group_size):
+    if isinstance(module, nn.Embedding):
+        return QuantEmbedding.from_embedding(module)
+    return QuantLinear.from_linear(module, bits, group_size)
+
+
+def quantize_model(model: nn.Module, bits=4, group_size=DEFAULT_GROUP_SIZE, include_vision=False,
+                   lm_head_bits=8, embedding_bits=8) -> dict:
+    """Quantize a float model in place; returns the quantization config to store beside the weights."""
+    config = quantization_config(bits, group_size, include_vision, lm_head_bits, embedding_bits)
+    finish_loading(replace_modules(model, config, lambda name, module, bits: quantize_module(module, bits, group_size)))
+    return config
+
+
+def prepare_for_loading(model: nn.Module, config: dict) -> nn.Module:
+    """Swap in empty QuantLinear / QuantEmbedding skeletons (same device as the module they replace, e.g. meta),
+    so that a loader can fill `<module>.qweight`, `.scales`, `.zeros` and `.bias` from a checkpoint."""
+    def skeleton(name, module, bits):
+        weight = module.weight
+        if isinstance(module, nn.Embedding):
+            return QuantEmbedding(module.num_embeddings, module.embedding_dim, weight.device, weight.dtype)
+        return QuantLinear(module.in_features, module.out_features, module.bias is not None, bits,
+                           config["group_size"], weight.device, weight.dtype)
+    return replace_modules(model, config, skeleton)
+
+
+def finish_loading(model: nn.Module) -> nn.Module:
+    """After every buffer is filled: check each one (shape, dtype, loaded at all), give QuantEmbeddings the
+    model's float dtype, and build the fast-path layouts once, at load time."""
+    float_dtypes = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedModule):
+            module.check_buffers(prefix=f"{name}." if name else "")
+            if float_dtypes:
+                module.output_dtype = float_dtypes[0]
+            if isinstance(module, QuantLinear) and module.fast_path_supported():
+                module.prepare_fast_path()
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. The command line: convert a checkpoint folder (streaming), or measure how far quantization moves the model.
+
+
+def layer_type(name):
+    """'llm.layers.3.mlp.fc1' -> 'fc1', 'vision.layers.0.self_attn.q_proj' -> 'vision q_proj'."""
+    kind = name.rsplit(".", 1)[-1]
+    return f"{name.split('.', 1)[0]} {kind}" if name.startswith(("vision.", "connector.")) else kind
+
+
+def relative_error(weight, dequantized):
+    return ((dequantized.float() - weight.float()).norm() / weight.float().norm().clamp_min(1e-30)).item()
+
+
+def convert(model_dir, out_dir, bits=4, group_size=DEFAULT_GROUP_SIZE, include_vision=False, log=print) -> dict:
+    """Read an Imp folder (either official layout) one tensor at a time, quantize the planned weights, and write
+    a folder that imp.Imp.from_pretrained loads directly (current official layout + "quantization" in config)."""
+    import re
+    import imp
+    from safetensors import safe_open
+    checkpoint = imp.open_checkpoint(model_dir)
+    if checkpoint.layout not in ("imp", "imp-legacy"):
+        raise ValueError(f"{model_dir}: holds a {checkpoint.layout} checkpoint, not an Imp one")
+    if checkpoint.config.get("quantization"):
+        raise ValueError(f"{model_dir}: is already quantized; convert the float checkpoint instead")
+    if os.path.abspath(out_dir) == os.path.abspath(model_dir):
+        raise ValueError(f"{out_dir}: the output folder must not be the input folder")
+    config = imp.ImpConfig.from_dict(checkpoint.config)
+    settings = quantization_config(bits, group_size, include_vision)
+    model = imp.build_on_meta(imp.Imp, config)  # shapes and module types only, for the plan
+    plan = quantization_plan(model, settings)
+    table, unused = imp.key_table_imp(config, checkpoint.layout)
+    unused = re.compile("|".join(unused)) if unused else None
+    rename = imp.official_names(config)
+    tensors, float_dtypes, started = {}, set(), time.time()
+    for file in checkpoint.files:
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                if key not in table:
+                    if unused and unused.fullmatch(key):
+                        continue  # tensors Imp never uses (SigLIP's 27th layer, its head)
+                    raise ValueError(f"{file}: unknown tensor {key}")
+                tensor = f.get_tensor(key)
+                for ours, rows in table[key]:
+                    piece = tensor[rows].clone() if rows else tensor  # the legacy fused Wqkv feeds three layers
+                    module_name, attribute = ours.rsplit(".", 1)
+                    if module_name in plan and attribute == "weight":
+                        # Wrap the one weight in a float module of its kind (no memory: built on meta, then
+                        # given `piece`), and quantize that exactly as quantize_model would.
+                        kind = type(model.get_submodule(module_name))
+                        with torch.device("meta"):
+                            module = nn.Embedding(*piece.shape) if kind is nn.Embedding else nn.Linear(
+                                piece.shape[1], piece.shape[0], bias=False)
+                        module.weight = nn.Parameter(piece, requires_grad=False)
+                        quantized = quantize_module(module, plan[module_name], group_size)
+                        stem = rename(ours).rsplit(".", 1)[0]
+                        tensors.update({f"{stem}.{name}": quantized._buffers[name] for name in quantized.expected_buffers()})
+                        log(f"[{len(tensors):4d} tensors, {time.time() - started:5.0f}s] {stem} {list(piece.shape)} "
+                            f"-> int{plan[module_name]}, relative error {relative_error(piece, quantized.dequantize()):.4f}")
+                    else:
+                        tensors[rename(ours)] = piece.contiguous()  # norms, biases, embeddings kept in float
+                        float_dtypes.add(str(piece.dtype).replace("torch.", ""))
+                del tensor
+    os.makedirs(out_dir, exist_ok=True)
+    imp.write_safetensors(out_dir, tensors, metadata={"quantization": json.dumps(settings)})
+    tokenizer = imp.load_tokenizer(model_dir)
+    imp.save_tokenizer(tokenizer, out_dir, config)
+    torch_dtype = float_dtypes.pop() if len(float_dtypes) == 1 else "float16"
+    imp.write_json(os.path.join(out_dir, "config.json"),
+                   dict(config.to_dict(), torch_dtype=torch_dtype, quantization=settings))  # last: marks it complete
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    log(f"wrote {out_dir}: {size / 1e9:.3f} GB of weights ({len(tensors)} tensors) in {time.time() - started:.0f}s")
+    return settings
+
+
+def eval_samples():
+    """A fixed prompt set: text questions, and questions about two drawn images (no files needed)."""
+    from PIL import Image, ImageDraw
+    images = []
+    for shapes in ([("ellipse", (40, 40, 180, 180), (220, 40, 40))],
+                   [("rectangle", (30, 200, 150, 320), (40, 80, 220)), ("ellipse", (220, 60, 350, 190), (40, 170, 60))]):
+        image = Image.new("RGB", (384, 384), (245, 245, 240))
+        draw = ImageDraw.Draw(image)
+        for kind, box, color in shapes:
+            getattr(draw, kind)(box, fill=color)
+        images.append(image)
+    return [(None, "What is the capital of France?"),
+            (None, "Write a short poem about the sea."),
+            (None, "Explain in two sentences why the sky is blue."),
+            (images[0], "What is in the image?"),
+            (images[1], "Describe the shapes and their colors.")]
+
+
+@torch.inference_mode()
+def evaluate(model_dir, bits=4, group_size=DEFAULT_GROUP_SIZE, include_vision=False, new_tokens=24,
+             positions=64, samples=None, log=print) -> dict:
+    """float32 model vs the same model quantized: relative weight error per layer type, and on the prompt set
+    (teacher-forced on the float model's greedy answer) the mean KL(float || quantized) of the next-token
+    distributions and how often both pick the same top-1 token, over the last `positions` positions."""
+    import imp
+    model = imp.Imp.from_pretrained(model_dir, dtype=torch.float32)
+    if model.config.to_dict().get("quantization") or any(isinstance(m, QuantizedModule) for m in model.modules()):
+        raise ValueError(f"{model_dir}: is already quantized; evaluate the float checkpoint")
+    references = []
+    for image, question in samples or eval_samples():
+        input_ids, pixel_values = model.prepare_inputs(image, question)
+        answer = list(model.generate(input_ids, pixel_values, max_new_tokens=new_tokens))
+        full = torch.cat((input_ids, torch.tensor([answer], dtype=input_ids.dtype)), dim=1)
+        log_probs = torch.log_softmax(model(full, pixel_values)[0, -positions:], dim=-1)  # (P, V)
+        references.append((input_ids, pixel_values, full, answer, log_probs))
+        log(f"float32: {question!r} -> {model.tokenizer.decode(answer)!r}")
+
+    errors = {}  # layer type -> relative errors of its weights
+
+    def quantize_and_measure(name, module, bits_here):
+        quantized = quantize_module(module, bits_here, group_size)
+        errors.setdefault(layer_type(name), []).append(relative_error(module.weight, quantized.dequantize()))
+        return quantized
+    settings = quantization_config(bits, group_size, include_vision)
+    finish_loading(replace_modules(model, settings, quantize_and_measure))
+
+    kl, agree, count, free_run = 0.0, 0, 0, []
+    for input_ids, pixel_values, full, answer, reference in references:
+        log_probs = torch.log_softmax(model(full, pixel_values)[0, -positions:], dim=-1)
+        kl += (reference.exp() * (reference - log_probs)).sum(-1).sum().item()
+        agree += (reference.argmax(-1) == log_probs.argmax(-1)).sum().item()
+        count += reference.shape[0]
+        generated = list(model.generate(input_ids, pixel_values, max_new_tokens=new_tokens))  # the decode path
+        same = next((i for i, (a, b) in enumerate(zip(answer, generated)) if a != b), min(len(answer), len(generated)))
+        free_run.append(same)
+        log(f"int{bits}:    -> {model.tokenizer.decode(generated)!r} (first {same} tokens identical)")
+    report = dict(settings=settings, kl=kl / count, top1_agreement=agree / count, positions=count,
+                  free_run_identical_prefix=free_run,
+                  weight_error={kind: sum(v) / len(v) for kind, v in sorted(errors.items())})
+    log("relative weight error ||W - deq(W)|| / ||W||, mean per layer type:")
+    for kind, value in report["weight_error"].items():
+        log(f"  {kind:24s} {value:.4f}")
+    log(f"next-token KL(float32 || int{bits}): {report['kl']:.5f} nats; top-1 agreement "
+        f"{100 * report['top1_agreement']:.2f}% of {count} positions (teacher-forced)")
+    return report
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Weight-only int8/int4 quantization of an Imp checkpoint folder.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""examples:
+  python quant.py --model imp-v1-3b --bits 4 --vision --group-size 64 --out imp-int4   # 1.91 GB, the small one
+  python quant.py --model imp-v1-3b --bits 4 --out imp-int4-g32                        # vision kept in float16
+  python quant.py --model imp-v1-3b --bits 8 --out imp-int8
+  python quant.py --eval --model imp-v1-3b --bits 8                   # KL and top-1 agreement vs float32
+The output folder loads like any other: imp.Imp.from_pretrained("imp-int4"), python infer.py --model imp-int4""")
+    parser.add_argument("--model", required=True, help="an Imp folder (official layout, either naming)")
+    parser.add_argument("--out", help="output folder (convert mode)")
+    parser.add_argument("--bits", type=int, choices=SUPPORTED_BITS, default=4)
+    parser.add_argument("--group-size", type=int, choices=SUPPORTED_GROUP_SIZES, default=DEFAULT_GROUP_SIZE,
+                        help="int4 only: weights per (scale, zero) pair along the input dimension")
+    parser.add_argument("--vision", action="store_true", help="also quantize the vision tower and the connector")
+    parser.add_argument("--eval", action="store_true", help="report fidelity vs float32 instead of converting")
+    args = parser.parse_args(argv)
+    if not args.eval and not args.out:
+        parser.error("--out is required to convert (or pass --eval)")
+    import imp
+    try:
+        if args.eval:
+            evaluate(args.model, args.bits, args.group_size, args.vision)
+        else:
+            convert(args.model, args.out, args.bits, args.group_size, args.vision)
+    except (ValueError, OSError, imp.CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

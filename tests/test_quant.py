@@ -1,0 +1,369 @@
+"""Tests for quant.py: the quantization math, the packed fast path against the readable one, the on-disk format,
+whole-model quantization and loading, and the errors for bad input. Small shapes only: runs in seconds on CPU."""
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+import quant
+
+needs_kernels = pytest.mark.skipif(not all(quant.packed_kernels_available().values()),
+                                   reason="torch's packed int8/int4 CPU kernels are not available here")
+
+
+def random_weight(out_features, in_features, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_features, in_features, generator=generator) * 0.02
+    weight[0, 3] = 0.5  # one outlier, as real LLM weights have
+    weight[1] = 0.0     # an all-zero row (and all-zero groups): must not divide by zero
+    weight[2, :128] = -0.01  # constant groups (for every group size): scale 0
+    return weight
+
+
+# -- 1. the math ------------------------------------------------------------------------------------------------
+
+
+def test_int8_round_trip_error_is_at_most_half_a_step():
+    weight = random_weight(40, 100)
+    qweight, scales = quant.quantize_int8(weight)
+    assert qweight.dtype == torch.int8 and scales.dtype == torch.float16 and qweight.abs().max() <= 127
+    error = (quant.dequantize_int8(qweight, scales) - weight).abs()
+    # round() is off by at most half a step; the float16 scale can make 127 * scale fall short of absmax by
+    # 2^-11 relative, i.e. 127 * 2^-11 = 0.06 more steps at the clamped extreme.
+    step = scales.float()[:, None]
+    assert torch.all(error <= 0.5 * step * 1.13 + 1e-8)
+    # The same in the usual words: per row, max error <= absmax / 254 (plus the float16 slack).
+    assert torch.all(error.amax(1) <= weight.abs().amax(1) / 254 * 1.13 + 1e-8)
+    assert torch.equal(quant.dequantize_int8(qweight, scales)[1], torch.zeros(100))  # the zero row stays exact
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_round_trip_error_is_at_most_half_a_step(group_size):
+    weight = random_weight(24, 256)
+    qweight, scales, zeros = quant.quantize_int4(weight, group_size)
+    assert qweight.shape == (24, 128) and qweight.dtype == torch.uint8
+    assert scales.shape == zeros.shape == (24, 256 // group_size) and scales.dtype == zeros.dtype == torch.float16
+    error = (quant.dequantize_int4(qweight, scales, zeros, group_size, 256) - weight).abs()
+    # Per element: half a step, plus float16 rounding of the scale (15 steps may fall 2^-11 short of the range,
+    # 0.008 steps) and of the zero (2^-11 of |zero|).
+    per_group = lambda t: t.float().repeat_interleave(group_size, dim=1)
+    bound = 0.5 * per_group(scales) * 1.02 + per_group(zeros).abs() * 2**-10 + 1e-7
+    assert torch.all(error <= bound)
+    assert torch.all(error[2, :128] <= 1e-5)  # constant groups decode to their value
+    # And the error is really that small: on average a quarter step (uniform rounding error), not more.
+    assert (error / per_group(scales).clamp_min(1e-12))[3:].mean() < 0.3
+
+
+def test_relative_errors_are_the_expected_size():
+    weight = random_weight(32, 256, seed=1)
+    error8 = (quant.dequantize_int8(*quant.quantize_int8(weight)) - weight).norm() / weight.norm()
+    error4 = (quant.dequantize_int4(*quant.quantize_int4(weight, 32), 32, 256) - weight).norm() / weight.norm()
+    # For Gaussian rows: int8 step ~ 2.9 sigma / 127 -> error ~0.7%; int4 G=32 step ~ 4.1 sigma / 15 -> ~8%.
+    # (Row 0's outlier makes int8 a little worse.) Catches e.g. a wrong nibble order or a lost zero-point.
+    assert error8 < 0.015 and 0.04 < error4 < 0.12
+
+
+def test_pack_unpack_nibble_order_and_round_trip():
+    # Documented order: column 2j in the low nibble, column 2j+1 in the high nibble.
+    assert quant.pack_int4(torch.tensor([[1, 2, 15, 0]])).tolist() == [[0x21, 0x0F]]
+    q = torch.randint(0, 16, (5, 64), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    assert torch.equal(quant.unpack_int4(quant.pack_int4(q)), q)
+
+
+def test_in_features_not_a_multiple_of_the_group_is_padded_and_dropped_again():
+    weight = random_weight(16, 80)  # 80 = 2.5 groups of 32 -> padded to 96
+    layer = quant.QuantLinear.from_linear(linear_with(weight), bits=4, group_size=32)
+    assert layer.qweight.shape == (16, 48) and layer.scales.shape == (16, 3)
+    assert layer.dequantize().shape == (16, 80)
+    assert (layer.dequantize() - weight).abs().max() <= layer.scales.float().max() * 0.51 + 1e-6
+    x = torch.randn(3, 80)
+    torch.testing.assert_close(layer.forward_readable(x), x @ layer.dequantize().T + layer.bias)
+
+
+def linear_with(weight, bias=True):
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias:
+            linear.bias.normal_(0, 0.1)
+    return linear
+
+
+# -- 2. fast path vs readable path ---------------------------------------------------------------------------------
+
+
+def assert_fast_matches_readable(fast, readable, x, weight):
+    # The fast path rounds activations, scales and the output to bfloat16 (2^-9 relative each): the error of
+    # y = x W^T is at most a few 2^-9 of sum |x| |W| per output, plus 2^-9 of |y|.
+    magnitude = x.float().abs().reshape(-1, x.shape[-1]) @ weight.abs().T
+    bound = 8e-3 * magnitude.reshape(fast.shape) + 4e-3 * readable.float().abs() + 1e-5
+    assert fast.dtype == readable.dtype == x.dtype
+    assert torch.all((fast.float() - readable.float()).abs() <= bound)
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits,group_size", [(8, 32), (4, 32), (4, 64), (4, 128)])
+@pytest.mark.parametrize("in_features", [256, 80])  # 80: not a multiple of the group size (padded)
+@pytest.mark.parametrize("rows", [1, 7, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_path_matches_readable_path(bits, group_size, in_features, rows, dtype):
+    layer = quant.QuantLinear.from_linear(linear_with(random_weight(48, in_features)), bits, group_size).to(dtype)
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows)).to(dtype)
+    assert_fast_matches_readable(layer.forward_fast(x), layer.forward_readable(x), x, layer.dequantize())
+
+
+@needs_kernels
+def test_forward_picks_the_path_by_number_of_rows_and_keeps_leading_dims():
+    layer = quant.QuantLinear.from_linear(linear_with(random_weight(32, 64)), 4, 32)
+    small = torch.randn(1, 1, 64)  # decode: one row
+    large = torch.randn(2, quant.FAST_PATH_MAX_ROWS, 64)  # prefill: more rows than the threshold
+    assert torch.equal(layer(small), layer.forward_fast(small)) and layer(small).shape == (1, 1, 32)
+    assert torch.equal(layer(large), layer.forward_readable(large)) and layer(large).shape == large.shape[:2] + (32,)
+
+
+def test_readable_fallback_when_kernels_are_missing(monkeypatch):
+    layer = quant.QuantLinear.from_linear(linear_with(random_weight(32, 64)), 4, 32)
+    monkeypatch.setattr(quant, "packed_kernels_available", lambda: {4: False, 8: False})
+    x = torch.randn(1, 64)
+    assert not layer.fast_path_supported() and torch.equal(layer(x), layer.forward_readable(x))
+
+
+@pytest.mark.parametrize("bits,out_features,in_features", [(4, 24, 64), (8, 32, 100)])
+def test_shapes_the_kernels_cannot_take_use_the_readable_path(bits, out_features, in_features):
+    # int4: N must be a multiple of 16; int8: K must be (else the kernel returns NaN or crashes).
+    layer = quant.QuantLinear.from_linear(linear_with(random_weight(out_features, in_features)), bits, 32)
+    assert not layer.fast_path_supported()
+    x = torch.randn(5, in_features)
+    assert torch.equal(layer(x), layer.forward_readable(x))
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fast_path_survives_misaligned_tensors(bits):
+    # The int8 kernel crashes on data that is not 16/32-byte aligned: a slice of a bigger tensor, or a tensor
+    # that safetensors' load_file returns as a view into the file's bytes. The layer must copy such inputs.
+    layer = quant.QuantLinear.from_linear(linear_with(random_weight(32, 64)), bits, 32)
+    storage = torch.empty(64 * 32 + 3, dtype=layer.qweight.dtype)
+    layer.qweight = storage[3:3 + layer.qweight.numel()].view(layer.qweight.shape).copy_(layer.qweight)
+    layer.kernel_tensors = None
+    big = torch.randn(5 * 64 + 1, dtype=torch.bfloat16)
+    x = big[1:].view(5, 64)  # starts 2 bytes past an aligned address
+    assert_fast_matches_readable(layer.forward_fast(x), layer.forward_readable(x), x, layer.dequantize())
+
+
+# -- 3. whole models, the on-disk format, loading --------------------------------------------------------------
+
+
+class TinyLanguageModel(nn.Module):
+    def __init__(self, vocab=64, width=32):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, width)
+        self.layers = nn.ModuleList(nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 4 * width), nn.GELU(),
+                                                  nn.Linear(4 * width, width)) for _ in range(2))
+        self.final_layernorm = nn.LayerNorm(width)
+        self.lm_head = nn.Linear(width, vocab)
+
+    def forward(self, input_ids, prefix=None):
+        x = self.embed_tokens(input_ids)
+        if prefix is not None:
+            x = torch.cat((prefix, x), dim=1)
+        for layer in self.layers:
+            x = x + layer(x)
+        return self.lm_head(self.final_layernorm(x))
+
+
+class TinyImp(nn.Module):
+    """Imp's module names (vision, connector, llm.embed_tokens, llm.lm_head) at toy size."""
+
+    def __init__(self):
+        super().__init__()
+        self.vision = nn.Sequential(nn.Linear(48, 32), nn.GELU(), nn.Linear(32, 32))
+        self.connector = nn.Sequential(nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 32))
+        self.llm = TinyLanguageModel()
+
+    def forward(self, input_ids, image_features):
+        return self.llm(input_ids, prefix=self.connector(self.vision(image_features)))
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return TinyImp().eval()
+
+
+def tiny_inputs(tokens=5, patches=3):
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(0, 64, (1, tokens), generator=generator), torch.randn(1, patches, 48, generator=generator)
+
+
+def test_plan_follows_the_documented_policy():
+    model = tiny_model()
+    plan = quant.quantization_plan(model, quant.quantization_config(bits=4))
+    assert plan["llm.lm_head"] == 8 and plan["llm.embed_tokens"] == 8 and plan["llm.layers.0.1"] == 4
+    assert not any(name.startswith(("vision", "connector")) for name in plan)
+    assert not any("layernorm" in name or name.endswith(".0") for name in plan)  # norms stay float
+    plan = quant.quantization_plan(model, quant.quantization_config(bits=4, include_vision=True, embedding_bits=16))
+    assert plan["vision.0"] == plan["connector.2"] == 4 and "llm.embed_tokens" not in plan
+    assert quant.quantization_plan(nn.Sequential(nn.Linear(4, 4)), quant.quantization_config(bits=8)) == {"0": 8}
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_model_equals_the_model_with_dequantized_weights(bits):
+    model = tiny_model()
+    quantized = copy.deepcopy(model)
+    config = quant.quantize_model(quantized, bits=bits, group_size=32, include_vision=True)
+    assert config["bits"] == bits and config["format_version"] == quant.FORMAT_VERSION
+    # The reference: the same float model, with each quantized weight replaced by its dequantization.
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if isinstance(module, quant.QuantizedModule):
+                target = reference.get_submodule(name)
+                target.weight.copy_(module.dequantize() if isinstance(module, quant.QuantLinear) else module.weight)
+    rows = quant.FAST_PATH_MAX_ROWS + 1  # more rows than the threshold: the readable path everywhere
+    input_ids, image = tiny_inputs(tokens=rows, patches=rows)
+    torch.testing.assert_close(quantized(input_ids, image), reference(input_ids, image), rtol=1e-5, atol=1e-5)
+    # ... and it really is quantized: far from the float model at 4 bits, close at 8.
+    error = (quantized(input_ids, image) - model(input_ids, image)).abs().max().item()
+    assert 1e-4 < error < (0.5 if bits == 4 else 0.05)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_safetensors_round_trip_into_a_meta_skeleton(tmp_path, bits):
+    model = tiny_model()
+    config = quant.quantize_model(model, bits=bits, group_size=64, include_vision=True)
+    state = model.state_dict()
+    # Only the on-disk format is saved: no kernel layouts, float16 scales, uint8 nibbles.
+    qweight_dtype = torch.uint8 if bits == 4 else torch.int8
+    assert state["llm.layers.0.1.qweight"].dtype == qweight_dtype and state["llm.lm_head.qweight"].dtype == torch.int8
+    assert {state[k].dtype for k in state if k.endswith((".scales", ".zeros"))} == {torch.float16}
+    save_file(state, tmp_path / "model.safetensors", metadata={"quantization": str(config)})
+
+    with torch.device("meta"):
+        fresh = TinyImp()
+    quant.prepare_for_loading(fresh, config)
+    fresh.load_state_dict(load_file(tmp_path / "model.safetensors"), assign=True, strict=True)
+    quant.finish_loading(fresh.eval())
+    input_ids, image = tiny_inputs(tokens=2)  # a few rows: the fast path, where it exists
+    assert torch.equal(fresh(input_ids, image), model(input_ids, image))
+    assert fresh.state_dict().keys() == state.keys()
+    assert all(torch.equal(fresh.state_dict()[k], state[k]) and fresh.state_dict()[k].dtype == state[k].dtype
+               for k in state)
+
+
+def test_to_bfloat16_keeps_the_stored_format():
+    layer = quant.QuantLinear.from_linear(linear_with(random_weight(32, 64)), 4, 32).to(torch.bfloat16)
+    assert layer.scales.dtype == layer.zeros.dtype == torch.float16 and layer.bias.dtype == torch.bfloat16
+    x = torch.randn(40, 64, dtype=torch.bfloat16)
+    assert layer(x).dtype == torch.bfloat16
+    embedding = quant.QuantEmbedding.from_embedding(nn.Embedding(10, 8)).to(torch.bfloat16)
+    assert embedding.scales.dtype == torch.float16 and embedding(torch.tensor([[1, 2]])).dtype == torch.bfloat16
+
+
+def test_embedding_round_trip():
+    embedding = nn.Embedding(20, 16)
+    quantized = quant.QuantEmbedding.from_embedding(embedding)
+    ids = torch.tensor([[0, 5, 19, 5]])
+    step = quantized.scales.float()[ids][..., None]
+    assert torch.all((quantized(ids) - embedding(ids)).abs() <= 0.5 * step * 1.13 + 1e-8)
+
+
+# -- 4. bad input: one clear ValueError naming the tensor ----------------------------------------------------------
+
+
+def test_bad_settings_raise_clear_errors():
+    with pytest.raises(ValueError, match="bits must be one of"):
+        quant.QuantLinear(64, 32, True, bits=3, group_size=32)
+    with pytest.raises(ValueError, match="group_size must be one of"):
+        quant.QuantLinear(64, 32, True, bits=4, group_size=48)
+    with pytest.raises(ValueError, match="format_version"):
+        quant.prepare_for_loading(tiny_model(), dict(quant.quantization_config(), format_version=99))
+    with pytest.raises(ValueError, match="scheme"):
+        quant.quantization_plan(tiny_model(), dict(quant.quantization_config(), scheme="symmetric"))
+    with pytest.raises(ValueError, match="scales"):
+        quant.quantize_int8(torch.full((2, 4), 1e9))  # 1e9 / 127 overflows float16
+
+
+@pytest.mark.parametrize("key,bad", [
+    ("llm.layers.0.1.qweight", torch.zeros(128, 10, dtype=torch.uint8)),   # wrong shape
+    ("llm.layers.0.1.qweight", torch.zeros(128, 16, dtype=torch.int32)),   # wrong dtype (right shape)
+    ("llm.layers.0.1.scales", torch.zeros(128, 1, dtype=torch.float32)),   # wrong dtype
+    ("llm.lm_head.scales", torch.zeros(63, dtype=torch.float16)),          # wrong shape
+])
+def test_mismatched_tensors_raise_clear_errors(key, bad):
+    model = tiny_model()
+    config = quant.quantize_model(model, bits=4, group_size=32)
+    state = dict(model.state_dict(), **{key: bad})
+    skeleton = quant.prepare_for_loading(tiny_model(), config)
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):  # through load_state_dict ...
+        skeleton.load_state_dict(state)
+    skeleton = quant.prepare_for_loading(tiny_model(), config)  # ... and a loader that assigns buffers directly
+    module_name, attribute = key.rsplit(".", 1)
+    skeleton.get_submodule(module_name)._buffers[attribute] = bad
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        quant.finish_loading(skeleton)
+
+
+def test_checkpoint_with_another_group_size_is_refused():
+    model = tiny_model()
+    quant.quantize_model(model, bits=4, group_size=64)
+    skeleton = quant.prepare_for_loading(tiny_model(), quant.quantization_config(bits=4, group_size=32))
+    with pytest.raises(ValueError, match=r"llm\.layers\.0\.1\.(qweight|scales)"):
+        skeleton.load_state_dict(model.state_dict())
+
+
+def test_unloaded_meta_buffers_are_reported():
+    with torch.device("meta"):
+        skeleton = TinyImp()
+    quant.prepare_for_loading(skeleton, quant.quantization_config())
+    with pytest.raises(ValueError, match="never loaded"):
+        quant.finish_loading(skeleton)
+
+
+# -- 5. the command line on a tiny Imp folder (the official legacy layout: fused Wqkv, split while converting) -----
+
+
+@pytest.fixture(scope="module")
+def imp_folder(tmp_path_factory):
+    reference = pytest.importorskip("reference")  # tests/reference.py: tiny random Imp checkpoints (transformers)
+    root = tmp_path_factory.mktemp("quant")
+    return reference.write_imp(str(root / "imp-legacy"), reference.phi_model(), reference.siglip_model(),
+                               reference.projector(), legacy=True)
+
+
+@pytest.mark.parametrize("bits,group_size,vision", [(4, 32, True), (8, 64, False)])
+def test_converted_folder_loads_and_equals_quantize_model(imp_folder, tmp_path, bits, group_size, vision, capsys):
+    import json
+    import imp
+    out = tmp_path / "out"
+    quant.main(["--model", imp_folder, "--out", str(out), "--bits", str(bits), "--group-size", str(group_size)]
+               + ["--vision"] * vision)
+    assert "relative error" in capsys.readouterr().out  # progress: one line per quantized tensor
+    expected = imp.Imp.from_pretrained(imp_folder)
+    config = quant.quantize_model(expected, bits, group_size, include_vision=vision)
+    assert json.load(open(out / "config.json"))["quantization"] == config
+    loaded = imp.Imp.from_pretrained(str(out))  # the streaming converter == quantize_model, bit for bit
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(1, 300, (1, 12), generator=generator)
+    input_ids[0, 3] = expected.config.image_token_index
+    pixels = torch.rand(1, 3, 56, 56, generator=generator) * 2 - 1
+    assert torch.equal(loaded(input_ids, pixels), expected(input_ids, pixels))
+    assert (list(loaded.generate(input_ids, pixels, max_new_tokens=4))
+            == list(expected.generate(input_ids, pixels, max_new_tokens=4)))
+
+
+def test_eval_reports_fidelity(imp_folder):
+    samples = quant.eval_samples()[2:4]  # one text-only prompt, one with an image
+    report = quant.evaluate(imp_folder, bits=8, new_tokens=4, samples=samples, log=lambda line: None)
+    assert 0 <= report["kl"] < 0.05 and 0.5 <= report["top1_agreement"] <= 1
+    assert report["weight_error"]["fc1"] < 0.02 and "vision fc1" not in report["weight_error"]
+
+
+def test_command_line_errors_are_one_line(tmp_path):
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "quant.py", "--model", str(tmp_path / "missing"), "--out", str(tmp_path)],
+                            capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert result.returncode == 1 and result.stderr.count("\n") == 1 and "no such model folder" in result.stderr
