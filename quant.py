@@ -1,56 +1,63 @@
 """
 quant.py: weight-only int8 and int4 quantization for nanoImp. Activations stay in floating point.
 
-    python quant.py --model imp-v1-3b --bits 4 --vision --group-size 64 --out imp-int4   # 1.91 GB folder
-    python quant.py --model imp-v1-3b --bits 8 --out imp-int8
-    python quant.py --eval --model imp-v1-3b --bits 4                                    # fidelity vs float32
+    python quant.py --model imp-v1-3b --bits 4 --vision --out imp-int4     # 1.91 GB: int4 symmetric, groups of 32
+    python quant.py --model imp-v1-3b --bits 8 --out imp-int8              # 3.60 GB
+    python quant.py --eval --model imp-v1-3b --bits 4                      # fidelity vs float32
 
-int8 (per output channel, symmetric): each row n of W [N, K] gets scale[n] = max|W[n]| / 127 and stores
+int8 (per output channel, symmetric): row n of W [N, K] gets scale[n] = max|W[n]| / 127 and stores
     q = round(W / scale) in -127..127 (int8). Decode: w = q * scale.
-int4 (groups of G along K, asymmetric min/max): each group of G consecutive weights of a row gets
-    scale = (max - min) / 15 and zero = min + 8 * scale, stores q = round((w - zero) / scale) + 8 in 0..15.
-    Decode: w = (q - 8) * scale + zero, exactly the decode of torch's packed int4 CPU kernel.
-    Why asymmetric: a symmetric grid is centred on 0, so a group whose weights lean to one side (a large outlier
-    on one side is common in LLM weights) wastes up to half of its 16 levels. min/max puts all 16 levels on the
-    range the group really has, at the price of a second 16-bit number per group: 5.0 bits per weight at G=32
-    instead of 4.5 (G=64: 4.5; G=128: 4.25).
+int4 (groups of G = 32, 64 or 128 consecutive weights along K). Both schemes store codes q in 0..15 and decode as
+    w = (q - 8) * scale + zero, which is exactly what torch's packed int4 CPU kernel computes.
+    symmetric (the default, llama.cpp's Q4_0): one scale per group, no stored zero (the kernel gets zero = 0).
+        scale = m / -8, where m is the group's weight of largest magnitude, sign included, so m itself gets code
+        0 (q - 8 = -8) and all 16 codes are used; q = clamp(round(w / scale), -8, 7) + 8. Every |w| <= |m|, so
+        w / scale lies in [-8, 8] (8.004 with the float16 rounding of the scale): the clamp only touches weights
+        on the far side within half a step of |m|, which then err by up to one step |scale| instead of half.
+        Why / -8 and not absmax / 7 (no clamping, but code 0 unused): the step is 7/8 as large, and measured on
+        Gaussian and heavy-tailed groups the RMS error is 11% lower. 4.5 bits per weight at G = 32.
+    asymmetric (--scheme asymmetric): min/max, scale = (max - min) / 15 and zero = min + 8 * scale (the value code
+        8 decodes to). A symmetric grid is centred on 0, so a group that leans to one side wastes levels; min/max
+        puts all 16 on the range the group really has: at the same G its RMS error is 9% lower than symmetric's
+        on Gaussian groups and 21% lower on heavy-tailed (Student-t, 3 dof) ones, at the price of a second 16-bit
+        number: 5.0 bits per weight at G = 32, which makes the --vision file 2.09 GB, over the 2.0 GB budget.
+        At equal bytes (symmetric G = 32 vs asymmetric G = 64, both 4.5 bits) symmetric is 3-4% more accurate on
+        both kinds of groups: hence the default. Asymmetric G = 32 is the option for accuracy over size.
 
 Our own on-disk format (safetensors; the packed kernels' tile layouts are private and have changed between torch
 releases, so they are built at load time only and never saved). For a Linear named <m>:
-    <m>.qweight  int8  [N, K]                   (8 bits)
-                 uint8 [N, Kp / 2]              (4 bits; Kp = K rounded up to a multiple of G, see "padding")
-                 Nibble order: byte j of a row holds column 2j in its LOW 4 bits and column 2j+1 in its HIGH 4 bits.
-    <m>.scales   float16 [N] (8 bits) or [N, Kp / G] (4 bits)
-    <m>.zeros    float16 [N, Kp / G]            (4 bits only)
+    <m>.qweight  int8 [N, K] (8 bits), or uint8 [N, Kp / 2] (4 bits; Kp = K rounded up to a multiple of G):
+                 byte j of a row holds column 2j in its LOW 4 bits and column 2j+1 in its HIGH 4 bits.
+    <m>.scales   float16 [N] (8 bits) or [N, Kp / G] (4 bits; may be negative in the symmetric scheme)
+    <m>.zeros    float16 [N, Kp / G]  (4 bits, asymmetric scheme only; a symmetric file must not have it)
     <m>.bias     unchanged (a float parameter)
-float16, not bfloat16, for scales and zeros: same 2 bytes, 3 more mantissa bits (relative rounding 2^-11 instead of
-2^-8), and weight scales (1e-5 .. 10) sit far inside float16's range; quantize_* refuse anything that overflows.
-The settings live in config.json under "quantization" (see quantization_config) and in the safetensors metadata.
-Padding: when K is not a multiple of G (SigLIP's fc2 has K = 4304 = 134.5 * 32), the weight is padded with zero
-    columns up to Kp; dequantize() drops them again and the fast path pads the activations with zeros.
+float16, not bfloat16, for scales and zeros: same 2 bytes, 3 more mantissa bits, and weight scales (1e-5 .. 10) sit
+far inside its range; quantize_* refuse anything that overflows. The settings live in config.json under
+"quantization" (see quantization_config) and in the safetensors metadata. When K is not a multiple of G (SigLIP's
+fc2: K = 4304 = 134.5 * 32) the weight is padded with zero columns up to Kp; dequantize() drops them again and the
+fast path pads the activations with zeros.
 
-Policy (which tensors get what; quantization_plan):
-    decoder Linears (q/k/v/dense, fc1, fc2)  -> `bits`            the bulk: 2.52 B of Phi-2's 2.78 B parameters
-    lm_head                                  -> int8 per channel  its errors land directly on the logits, so it gets
-                                                                  the finer grid (llama.cpp keeps it at 6 bits too)
-    embed_tokens                             -> int8 per row      a lookup, so size only; int8 is nearly lossless
-    vision tower and connector Linears       -> `bits` with include_vision, else kept in 16-bit
-    norms, biases, patch/position embeddings -> kept in 16-bit    tiny, and LayerNorms are sensitive
-File size of Imp-3B, exact from the shapes (GB = 1e9 bytes; int4 costs 0.5 + 4/G bytes per weight, int8 1 byte):
-    float16, everything                                                   6.37
-    --bits 8            decoder 2.52 + lm_head 0.13 + embedding 0.13 + vision 0.80   3.60
-    --bits 4            decoder 1.57 (G=32) + 0.13 + 0.13 + vision 0.80             2.65
-    --bits 4 --vision   G=32: 2.10   G=64: 1.91 <- the policy that meets <= 2.0 GB   G=128: 1.82
-    5 bits per weight (G=32) cannot reach 2.0 GB: even int4 lm_head at G=32 gives 2.05, and the float16 vision
-    tower alone is 0.80 GB, so the small file needs --vision and G >= 64 (or G=128 with a float16 embedding: 1.95).
+Policy (quantization_plan):
+    decoder Linears (q/k/v/dense, fc1, fc2) -> `bits`          the bulk: 2.52 B of Phi-2's 2.78 B parameters
+    lm_head                                 -> int8 per row    its errors land directly on the logits
+    embed_tokens                            -> int8 per row    a lookup: saves size only, nearly lossless
+    vision tower and connector Linears      -> `bits` with --vision, else kept in float
+    norms, biases, patch/position embeddings -> kept in float   tiny, and LayerNorms are sensitive
+Imp-3B file sizes, exact from the shapes (GB = 1e9 bytes; float tensors in float16; per weight int8 costs
+1 + 2/K bytes, int4 symmetric 0.5 + 2/G, asymmetric 0.5 + 4/G; notes/quant.md has the table per part):
+    float16 everything 6.37 | --bits 8: 3.60, with --vision 3.19
+    --bits 4 (G=32)   symmetric 2.49, asymmetric 2.65       (the float16 vision tower is 0.81 GB of it)
+    --bits 4 --vision symmetric G=32 1.91, G=64 1.82, G=128 1.78 | asymmetric G=32 2.09, G=64 1.91, G=128 1.82
+    e.g. symmetric G=32 --vision: decoder Linears 2.516 B x 0.5625 B = 1.416 + lm_head 0.131 + embedding 0.131
+         + vision 0.232 (405 M x 0.5625 = 0.228, plus 2 M float16 values) + float16 norms and biases 0.002 = 1.912
 
-Runtime paths of QuantLinear.forward (measured on 2 cores, see README):
+Runtime paths of QuantLinear.forward:
     readable  dequantize the weight to the activation dtype, then F.linear. The reference; used for prefill.
-    fast      torch's packed CPU kernels. They are fast only with bfloat16 activations (with float32 ones they are
-              4-20x slower than a plain float32 F.linear), so the fast path casts the activations to bfloat16 and
-              the result back: a 2^-9 relative rounding, far below the quantization error itself. Used when the
-              input has at most FAST_PATH_MAX_ROWS rows (decode); for more rows dequantize + F.linear wins.
-              Cost: the int4 kernel's own layout is a second copy of the 4-bit weights in memory (not on disk).
+    fast      torch's packed CPU kernels. They are fast only with bfloat16 activations (with float32 ones 4-20x
+              slower than a float32 F.linear), so the fast path casts the activations to bfloat16 and the result
+              back: a 2^-9 relative rounding, far below the quantization error itself. Used up to
+              FAST_PATH_MAX_ROWS rows (decode); for more rows dequantize + F.linear wins. The int4 kernel's own
+              layout is a second copy of the 4-bit weights in memory (not on disk).
 """
 
 import argparse
@@ -67,13 +74,14 @@ import torch.nn.functional as F
 FORMAT_VERSION = 1
 SUPPORTED_BITS = (4, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
+SCHEMES = ("symmetric", "asymmetric")  # of the int4 layers; int8 is always symmetric per row
 DEFAULT_GROUP_SIZE = 32
 SCALE_DTYPE = torch.float16   # scales and zeros on disk
 KERNEL_DTYPE = torch.bfloat16  # the activation dtype the packed kernels are fast with
 # Up to this many rows (tokens) the packed kernels beat dequantize + F.linear. Measured on fc1 (2560 -> 10240),
 # float32 model, 2 cores: the packed path costs ~2 ms per row, dequantizing costs 100-300 ms per call whatever the
-# rows, so they cross at ~130 rows (int8) and ~250 (int4); with native bfloat16 (cpu-kernels.md) at ~170.
-# Decode has 1 row, an image prompt ~770: 64 keeps a margin on both sides.
+# rows, so they cross at ~130 rows (int8) and ~250 (int4). Decode has 1 row, an image prompt ~770: 64 keeps a
+# margin on both sides.
 FAST_PATH_MAX_ROWS = 64
 
 
@@ -96,30 +104,39 @@ def dequantize_int8(qweight, scales):
     return qweight * scales.float()[:, None]  # [N, K] float32 (int8 * float32 promotes to float32 in one pass)
 
 
-def quantize_int4(weight, group_size=DEFAULT_GROUP_SIZE):
-    """weight [N, K] float -> (qweight uint8 [N, Kp/2], scales, zeros float16 [N, Kp/G]); see the file docstring."""
+def quantize_int4(weight, group_size=DEFAULT_GROUP_SIZE, scheme="symmetric"):
+    """weight [N, K] float -> (qweight uint8 [N, Kp/2], scales float16 [N, Kp/G]), plus zeros float16 [N, Kp/G]
+    for the asymmetric scheme. Codes q in 0..15 decode as (q - 8) * scale + zero (zero = 0 when symmetric)."""
+    check_settings(4, group_size, scheme)
     out_features, in_features = weight.shape
     padded = padded_in_features(in_features, 4, group_size)
     weight = F.pad(weight.float(), (0, padded - in_features))  # zero columns; dropped again by dequantize
     groups = weight.view(out_features, padded // group_size, group_size)  # [N, Kp/G, G]
-    low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # [N, Kp/G]
-    scales = ((high - low) / 15).to(SCALE_DTYPE)
-    zeros = (low + 8 * scales.float()).to(SCALE_DTYPE)  # the value that code 8 decodes to
+    if scheme == "symmetric":  # scale = the largest-magnitude weight / -8, so that it gets code 0
+        extreme = groups.gather(-1, groups.abs().argmax(dim=-1, keepdim=True))[..., 0]  # [N, Kp/G], sign kept
+        scales, zeros = (extreme / -8).to(SCALE_DTYPE), None
+    else:  # asymmetric: 16 levels from min to max; code 8 decodes to `zero`
+        low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # [N, Kp/G]
+        scales = ((high - low) / 15).to(SCALE_DTYPE)
+        zeros = (low + 8 * scales.float()).to(SCALE_DTYPE)
+        check_finite("zeros", zeros)
+        groups = groups - zeros.float()[..., None]
     check_finite("scales", scales)
-    check_finite("zeros", zeros)
-    safe = scales.float().masked_fill(scales == 0, 1.0)  # a constant group: every q = 8 decodes to zero = min
-    q = torch.round((groups - zeros.float()[..., None]) / safe[..., None]) + 8
-    q = q.clamp(0, 15).to(torch.uint8).view(out_features, padded)  # [N, Kp], values 0..15
-    return pack_int4(q), scales, zeros
+    safe = scales.float().masked_fill(scales == 0, 1.0)  # a constant group: every q = 8 decodes to zero (or 0)
+    # Round with the *stored* (float16) numbers; the clamp is what keeps q in 0..15 (see the file docstring).
+    q = (torch.round(groups / safe[..., None]) + 8).clamp(0, 15).to(torch.uint8).view(out_features, padded)
+    return (pack_int4(q), scales) + (() if zeros is None else (zeros,))
 
 
 def dequantize_int4(qweight, scales, zeros, group_size, in_features):
+    """zeros: None for the symmetric scheme. Returns the float32 weight [N, K]."""
     q = unpack_int4(qweight)  # [N, Kp] uint8, values 0..15
     out_features, padded = q.shape
     groups = q.view(out_features, padded // group_size, group_size)  # [N, Kp/G, G]
-    scales, zeros = scales.float()[..., None], zeros.float()[..., None]  # [N, Kp/G, 1]
+    scales = scales.float()[..., None]  # [N, Kp/G, 1]
+    offset = -8 * scales if zeros is None else zeros.float()[..., None] - 8 * scales
     # w = (q - 8) * scale + zero, written as q * scale + (zero - 8 * scale): one fused pass over the big tensor
-    weight = torch.addcmul(zeros - 8 * scales, groups, scales)  # [N, Kp/G, G] float32
+    weight = torch.addcmul(offset, groups, scales)  # [N, Kp/G, G] float32
     return weight.view(out_features, padded)[:, :in_features]  # [N, K], padding dropped
 
 
@@ -152,11 +169,13 @@ def check_finite(name, tensor):
         raise ValueError(f"{name}: not representable in {SCALE_DTYPE} (weights too large or not finite)")
 
 
-def check_settings(bits, group_size):
+def check_settings(bits, group_size, scheme="symmetric"):
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
     if bits == 4 and group_size not in SUPPORTED_GROUP_SIZES:
         raise ValueError(f"group_size must be one of {SUPPORTED_GROUP_SIZES}, got {group_size!r}")
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -171,8 +190,8 @@ def packed_kernels_available() -> dict:
     weight, x = torch.randn(16, 64, generator=generator), torch.randn(2, 64, generator=generator).to(KERNEL_DTYPE)
     available = {}
     for bits in SUPPORTED_BITS:
-        try:
-            layer = QuantLinear.from_linear(nn.Linear(64, 16, bias=False), bits, 32)
+        try:  # asymmetric: non-zero zero points, so that the check covers both halves of the (scale, zero) pairs
+            layer = QuantLinear.from_linear(nn.Linear(64, 16, bias=False), bits, 32, scheme="asymmetric")
             with torch.no_grad():
                 layer.load_quantized(weight)
             got, want = layer.forward_fast(x).float(), layer.forward_readable(x).float()
@@ -186,29 +205,44 @@ def packed_kernels_available() -> dict:
 # 3. Modules that hold the on-disk tensors as buffers, so `<module>.qweight` in a checkpoint fills `qweight`.
 
 
+def describe(dtype, shape):
+    return f"{str(dtype).replace('torch.', '')} {list(shape)}"
+
+
 class QuantizedModule(nn.Module):
     """Shared by QuantLinear and QuantEmbedding: buffer checks, and a .to() that leaves the stored format alone."""
 
     def expected_buffers(self) -> dict:  # name -> (shape, dtype), defined by the subclasses
         raise NotImplementedError
 
-    def check_buffers(self, prefix=""):
-        """One clear ValueError, naming the tensor, for anything that is not exactly the on-disk format."""
+    def register_expected_buffers(self, device):
         for name, (shape, dtype) in self.expected_buffers().items():
-            tensor = self._buffers[name]
-            if tensor.is_meta:
-                raise ValueError(f"{prefix}{name}: never loaded (still on the meta device)")
-            if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
-                raise ValueError(f"{prefix}{name}: expected {str(dtype).replace('torch.', '')} {list(shape)}, "
-                                 f"got {str(tensor.dtype).replace('torch.', '')} {list(tensor.shape)}")
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
+        self.kernel_tensors = None  # the packed kernels' private layout, built by prepare_fast_path, never saved
+
+    def check_tensor(self, prefix, name, tensor):
+        """One clear ValueError, naming the tensor, for anything that is not exactly the on-disk format."""
+        expected = self.expected_buffers()
+        if name not in expected:  # e.g. zero points for a layer whose config says scheme "symmetric"
+            scheme = getattr(self, "scheme", None)
+            raise ValueError(f"{prefix}{name}: unexpected; with bits={self.bits}, scheme={scheme} a layer stores only"
+                             f" {', '.join(expected)} (the checkpoint does not match its config)")
+        shape, dtype = expected[name]
+        if tensor.is_meta:
+            raise ValueError(f"{prefix}{name}: never loaded (still on the meta device)")
+        if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+            raise ValueError(f"{prefix}{name}: expected {describe(dtype, shape)}, "
+                             f"got {describe(tensor.dtype, tensor.shape)}")
+
+    def check_buffers(self, prefix=""):  # every buffer: also e.g. a `zeros` a loader assigned to a symmetric layer
+        for name, tensor in self._buffers.items():
+            self.check_tensor(prefix, name, tensor)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # load_state_dict would silently cast a float tensor into an int8 buffer: check first.
-        for name, (shape, dtype) in self.expected_buffers().items():
-            tensor = state_dict.get(prefix + name)
-            if tensor is not None and (tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype):
-                raise ValueError(f"{prefix}{name}: expected {str(dtype).replace('torch.', '')} {list(shape)}, "
-                                 f"got {str(tensor.dtype).replace('torch.', '')} {list(tensor.shape)}")
+        for name in ("qweight", "scales", "zeros"):
+            if prefix + name in state_dict:
+                self.check_tensor(prefix, name, state_dict[prefix + name])
         self.kernel_tensors = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -227,20 +261,18 @@ class QuantizedModule(nn.Module):
 
 
 class QuantLinear(QuantizedModule):
-    """A drop-in for nn.Linear with an int8 or int4 weight. group_size is ignored for bits=8 (one scale per row)."""
+    """A drop-in for nn.Linear with an int8 or int4 weight. group_size and scheme only matter for bits=4."""
 
     def __init__(self, in_features, out_features, bias: bool, bits: int, group_size: int = DEFAULT_GROUP_SIZE,
-                 device=None, dtype=None):
+                 device=None, dtype=None, scheme: str = "symmetric"):
         super().__init__()
-        check_settings(bits, group_size)
+        check_settings(bits, group_size, scheme)
         self.in_features, self.out_features, self.bits = in_features, out_features, bits
-        self.group_size = group_size if bits == 4 else None
+        self.group_size, self.scheme = (group_size, scheme) if bits == 4 else (None, None)
         self.output_dtype = dtype or torch.get_default_dtype()  # only used by .to() bookkeeping
-        for name, (shape, buffer_dtype) in self.expected_buffers().items():
-            self.register_buffer(name, torch.zeros(shape, dtype=buffer_dtype, device=device))
+        self.register_expected_buffers(device)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) \
             if bias else None
-        self.kernel_tensors = None  # the packed kernels' private layout, built by prepare_fast_path, never saved
 
     def expected_buffers(self):
         N, K = self.out_features, self.in_features
@@ -248,13 +280,14 @@ class QuantLinear(QuantizedModule):
             return {"qweight": ((N, K), torch.int8), "scales": ((N,), SCALE_DTYPE)}
         padded = padded_in_features(K, 4, self.group_size)
         groups = (N, padded // self.group_size)
-        return {"qweight": ((N, padded // 2), torch.uint8), "scales": (groups, SCALE_DTYPE),
-                "zeros": (groups, SCALE_DTYPE)}
+        buffers = {"qweight": ((N, padded // 2), torch.uint8), "scales": (groups, SCALE_DTYPE)}
+        return buffers if self.scheme == "symmetric" else dict(buffers, zeros=(groups, SCALE_DTYPE))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int = DEFAULT_GROUP_SIZE) -> "QuantLinear":
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int = DEFAULT_GROUP_SIZE,
+                    scheme: str = "symmetric") -> "QuantLinear":
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, bits, group_size,
-                    device=linear.weight.device, dtype=linear.weight.dtype)
+                    device=linear.weight.device, dtype=linear.weight.dtype, scheme=scheme)
         with torch.no_grad():
             layer.load_quantized(linear.weight)
             if linear.bias is not None:
@@ -262,16 +295,16 @@ class QuantLinear(QuantizedModule):
         return layer
 
     def load_quantized(self, weight):
-        tensors = quantize_int8(weight) if self.bits == 8 else quantize_int4(weight, self.group_size)
-        for name, tensor in zip(self.expected_buffers(), tensors):
-            self._buffers[name] = tensor
+        tensors = quantize_int8(weight) if self.bits == 8 else quantize_int4(weight, self.group_size, self.scheme)
+        self._buffers.update(zip(self.expected_buffers(), tensors))
         self.kernel_tensors = None
 
     def dequantize(self):
         """The float32 weight [N, K] that this layer stands for."""
         if self.bits == 8:
             return dequantize_int8(self.qweight, self.scales)
-        return dequantize_int4(self.qweight, self.scales, self.zeros, self.group_size, self.in_features)
+        zeros = self.zeros if self.scheme == "asymmetric" else None
+        return dequantize_int4(self.qweight, self.scales, zeros, self.group_size, self.in_features)
 
     def forward(self, x):  # x: (..., K) -> (..., N)
         rows = x.numel() // self.in_features
@@ -297,8 +330,10 @@ class QuantLinear(QuantizedModule):
         else:
             q = unpack_int4(self.qweight).to(torch.int32)  # [N, Kp], what the converter takes (not packed bytes)
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # innerKTiles: unused on CPU
-            scales_and_zeros = torch.stack((self.scales, self.zeros), dim=-1)  # [N, Kp/G, 2]
-            self.kernel_tensors = (packed, scales_and_zeros.transpose(0, 1).contiguous().to(KERNEL_DTYPE))
+            # The kernel decodes (q - 8) * scale + zero from [Kp/G, N, 2] (scale, zero) pairs; symmetric: zero = 0.
+            zeros = self.zeros if self.scheme == "asymmetric" else torch.zeros_like(self.scales)
+            scales_and_zeros = torch.stack((self.scales, zeros), dim=-1).transpose(0, 1)  # [Kp/G, N, 2]
+            self.kernel_tensors = (packed, scales_and_zeros.contiguous().to(KERNEL_DTYPE))
         return self.kernel_tensors
 
     def forward_fast(self, x):  # only where fast_path_supported(); forward() checks
@@ -313,7 +348,7 @@ class QuantLinear(QuantizedModule):
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def extra_repr(self):
-        group = f", group_size={self.group_size}" if self.bits == 4 else ""
+        group = f", group_size={self.group_size}, scheme={self.scheme}" if self.bits == 4 else ""
         return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, bits={self.bits}{group}"
 
 
@@ -326,9 +361,7 @@ class QuantEmbedding(QuantizedModule):
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.bits = num_embeddings, embedding_dim, 8
         self.output_dtype = dtype or torch.get_default_dtype()
-        for name, (shape, buffer_dtype) in self.expected_buffers().items():
-            self.register_buffer(name, torch.zeros(shape, dtype=buffer_dtype, device=device))
-        self.kernel_tensors = None
+        self.register_expected_buffers(device)
 
     def expected_buffers(self):
         return {"qweight": ((self.num_embeddings, self.embedding_dim), torch.int8),
@@ -358,9 +391,9 @@ class QuantEmbedding(QuantizedModule):
 
 
 def quantization_config(bits=4, group_size=DEFAULT_GROUP_SIZE, include_vision=False, lm_head_bits=8,
-                        embedding_bits=8) -> dict:
+                        embedding_bits=8, scheme="symmetric") -> dict:
     """What config.json stores under "quantization"; quantization_plan turns it back into per-module settings."""
-    config = dict(format_version=FORMAT_VERSION, bits=bits, group_size=group_size, scheme="asymmetric",
+    config = dict(format_version=FORMAT_VERSION, bits=bits, group_size=group_size, scheme=scheme,
                   include_vision=include_vision, lm_head_bits=lm_head_bits, embedding_bits=embedding_bits)
     return check_config(config)
 
@@ -371,9 +404,9 @@ def check_config(config: dict) -> dict:
     if config.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"quantization.format_version: expected {FORMAT_VERSION}, got {config.get('format_version')!r}"
                          " (written by another version of quant.py)")
-    if config.get("scheme") != "asymmetric":
-        raise ValueError(f"quantization.scheme: only 'asymmetric' is supported, got {config.get('scheme')!r}")
-    check_settings(config.get("bits"), config.get("group_size"))
+    if config.get("scheme") not in SCHEMES:
+        raise ValueError(f"quantization.scheme: expected one of {SCHEMES}, got {config.get('scheme')!r}")
+    check_settings(config.get("bits"), config.get("group_size"), config["scheme"])
     if config.get("lm_head_bits") not in (4, 8, 16) or config.get("embedding_bits") not in (8, 16):
         raise ValueError("quantization.lm_head_bits must be 4, 8 or 16 and embedding_bits 8 or 16, got "
                          f"{config.get('lm_head_bits')!r} and {config.get('embedding_bits')!r}")
@@ -412,29 +445,30 @@ def replace_modules(model: nn.Module, config: dict, make) -> nn.Module:
     return model
 
 
-def quantize_module(module, bits, group_size):
+def quantize_module(module, bits, group_size, scheme="symmetric"):
     if isinstance(module, nn.Embedding):
         return QuantEmbedding.from_embedding(module)
-    return QuantLinear.from_linear(module, bits, group_size)
+    return QuantLinear.from_linear(module, bits, group_size, scheme)
 
 
 def quantize_model(model: nn.Module, bits=4, group_size=DEFAULT_GROUP_SIZE, include_vision=False,
-                   lm_head_bits=8, embedding_bits=8) -> dict:
+                   lm_head_bits=8, embedding_bits=8, scheme="symmetric") -> dict:
     """Quantize a float model in place; returns the quantization config to store beside the weights."""
-    config = quantization_config(bits, group_size, include_vision, lm_head_bits, embedding_bits)
-    finish_loading(replace_modules(model, config, lambda name, module, bits: quantize_module(module, bits, group_size)))
+    config = quantization_config(bits, group_size, include_vision, lm_head_bits, embedding_bits, scheme)
+    finish_loading(replace_modules(model, config,
+                                   lambda name, module, bits: quantize_module(module, bits, group_size, scheme)))
     return config
 
 
 def prepare_for_loading(model: nn.Module, config: dict) -> nn.Module:
     """Swap in empty QuantLinear / QuantEmbedding skeletons (same device as the module they replace, e.g. meta),
-    so that a loader can fill `<module>.qweight`, `.scales`, `.zeros` and `.bias` from a checkpoint."""
+    so that a loader can fill `<module>.qweight`, `.scales`, `.zeros` (asymmetric only) and `.bias`."""
     def skeleton(name, module, bits):
         weight = module.weight
         if isinstance(module, nn.Embedding):
             return QuantEmbedding(module.num_embeddings, module.embedding_dim, weight.device, weight.dtype)
         return QuantLinear(module.in_features, module.out_features, module.bias is not None, bits,
-                           config["group_size"], weight.device, weight.dtype)
+                           config["group_size"], weight.device, weight.dtype, config["scheme"])
     return replace_modules(model, config, skeleton)
 
 
@@ -466,7 +500,8 @@ def relative_error(weight, dequantized):
     return ((dequantized.float() - weight.float()).norm() / weight.float().norm().clamp_min(1e-30)).item()
 
 
-def convert(model_dir, out_dir, bits=4, group_size=DEFAULT_GROUP_SIZE, include_vision=False, log=print) -> dict:
+def convert(model_dir, out_dir, bits=4, group_size=DEFAULT_GROUP_SIZE, include_vision=False, log=print,
+            scheme="symmetric") -> dict:
     """Read an Imp folder (either official layout) one tensor at a time, quantize the planned weights, and write
     a folder that imp.Imp.from_pretrained loads directly (current official layout + "quantization" in config)."""
     import re
@@ -480,7 +515,7 @@ def convert(model_dir, out_dir, bits=4, group_size=DEFAULT_GROUP_SIZE, include_v
     if os.path.abspath(out_dir) == os.path.abspath(model_dir):
         raise ValueError(f"{out_dir}: the output folder must not be the input folder")
     config = imp.ImpConfig.from_dict(checkpoint.config)
-    settings = quantization_config(bits, group_size, include_vision)
+    settings = quantization_config(bits, group_size, include_vision, scheme=scheme)
     model = imp.build_on_meta(imp.Imp, config)  # shapes and module types only, for the plan
     plan = quantization_plan(model, settings)
     table, unused = imp.key_table_imp(config, checkpoint.layout)
@@ -506,7 +541,7 @@ def convert(model_dir, out_dir, bits=4, group_size=DEFAULT_GROUP_SIZE, include_v
                             module = nn.Embedding(*piece.shape) if kind is nn.Embedding else nn.Linear(
                                 piece.shape[1], piece.shape[0], bias=False)
                         module.weight = nn.Parameter(piece, requires_grad=False)
-                        quantized = quantize_module(module, plan[module_name], group_size)
+                        quantized = quantize_module(module, plan[module_name], group_size, scheme)
                         stem = rename(ours).rsplit(".", 1)[0]
                         tensors.update({f"{stem}.{name}": quantized._buffers[name] for name in quantized.expected_buffers()})
                         log(f"[{len(tensors):4d} tensors, {time.time() - started:5.0f}s] {stem} {list(piece.shape)} "
@@ -545,52 +580,72 @@ def eval_samples():
             (images[1], "Describe the shapes and their colors.")]
 
 
+def load_samples(path, image_folder=None, limit=None):
+    """(image, question) pairs from a LLaVA-format JSON file (e.g. data/shapes/test.json): each record's first
+    question, its image path taken inside image_folder (default: the file's folder)."""
+    import imp
+    with open(path, encoding="utf-8") as f:
+        records = json.load(f)[:limit]
+    folder = image_folder or os.path.dirname(path)
+    return [(imp.load_image(os.path.join(folder, r["image"])) if r.get("image") else None,
+             r["conversations"][0]["value"].replace(imp.IMAGE_PLACEHOLDER, "").strip()) for r in records]
+
+
 @torch.inference_mode()
-def evaluate(model_dir, bits=4, group_size=DEFAULT_GROUP_SIZE, include_vision=False, new_tokens=24,
-             positions=64, samples=None, log=print) -> dict:
-    """float32 model vs the same model quantized: relative weight error per layer type, and on the prompt set
-    (teacher-forced on the float model's greedy answer) the mean KL(float || quantized) of the next-token
-    distributions and how often both pick the same top-1 token, over the last `positions` positions."""
+def evaluate(model_dir, bits=4, group_size=DEFAULT_GROUP_SIZE, include_vision=False, new_tokens=24, samples=None,
+             log=print, scheme="symmetric") -> dict:
+    """float32 model vs the same model quantized. Reports the relative weight error per layer type and, over the
+    answer positions of the prompt set: how often the quantized model's greedy (top-1) token equals the float
+    model's, with the float answer fed in (teacher forcing: one early difference does not shift everything
+    after it), the mean KL(float || quantized) of the next-token distributions there, and the same agreement when
+    both generate freely (position by position; this runs the decode path, i.e. the packed kernels)."""
     import imp
     model = imp.Imp.from_pretrained(model_dir, dtype=torch.float32)
     if model.config.to_dict().get("quantization") or any(isinstance(m, QuantizedModule) for m in model.modules()):
         raise ValueError(f"{model_dir}: is already quantized; evaluate the float checkpoint")
+    samples = samples or eval_samples()
     references = []
-    for image, question in samples or eval_samples():
+    for image, question in samples:
         input_ids, pixel_values = model.prepare_inputs(image, question)
         answer = list(model.generate(input_ids, pixel_values, max_new_tokens=new_tokens))
         full = torch.cat((input_ids, torch.tensor([answer], dtype=input_ids.dtype)), dim=1)
-        log_probs = torch.log_softmax(model(full, pixel_values)[0, -positions:], dim=-1)  # (P, V)
+        # The positions whose next token is an answer token: the prompt's last one, and all but the last answer one.
+        log_probs = torch.log_softmax(model(full, pixel_values)[0, -len(answer) - 1:-1], dim=-1)  # (len(answer), V)
         references.append((input_ids, pixel_values, full, answer, log_probs))
-        log(f"float32: {question!r} -> {model.tokenizer.decode(answer)!r}")
+        if len(samples) <= 10:
+            log(f"float32: {question!r} -> {model.tokenizer.decode(answer)!r}")
 
     errors = {}  # layer type -> relative errors of its weights
 
     def quantize_and_measure(name, module, bits_here):
-        quantized = quantize_module(module, bits_here, group_size)
+        quantized = quantize_module(module, bits_here, group_size, scheme)
         errors.setdefault(layer_type(name), []).append(relative_error(module.weight, quantized.dequantize()))
         return quantized
-    settings = quantization_config(bits, group_size, include_vision)
+    settings = quantization_config(bits, group_size, include_vision, scheme=scheme)
     finish_loading(replace_modules(model, settings, quantize_and_measure))
 
-    kl, agree, count, free_run = 0.0, 0, 0, []
+    kl, agree, count, identical, free_agree, free_count = 0.0, 0, 0, 0, 0, 0
     for input_ids, pixel_values, full, answer, reference in references:
-        log_probs = torch.log_softmax(model(full, pixel_values)[0, -positions:], dim=-1)
-        kl += (reference.exp() * (reference - log_probs)).sum(-1).sum().item()
+        log_probs = torch.log_softmax(model(full, pixel_values)[0, -len(answer) - 1:-1], dim=-1)
+        kl += (reference.exp() * (reference - log_probs)).sum().item()
         agree += (reference.argmax(-1) == log_probs.argmax(-1)).sum().item()
-        count += reference.shape[0]
+        count += len(answer)
         generated = list(model.generate(input_ids, pixel_values, max_new_tokens=new_tokens))  # the decode path
-        same = next((i for i, (a, b) in enumerate(zip(answer, generated)) if a != b), min(len(answer), len(generated)))
-        free_run.append(same)
-        log(f"int{bits}:    -> {model.tokenizer.decode(generated)!r} (first {same} tokens identical)")
-    report = dict(settings=settings, kl=kl / count, top1_agreement=agree / count, positions=count,
-                  free_run_identical_prefix=free_run,
+        identical += generated == answer
+        free_agree += sum(a == b for a, b in zip(answer, generated))  # position by position, no realignment
+        free_count += max(len(answer), len(generated))
+        if len(samples) <= 10:
+            log(f"int{bits}:    -> {model.tokenizer.decode(generated)!r}")
+    report = dict(settings=settings, kl=kl / max(1, count), top1_agreement=agree / max(1, count), positions=count,
+                  free_run_agreement=free_agree / max(1, free_count), identical_answers=identical,
                   weight_error={kind: sum(v) / len(v) for kind, v in sorted(errors.items())})
     log("relative weight error ||W - deq(W)|| / ||W||, mean per layer type:")
     for kind, value in report["weight_error"].items():
         log(f"  {kind:24s} {value:.4f}")
-    log(f"next-token KL(float32 || int{bits}): {report['kl']:.5f} nats; top-1 agreement "
-        f"{100 * report['top1_agreement']:.2f}% of {count} positions (teacher-forced)")
+    name = f"int{bits}" + (f" {scheme} G={group_size}" if bits == 4 else "") + (" --vision" if include_vision else "")
+    log(f"{name}: greedy tokens equal to float32's at {100 * report['top1_agreement']:.2f}% of {count} answer "
+        f"positions teacher-forced, {100 * report['free_run_agreement']:.2f}% free-running; identical answers "
+        f"{identical}/{len(references)}; KL {report['kl']:.2e} nats")
     return report
 
 
@@ -598,28 +653,37 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Weight-only int8/int4 quantization of an Imp checkpoint folder.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""examples:
-  python quant.py --model imp-v1-3b --bits 4 --vision --group-size 64 --out imp-int4   # 1.91 GB, the small one
-  python quant.py --model imp-v1-3b --bits 4 --out imp-int4-g32                        # vision kept in float16
+  python quant.py --model imp-v1-3b --bits 4 --vision --out imp-int4       # 1.88 GB: the small one
+  python quant.py --model imp-v1-3b --bits 4 --out imp-int4-textonly       # vision kept in float16: 2.50 GB
+  python quant.py --model imp-v1-3b --bits 4 --scheme asymmetric --group-size 64 --vision --out imp-int4-asym
   python quant.py --model imp-v1-3b --bits 8 --out imp-int8
-  python quant.py --eval --model imp-v1-3b --bits 8                   # KL and top-1 agreement vs float32
+  python quant.py --eval --model imp-v1-3b --bits 8                        # agreement and KL vs float32
+  python quant.py --eval --model checkpoints/demo --bits 4 --data data/shapes/test.json --limit 200
 The output folder loads like any other: imp.Imp.from_pretrained("imp-int4"), python infer.py --model imp-int4""")
     parser.add_argument("--model", required=True, help="an Imp folder (official layout, either naming)")
     parser.add_argument("--out", help="output folder (convert mode)")
     parser.add_argument("--bits", type=int, choices=SUPPORTED_BITS, default=4)
     parser.add_argument("--group-size", type=int, choices=SUPPORTED_GROUP_SIZES, default=DEFAULT_GROUP_SIZE,
-                        help="int4 only: weights per (scale, zero) pair along the input dimension")
+                        help="int4 only: weights per scale (and zero) along the input dimension")
+    parser.add_argument("--scheme", choices=SCHEMES, default="symmetric",
+                        help="int4 only: symmetric (scale only, 4.5 bits/weight at G=32; default) or asymmetric "
+                             "(scale and zero point, 5.0 bits/weight at G=32, more accurate)")
     parser.add_argument("--vision", action="store_true", help="also quantize the vision tower and the connector")
     parser.add_argument("--eval", action="store_true", help="report fidelity vs float32 instead of converting")
+    parser.add_argument("--data", help="with --eval: a LLaVA-format JSON whose questions to use (default: 5 built in)")
+    parser.add_argument("--image-folder", help="with --data: image paths are relative to this (default: its folder)")
+    parser.add_argument("--limit", type=int, help="with --data: only the first N records")
     args = parser.parse_args(argv)
     if not args.eval and not args.out:
         parser.error("--out is required to convert (or pass --eval)")
     import imp
     try:
         if args.eval:
-            evaluate(args.model, args.bits, args.group_size, args.vision)
+            samples = load_samples(args.data, args.image_folder, args.limit) if args.data else None
+            evaluate(args.model, args.bits, args.group_size, args.vision, samples=samples, scheme=args.scheme)
         else:
-            convert(args.model, args.out, args.bits, args.group_size, args.vision)
-    except (ValueError, OSError, imp.CheckpointError) as error:
+            convert(args.model, args.out, args.bits, args.group_size, args.vision, scheme=args.scheme)
+    except (ValueError, OSError, KeyError, imp.CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
 

@@ -40,30 +40,62 @@ def test_int8_round_trip_error_is_at_most_half_a_step():
     assert torch.equal(quant.dequantize_int8(qweight, scales)[1], torch.zeros(100))  # the zero row stays exact
 
 
+def per_group(tensor, group_size):
+    return tensor.float().repeat_interleave(group_size, dim=1)
+
+
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-def test_int4_round_trip_error_is_at_most_half_a_step(group_size):
+def test_int4_symmetric_round_trip_error_is_at_most_half_a_step(group_size):
     weight = random_weight(24, 256)
-    qweight, scales, zeros = quant.quantize_int4(weight, group_size)
+    weight[5, :32] = weight[5, :32].abs()  # a group with only positive weights: its scale is negative
+    qweight, scales = quant.quantize_int4(weight, group_size)  # the default scheme: no zeros
+    assert qweight.shape == (24, 128) and qweight.dtype == torch.uint8
+    assert scales.shape == (24, 256 // group_size) and scales.dtype == torch.float16 and (scales < 0).any()
+    q = quant.unpack_int4(qweight).long() - 8  # -8..7
+    step = per_group(scales, group_size).abs()
+    dequantized = quant.dequantize_int4(qweight, scales, None, group_size, 256)
+    assert torch.equal(dequantized, q * per_group(scales, group_size))  # w = (q - 8) * scale, nothing else
+    error = (dequantized - weight).abs()
+    # Each group's largest-magnitude weight gets code 0 (q - 8 = -8) and decodes to itself (up to the float16
+    # rounding of the scale: 8 * 2^-11 of a step). Half a step for every weight the clamp at +7 leaves alone
+    # (w / scale <= 7.5, plus the same float16 slack); at most one step for the few it clamps.
+    ratio = weight / per_group(scales, group_size).masked_fill(step == 0, 1)
+    clamped = ratio > 7.5
+    assert torch.all(error[~clamped] <= 0.5 * step[~clamped] * 1.01 + 1e-8)
+    assert torch.all(error[clamped] <= step[clamped] * 1.01) and clamped.float().mean() < 0.02
+    extreme = weight.abs().view(24, -1, group_size).argmax(-1, keepdim=True)
+    assert torch.all(q.view(24, -1, group_size).gather(-1, extreme)[step.view(24, -1, group_size)[..., :1] > 0] == -8)
+    assert torch.all(error[2, :128] <= 1e-5) and torch.equal(dequantized[1], torch.zeros(256))  # constant, zero rows
+    assert (error / step.clamp_min(1e-12))[3:].mean() < 0.3  # a quarter step on average (uniform rounding error)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_asymmetric_round_trip_error_is_at_most_half_a_step(group_size):
+    weight = random_weight(24, 256)
+    qweight, scales, zeros = quant.quantize_int4(weight, group_size, "asymmetric")
     assert qweight.shape == (24, 128) and qweight.dtype == torch.uint8
     assert scales.shape == zeros.shape == (24, 256 // group_size) and scales.dtype == zeros.dtype == torch.float16
     error = (quant.dequantize_int4(qweight, scales, zeros, group_size, 256) - weight).abs()
     # Per element: half a step, plus float16 rounding of the scale (15 steps may fall 2^-11 short of the range,
     # 0.008 steps) and of the zero (2^-11 of |zero|).
-    per_group = lambda t: t.float().repeat_interleave(group_size, dim=1)
-    bound = 0.5 * per_group(scales) * 1.02 + per_group(zeros).abs() * 2**-10 + 1e-7
+    bound = 0.5 * per_group(scales, group_size) * 1.02 + per_group(zeros, group_size).abs() * 2**-10 + 1e-7
     assert torch.all(error <= bound)
     assert torch.all(error[2, :128] <= 1e-5)  # constant groups decode to their value
     # And the error is really that small: on average a quarter step (uniform rounding error), not more.
-    assert (error / per_group(scales).clamp_min(1e-12))[3:].mean() < 0.3
+    assert (error / per_group(scales, group_size).clamp_min(1e-12))[3:].mean() < 0.3
 
 
 def test_relative_errors_are_the_expected_size():
     weight = random_weight(32, 256, seed=1)
     error8 = (quant.dequantize_int8(*quant.quantize_int8(weight)) - weight).norm() / weight.norm()
-    error4 = (quant.dequantize_int4(*quant.quantize_int4(weight, 32), 32, 256) - weight).norm() / weight.norm()
-    # For Gaussian rows: int8 step ~ 2.9 sigma / 127 -> error ~0.7%; int4 G=32 step ~ 4.1 sigma / 15 -> ~8%.
-    # (Row 0's outlier makes int8 a little worse.) Catches e.g. a wrong nibble order or a lost zero-point.
-    assert error8 < 0.015 and 0.04 < error4 < 0.12
+    qweight, scales = quant.quantize_int4(weight, 32)
+    symmetric = (quant.dequantize_int4(qweight, scales, None, 32, 256) - weight).norm() / weight.norm()
+    asymmetric = (quant.dequantize_int4(*quant.quantize_int4(weight, 32, "asymmetric"), 32, 256) - weight).norm()
+    asymmetric /= weight.norm()
+    # For Gaussian rows: int8 step ~ 2.9 sigma / 127 -> error ~0.7%; int4 G=32 asymmetric step ~ 4.1 sigma / 15 ->
+    # ~8%, symmetric 2.05 sigma / 8 -> ~9%. (Row 0's outlier makes int8 a little worse.) Catches e.g. a wrong
+    # nibble order, a lost zero point, a wrong sign of the symmetric scale.
+    assert error8 < 0.015 and 0.04 < asymmetric < symmetric < 0.13
 
 
 def test_pack_unpack_nibble_order_and_round_trip():
@@ -75,8 +107,8 @@ def test_pack_unpack_nibble_order_and_round_trip():
 
 def test_in_features_not_a_multiple_of_the_group_is_padded_and_dropped_again():
     weight = random_weight(16, 80)  # 80 = 2.5 groups of 32 -> padded to 96
-    layer = quant.QuantLinear.from_linear(linear_with(weight), bits=4, group_size=32)
-    assert layer.qweight.shape == (16, 48) and layer.scales.shape == (16, 3)
+    layer = quant.QuantLinear.from_linear(linear_with(weight), bits=4, group_size=32, scheme="asymmetric")
+    assert layer.qweight.shape == (16, 48) and layer.scales.shape == layer.zeros.shape == (16, 3)
     assert layer.dequantize().shape == (16, 80)
     assert (layer.dequantize() - weight).abs().max() <= layer.scales.float().max() * 0.51 + 1e-6
     x = torch.randn(3, 80)
@@ -105,12 +137,16 @@ def assert_fast_matches_readable(fast, readable, x, weight):
 
 
 @needs_kernels
-@pytest.mark.parametrize("bits,group_size", [(8, 32), (4, 32), (4, 64), (4, 128)])
+@pytest.mark.parametrize("bits,group_size,scheme", [(8, 32, "symmetric"), (4, 32, "symmetric"), (4, 64, "symmetric"),
+                                                    (4, 128, "symmetric"), (4, 32, "asymmetric"),
+                                                    (4, 128, "asymmetric")])
 @pytest.mark.parametrize("in_features", [256, 80])  # 80: not a multiple of the group size (padded)
 @pytest.mark.parametrize("rows", [1, 7, 300])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fast_path_matches_readable_path(bits, group_size, in_features, rows, dtype):
-    layer = quant.QuantLinear.from_linear(linear_with(random_weight(48, in_features)), bits, group_size).to(dtype)
+def test_fast_path_matches_readable_path(bits, group_size, scheme, in_features, rows, dtype):
+    weight = random_weight(48, in_features)
+    weight[5, :32] = weight[5, :32].abs()  # a negative symmetric scale
+    layer = quant.QuantLinear.from_linear(linear_with(weight), bits, group_size, scheme).to(dtype)
     x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows)).to(dtype)
     assert_fast_matches_readable(layer.forward_fast(x), layer.forward_readable(x), x, layer.dequantize())
 
@@ -230,15 +266,16 @@ def test_quantized_model_equals_the_model_with_dequantized_weights(bits):
     assert 1e-4 < error < (0.5 if bits == 4 else 0.05)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_safetensors_round_trip_into_a_meta_skeleton(tmp_path, bits):
+@pytest.mark.parametrize("bits,scheme", [(4, "symmetric"), (4, "asymmetric"), (8, "symmetric")])
+def test_safetensors_round_trip_into_a_meta_skeleton(tmp_path, bits, scheme):
     model = tiny_model()
-    config = quant.quantize_model(model, bits=bits, group_size=64, include_vision=True)
+    config = quant.quantize_model(model, bits=bits, group_size=64, include_vision=True, scheme=scheme)
     state = model.state_dict()
     # Only the on-disk format is saved: no kernel layouts, float16 scales, uint8 nibbles.
     qweight_dtype = torch.uint8 if bits == 4 else torch.int8
     assert state["llm.layers.0.1.qweight"].dtype == qweight_dtype and state["llm.lm_head.qweight"].dtype == torch.int8
     assert {state[k].dtype for k in state if k.endswith((".scales", ".zeros"))} == {torch.float16}
+    assert any(k.endswith(".zeros") for k in state) == (bits == 4 and scheme == "asymmetric")
     save_file(state, tmp_path / "model.safetensors", metadata={"quantization": str(config)})
 
     with torch.device("meta"):
@@ -254,7 +291,7 @@ def test_safetensors_round_trip_into_a_meta_skeleton(tmp_path, bits):
 
 
 def test_to_bfloat16_keeps_the_stored_format():
-    layer = quant.QuantLinear.from_linear(linear_with(random_weight(32, 64)), 4, 32).to(torch.bfloat16)
+    layer = quant.QuantLinear.from_linear(linear_with(random_weight(32, 64)), 4, 32, "asymmetric").to(torch.bfloat16)
     assert layer.scales.dtype == layer.zeros.dtype == torch.float16 and layer.bias.dtype == torch.bfloat16
     x = torch.randn(40, 64, dtype=torch.bfloat16)
     assert layer(x).dtype == torch.bfloat16
@@ -281,7 +318,9 @@ def test_bad_settings_raise_clear_errors():
     with pytest.raises(ValueError, match="format_version"):
         quant.prepare_for_loading(tiny_model(), dict(quant.quantization_config(), format_version=99))
     with pytest.raises(ValueError, match="scheme"):
-        quant.quantization_plan(tiny_model(), dict(quant.quantization_config(), scheme="symmetric"))
+        quant.quantization_plan(tiny_model(), dict(quant.quantization_config(), scheme="nf4"))
+    with pytest.raises(ValueError, match="scheme"):
+        quant.QuantLinear(64, 32, True, bits=4, scheme="asym")
     with pytest.raises(ValueError, match="scales"):
         quant.quantize_int8(torch.full((2, 4), 1e9))  # 1e9 / 127 overflows float16
 
@@ -304,6 +343,29 @@ def test_mismatched_tensors_raise_clear_errors(key, bad):
     skeleton.get_submodule(module_name)._buffers[attribute] = bad
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         quant.finish_loading(skeleton)
+
+
+@pytest.mark.parametrize("written,read", [("asymmetric", "symmetric"), ("symmetric", "asymmetric")])
+def test_checkpoint_with_another_scheme_is_refused(written, read):
+    model = tiny_model()
+    quant.quantize_model(model, bits=4, group_size=32, scheme=written)
+    config = quant.quantization_config(bits=4, group_size=32, scheme=read)
+    if written == "asymmetric":  # the config says symmetric, but the file has zero points: named, and explained
+        message = r"llm\.layers\.0\.1\.zeros: unexpected; with bits=4, scheme=symmetric .* only qweight, scales"
+        with pytest.raises(ValueError, match=message):
+            quant.prepare_for_loading(tiny_model(), config).load_state_dict(model.state_dict())
+        skeleton = quant.prepare_for_loading(tiny_model(), config)  # a loader that assigns buffers directly
+        skeleton.llm.layers[0][1]._buffers["zeros"] = model.llm.layers[0][1].zeros
+        with pytest.raises(ValueError, match=r"llm\.layers\.0\.1\.zeros: unexpected"):
+            quant.finish_loading(skeleton)
+    else:  # the config says asymmetric, the file has no zero points
+        with pytest.raises(RuntimeError, match=r"Missing key.*llm\.layers\.0\.1\.zeros"):
+            quant.prepare_for_loading(tiny_model(), config).load_state_dict(model.state_dict())
+        with torch.device("meta"):
+            skeleton = quant.prepare_for_loading(TinyImp(), config)
+        skeleton.load_state_dict(model.state_dict(), strict=False, assign=True)
+        with pytest.raises(ValueError, match=r"llm\.layers\.0\.1\.zeros: never loaded"):
+            quant.finish_loading(skeleton)
 
 
 def test_checkpoint_with_another_group_size_is_refused():
@@ -333,16 +395,17 @@ def imp_folder(tmp_path_factory):
                                reference.projector(), legacy=True)
 
 
-@pytest.mark.parametrize("bits,group_size,vision", [(4, 32, True), (8, 64, False)])
-def test_converted_folder_loads_and_equals_quantize_model(imp_folder, tmp_path, bits, group_size, vision, capsys):
+@pytest.mark.parametrize("bits,group_size,vision,scheme", [(4, 32, True, "symmetric"), (4, 64, False, "asymmetric")])
+def test_converted_folder_loads_and_equals_quantize_model(imp_folder, tmp_path, bits, group_size, vision, scheme,
+                                                          capsys):
     import json
     import imp
     out = tmp_path / "out"
-    quant.main(["--model", imp_folder, "--out", str(out), "--bits", str(bits), "--group-size", str(group_size)]
-               + ["--vision"] * vision)
+    quant.main(["--model", imp_folder, "--out", str(out), "--bits", str(bits), "--group-size", str(group_size),
+                "--scheme", scheme] + ["--vision"] * vision)
     assert "relative error" in capsys.readouterr().out  # progress: one line per quantized tensor
     expected = imp.Imp.from_pretrained(imp_folder)
-    config = quant.quantize_model(expected, bits, group_size, include_vision=vision)
+    config = quant.quantize_model(expected, bits, group_size, include_vision=vision, scheme=scheme)
     assert json.load(open(out / "config.json"))["quantization"] == config
     loaded = imp.Imp.from_pretrained(str(out))  # the streaming converter == quantize_model, bit for bit
     generator = torch.Generator().manual_seed(0)
@@ -350,14 +413,43 @@ def test_converted_folder_loads_and_equals_quantize_model(imp_folder, tmp_path, 
     input_ids[0, 3] = expected.config.image_token_index
     pixels = torch.rand(1, 3, 56, 56, generator=generator) * 2 - 1
     assert torch.equal(loaded(input_ids, pixels), expected(input_ids, pixels))
-    assert (list(loaded.generate(input_ids, pixels, max_new_tokens=4))
-            == list(expected.generate(input_ids, pixels, max_new_tokens=4)))
+    tokens = list(loaded.generate(input_ids, pixels, max_new_tokens=8))
+    assert tokens == list(expected.generate(input_ids, pixels, max_new_tokens=8))
+    # The dequantized twin: the float model whose weights are the quantized model's dequantized ones. Decoding
+    # runs the packed kernels (bfloat16 activations), the twin plain float32: the same greedy tokens.
+    twin = imp.Imp.from_pretrained(imp_folder)
+    with torch.no_grad():
+        for name, module in loaded.named_modules():
+            if isinstance(module, quant.QuantizedModule):
+                twin.get_submodule(name).weight.copy_(module.dequantize())
+    assert tokens == list(twin.generate(input_ids, pixels, max_new_tokens=8))
+
+
+def test_folder_whose_config_and_tensors_disagree_is_refused(imp_folder, tmp_path):
+    import json
+    import imp
+    from safetensors.torch import load_file, save_file
+    out = tmp_path / "out"
+    quant.convert(imp_folder, str(out), bits=4, scheme="asymmetric", log=lambda line: None)
+    config = json.load(open(out / "config.json"))
+    config["quantization"]["scheme"] = "symmetric"  # but every int4 layer still has its `zeros`
+    json.dump(config, open(out / "config.json", "w"))
+    with pytest.raises(imp.CheckpointError, match=r"unknown tensors: model\.layers\.0\.\S*\.zeros"):
+        imp.Imp.from_pretrained(str(out))
+    config["quantization"]["scheme"] = "asymmetric"
+    json.dump(config, open(out / "config.json", "w"))
+    tensors = load_file(out / "model.safetensors")
+    tensors["model.layers.0.mlp.fc1.scales"] = tensors["model.layers.0.mlp.fc1.scales"].float()  # corrupt dtype
+    save_file(tensors, out / "model.safetensors")
+    with pytest.raises(ValueError, match=r"fc1\.scales: expected float16 .* got float32"):
+        imp.Imp.from_pretrained(str(out))
 
 
 def test_eval_reports_fidelity(imp_folder):
     samples = quant.eval_samples()[2:4]  # one text-only prompt, one with an image
     report = quant.evaluate(imp_folder, bits=8, new_tokens=4, samples=samples, log=lambda line: None)
-    assert 0 <= report["kl"] < 0.05 and 0.5 <= report["top1_agreement"] <= 1
+    assert 0 <= report["kl"] < 0.05 and 0.5 <= report["top1_agreement"] <= 1 and report["positions"] > 0
+    assert 0 <= report["free_run_agreement"] <= 1 and 0 <= report["identical_answers"] <= 2
     assert report["weight_error"]["fc1"] < 0.02 and "vision fc1" not in report["weight_error"]
 
 
