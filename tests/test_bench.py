@@ -1,0 +1,96 @@
+"""bench.py --quick end to end (a subprocess, as a user runs it): the JSON schema and sanity of the figures.
+
+One thread and 16 new tokens, so that the test stays well under a minute on a 2-core machine that is busy with
+something else (two OpenMP threads on two contended cores can be 10x slower on a tiny model). The figures are only
+checked for sanity here, not against the targets. Argument errors are checked in-process (no extra torch import).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIELDS = {"dtype": str, "t_ve_s": float, "prompt_tok_s": float, "gen_tok_s": float, "total_s": float,
+          "weight_bytes": int, "peak_rss_bytes": int, "roofline_fraction": float}
+
+
+def quant_available():
+    try:
+        sys.path.insert(0, ROOT)
+        import quant  # noqa: F401
+        return True
+    except ImportError:
+        return False
+    finally:
+        sys.path.remove(ROOT)
+
+
+def run_bench(*arguments):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), *arguments], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "out.json"
+    result = run_bench("--quick", "--threads", "1", "--new-tokens", "16", "--json", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(out.read_text()), result.stdout
+
+
+def test_quick_json_schema(quick):
+    document, _ = quick
+    assert document["machine"]["bandwidth_bytes_s"] > 0
+    rows = {row["dtype"]: row for row in document["results"]}
+    expected = ["float32", "bfloat16", "int8", "int4"] if quant_available() else ["float32", "bfloat16"]
+    assert list(rows) == expected
+    if not quant_available():
+        assert any("quant.py" in note for note in document["notes"])
+    for row in rows.values():
+        for field, kind in FIELDS.items():
+            assert isinstance(row[field], kind), (row["dtype"], field, row.get(field))
+        assert row["t_ve_s"] > 0 and row["prompt_tok_s"] > 0 and row["gen_tok_s"] > 0
+        assert row["total_s"] >= row["t_ve_s"]
+        assert row["generated_tokens"] == 16 and row["prompt_tokens"] == 64 + 41  # 64 image + 41 text tokens
+        assert 0 < row["roofline_fraction"] < 5  # above 1 only if the weights sat in the caches
+        assert row["peak_rss_bytes"] > row["weight_bytes"] > 0
+
+
+def test_quick_weight_bytes_order(quick):
+    document, _ = quick
+    size = {row["dtype"]: row["weight_bytes"] for row in document["results"]}
+    assert size["bfloat16"] < size["float32"]
+    assert size["bfloat16"] * 2 == pytest.approx(size["float32"], rel=0.01)
+    if quant_available():
+        assert size["int4"] < size["int8"] < size["bfloat16"]
+
+
+def test_quick_prints_table_and_targets(quick):
+    _, stdout = quick
+    assert "memory read bandwidth" in stdout and "roofline" in stdout and "targets" in stdout
+
+
+def import_bench():
+    sys.path.insert(0, ROOT)
+    try:
+        import bench
+    finally:
+        sys.path.remove(ROOT)
+    return bench
+
+
+def test_bad_arguments_give_one_line(capsys):
+    bench = import_bench()
+    assert bench.main(["--dtypes", "float64"]) == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1 and error.startswith("bench.py:")
+
+
+def test_missing_model_folder():
+    bench = import_bench()
+    with pytest.raises(bench.BenchError, match="no such model folder"):
+        bench.parse_arguments(["--model", "/no/such/folder"])
+    with pytest.raises(bench.BenchError, match="--quick"):
+        bench.parse_arguments(["--quick", "--model", ROOT])
