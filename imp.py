@@ -580,17 +580,20 @@ class Imp(nn.Module):
         if image_features is None or image_features.shape[0] != num_images:
             given = 0 if image_features is None else image_features.shape[0]
             raise ValueError(f"the prompt has {num_images} <image> tokens but {given} images were given")
+        # Work on per-row views (unbind): slicing the batched tensors instead would make every slice's backward
+        # fill a whole-batch zero tensor, a cost that grows with the square of the batch size.
+        token_rows, feature_rows = token_embeddings.unbind(0), image_features.unbind(0)
         rows, row_labels, next_image = [], [], 0
         for b in range(input_ids.shape[0]):
             pieces, label_pieces, previous = [], [], 0
             for position in is_image[b].nonzero().flatten().tolist():
-                features = image_features[next_image].to(token_embeddings.dtype)  # (N, C)
-                pieces += [token_embeddings[b, previous:position], features]
+                features = feature_rows[next_image].to(token_embeddings.dtype)  # (N, C)
+                pieces += [token_rows[b][previous:position], features]
                 if labels is not None:
                     label_pieces += [labels[b, previous:position],
                                      labels.new_full((features.shape[0],), IGNORE_INDEX)]
                 previous, next_image = position + 1, next_image + 1
-            pieces.append(token_embeddings[b, previous:])
+            pieces.append(token_rows[b][previous:])
             rows.append(torch.cat(pieces))
             if labels is not None:
                 row_labels.append(torch.cat(label_pieces + [labels[b, previous:]]))

@@ -1,0 +1,736 @@
+"""
+Train Imp the way the paper does (Shao et al. 2024, arXiv 2405.12107, section 4 and the official scripts), in one
+flat script shaped like nanoGPT's train.py: read the data, build the model, one visible loop.
+
+  stage 1 (--stage 1, "plain" template)   vision tower and Phi-2 frozen, only the connector learns (lr 1e-3)
+  stage 2 (--stage 2, "phi2" template)    LoRA (rank 256, alpha 256) on every Linear of Phi-2, lm_head included,
+                                          at lr 2e-4; the connector keeps learning at 2e-5. --full: no LoRA, Phi-2
+                                          itself is trained (the official finetune.sh, "not recommended" there).
+
+The data is LLaVA's JSON (or JSON Lines): {"id", "image" (a path inside --image-folder, optional),
+"conversations": [{"from": "human" | "gpt", "value": "..."}]}, with "<image>" marking where the picture goes.
+Only the assistant's words are learned (stage 2: each answer and its "</s>"; stage 1: the caption).
+
+Distributed: `torchrun --nproc_per_node=N train.py ...` runs one process per GPU (nccl) or per CPU worker (gloo).
+Every rank walks the same shuffled order and takes its own slice of each global batch; DistributedDataParallel
+averages the gradients, so N processes compute exactly what one process would with the same --batch-size.
+
+Also here: `--evaluate DIR` (exact-answer accuracy per question type) and `--merge ADAPTERS` (fold saved LoRA
+adapters into a base model). Run `python train.py --help` for examples.
+"""
+import argparse
+import contextlib
+import errno
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections import Counter, defaultdict
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import imp
+from imp import IGNORE_INDEX, CheckpointError, ImageError, Imp, ImpConfig, PhiConfig, VisionConfig
+
+# Named small configs for training from scratch (--init-config). "demo" is the model in checkpoints/demo: 112-px
+# images cut into 8 x 8 = 64 patches, a 4-layer ViT (5 layers, the last dropped by select_layer -2, as Imp drops
+# SigLIP's) and a 4-layer Phi-2 whose two 64-wide heads rotate 32 dims (Phi-2 rotates 32 of 80). "tiny" is for tests.
+NAMED_CONFIGS = {
+    "demo": dict(vision=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=5, num_attention_heads=4,
+                             image_size=112, patch_size=14),
+                 text=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=2,
+                           rotary_dim=32, max_position_embeddings=256),
+                 max_length=256),
+    "tiny": dict(vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                             image_size=28, patch_size=14),
+                 text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           rotary_dim=8, max_position_embeddings=256),
+                 max_length=256),
+}
+
+# The official recipe (MILVLG/imp scripts/pretrain.sh and finetune_lora.sh); None in the arguments means "these".
+STAGE_DEFAULTS = {1: dict(lr=1e-3, connector_lr=1e-3, epochs=1, batch_size=256),
+                  2: dict(lr=2e-4, connector_lr=2e-5, epochs=2, batch_size=128)}
+FULL_FINETUNE_LR = 2e-5  # scripts/finetune.sh
+
+ROLES = ("human", "gpt")
+
+
+class DataError(ValueError):
+    pass
+
+
+def fail(message):
+    """Bad input ends here: one line on stderr, exit status 2, no traceback."""
+    print(f"train.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: LLaVA records -> (token ids, labels, image path), with the official templates and label rule.
+
+
+def read_records(path) -> list:
+    """A JSON list of records, or JSON Lines (one record per line). Malformed JSON names its line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except (IsADirectoryError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: not a readable JSON text file ({error})") from None
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}: line {error.lineno}: malformed JSON ({error.msg})") from None
+    else:
+        records = []
+        for line_number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise DataError(f"{path}: line {line_number}: malformed JSON ({error.msg})") from None
+    if not records:
+        raise DataError(f"{path}: the dataset is empty")
+    return records
+
+
+def check_record(record, where):
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: a record must be a JSON object, not {type(record).__name__}")
+    conversations = record.get("conversations")
+    if conversations is None:
+        raise DataError(f"{where}: the record has no 'conversations'")
+    if not isinstance(conversations, list) or not conversations:
+        raise DataError(f"{where}: 'conversations' must be a non-empty list of turns")
+    for turn in conversations:
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise DataError(f"{where}: every turn needs a 'from' and a string 'value'")
+        if turn.get("from") not in ROLES:
+            raise DataError(f"{where}: unknown role {turn.get('from')!r} (expected 'human' or 'gpt')")
+    if "image" in record and record["image"] is not None and not isinstance(record["image"], str):
+        raise DataError(f"{where}: 'image' must be one path (a string)")
+
+
+def resolve_image(relative, image_folder, where) -> str:
+    """The image's real path. A path that leaves --image-folder (absolute, "..", or a symlink out) is refused:
+    a data file must not make us read arbitrary files."""
+    if image_folder is None:
+        raise DataError(f"{where}: the record has an image but no --image-folder was given")
+    root = os.path.realpath(image_folder)
+    path = os.path.realpath(os.path.join(root, relative))
+    if os.path.isabs(relative) or os.path.commonpath([root, path]) != root:
+        raise DataError(f"{where}: image path {relative!r} leaves --image-folder; refused")
+    return path
+
+
+def image_problem(path):
+    """None if the file looks like a readable image, else why not. verify() checks the file's structure (PNG chunk
+    checksums, headers) without decoding all the pixels, so checking 600K images up front stays affordable."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        return None
+    except FileNotFoundError:
+        return "image file not found"
+    except Exception as error:  # PIL raises many types for damaged files
+        return f"unreadable image ({type(error).__name__}: {error})"
+
+
+def move_image_to_front(value):
+    """LLaVA's preprocess_multimodal: the <image> tag moves to the start of its message, followed by a newline."""
+    return imp.IMAGE_PLACEHOLDER + "\n" + value.replace(imp.IMAGE_PLACEHOLDER, "").strip()
+
+
+def format_phi2(conversations, has_image, where):
+    """The official conv_phi2 text and the character spans the loss learns.
+    "{system} USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>"
+    Official rule (preprocess_phi2): only each answer and its "</s>" are supervised. An answer span starts at the
+    space after "ASSISTANT:", because byte-level BPE glues that space to the answer's first word (" The"); this is
+    why the official code subtracts 1 from the instruction length."""
+    turns = conversations if conversations[0]["from"] == "human" else conversations[1:]  # official: drop a lead gpt
+    text, spans = imp.SYSTEM_PROMPT + " ", []
+    for index, turn in enumerate(turns):
+        if turn["from"] != ROLES[index % 2]:
+            raise DataError(f"{where}: turns must alternate human, gpt, human, ... (turn {index} is {turn['from']})")
+        value = turn["value"]
+        if turn["from"] == "human":
+            if has_image and imp.IMAGE_PLACEHOLDER in value:
+                value = move_image_to_front(value)
+            text += f"USER: {value} "
+        else:
+            text += "ASSISTANT:"
+            start = len(text)
+            text += f" {value}</s>"
+            spans.append((start, len(text)))
+    return text, spans
+
+
+def format_plain(conversations, has_image, where):
+    """Stage 1's "plain" template (preprocess_plain): "<image>" + caption + "\\n", everything but the image
+    learned. No system prompt and no roles: the connector only has to learn to describe the picture."""
+    if len(conversations) != 2 or [t["from"] for t in conversations] != list(ROLES):
+        raise DataError(f"{where}: the plain template (stage 1) needs exactly one human and one gpt turn")
+    prefix = imp.IMAGE_PLACEHOLDER if has_image else ""
+    text = prefix + conversations[1]["value"] + "\n"
+    return text, [(len(prefix), len(text))]
+
+
+def tokenize(tokenizer, text, spans):
+    """Token ids and labels: a token is learned when it starts inside a supervised span, else IGNORE_INDEX."""
+    encoding = tokenizer.encode(text)
+    labels = [token if any(start <= offset < end for start, end in spans) else IGNORE_INDEX
+              for token, (offset, _) in zip(encoding.ids, encoding.offsets)]
+    return encoding.ids, labels
+
+
+def load_dataset(path, image_folder, tokenizer, config: ImpConfig, template, max_length, strict, log=print):
+    """Every usable sample as (ids, labels, image path or None). Skipped samples are counted, never silent."""
+    records = read_records(path)
+    image_id = config.image_token_index
+    extra_per_image = config.vision.num_patches - 1  # one <image> id becomes num_patches positions
+    samples, skipped, checked = [], Counter(), {}
+    for index, record in enumerate(records):
+        where = f"{path}: record {index}" + (f" (id {record['id']})" if isinstance(record, dict) and "id" in record else "")
+        check_record(record, where)
+        image = None
+        if record.get("image") is not None:
+            image = resolve_image(record["image"], image_folder, where)
+            if image not in checked:
+                checked[image] = image_problem(image)
+            if checked[image]:
+                if strict:
+                    raise DataError(f"{where}: {record['image']}: {checked[image]}")
+                skipped["missing or unreadable image"] += 1
+                continue
+        text_has_image = any(imp.IMAGE_PLACEHOLDER in t["value"] for t in record["conversations"])
+        if image is not None and not text_has_image and template == "phi2":  # LLaVA data always has the tag
+            conversations = [dict(turn) for turn in record["conversations"]]
+            first_question = next((t for t in conversations if t["from"] == "human"), None)
+            if first_question is not None:
+                first_question["value"] = imp.IMAGE_PLACEHOLDER + "\n" + first_question["value"]
+            record = dict(record, conversations=conversations)
+        if image is None and text_has_image:
+            raise DataError(f"{where}: the text has <image> but the record names no image")
+        format_text = format_plain if template == "plain" else format_phi2
+        ids, labels = tokenize(tokenizer, *format_text(record["conversations"], image is not None, where))
+        images_in_ids = ids.count(image_id)
+        if images_in_ids != (image is not None):
+            raise DataError(f"{where}: expected {int(image is not None)} <image> tag, found {images_in_ids}")
+        if len(ids) + images_in_ids * extra_per_image > max_length:
+            # Text past the last image may be cut (as the official truncation does), but never into an image.
+            last_image_end = (ids.index(image_id) + 1 + extra_per_image) if images_in_ids else 0
+            if last_image_end > max_length:
+                skipped["longer than --max-length"] += 1
+                continue
+            keep = max_length - images_in_ids * extra_per_image
+            ids, labels = ids[:keep], labels[:keep]
+        if all(label == IGNORE_INDEX for label in labels[1:]):  # nothing to learn (an empty loss would be NaN)
+            skipped["nothing to learn"] += 1
+            continue
+        samples.append((ids, labels, image))
+    for reason, count in skipped.items():
+        log(f"skipped {count} of {len(records)} samples in {path}: {reason}")
+    if not samples:
+        raise DataError(f"{path}: no usable samples (skipped: {dict(skipped) or 'none'})")
+    return samples, skipped
+
+
+def batch_indices(step, num_samples, batch_size, seed) -> list:
+    """The sample indices of global batch `step`, a pure function of the step: epoch e walks a permutation drawn
+    from seed and e, the last incomplete batch of an epoch is dropped. Pure is what makes --resume and every
+    rank agree without passing any state around."""
+    steps_per_epoch = num_samples // batch_size
+    epoch, position = divmod(step, steps_per_epoch)
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return order[position * batch_size:(position + 1) * batch_size].tolist()
+
+
+def collate(samples, config: ImpConfig, device):
+    """Right-pad ids with the pad id and labels with IGNORE_INDEX (official: padding_side "right"); stack the
+    images of the samples that have one, in order (Imp.splice consumes them in order of appearance)."""
+    longest = max(len(ids) for ids, _, _ in samples)
+    input_ids = torch.full((len(samples), longest), config.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(samples), longest), IGNORE_INDEX, dtype=torch.long)
+    images = []
+    for row, (ids, row_labels, image) in enumerate(samples):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        labels[row, :len(ids)] = torch.tensor(row_labels)
+        if image is not None:
+            images.append(imp.preprocess_image(imp.load_image(image), config.vision.image_size,
+                                               config.image_aspect_ratio))
+    pixel_values = torch.stack(images).to(device) if images else None
+    positions = sum(len(ids) + (image is not None) * (config.vision.num_patches - 1) for ids, _, image in samples)
+    return input_ids.to(device), labels.to(device), pixel_values, positions
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model: where it starts, and which of its parameters learn at which rate.
+
+
+def build_model(args) -> Imp:
+    if args.init_config:  # from scratch: a small named config sized to the given tokenizer
+        if not args.tokenizer:
+            raise DataError("--init-config needs --tokenizer DIR (a folder with tokenizer.json)")
+        tokenizer = imp.load_tokenizer(args.tokenizer)
+        ids = {name: tokenizer.token_to_id(name) for name in ("<|endoftext|>", "</s>", "<image>")}
+        if None in ids.values():
+            raise CheckpointError(f"{args.tokenizer}: the tokenizer lacks {[n for n, i in ids.items() if i is None]}")
+        spec = NAMED_CONFIGS[args.init_config]
+        config = ImpConfig(vision=VisionConfig(**spec["vision"]),
+                           text=PhiConfig(vocab_size=tokenizer.get_vocab_size(), **spec["text"]),
+                           image_token_index=ids["<image>"], eos_token_id=ids["</s>"], pad_token_id=ids["<|endoftext|>"],
+                           max_length=spec["max_length"])
+        model = Imp(config)
+        imp.init_weights(model)
+        model.tokenizer = tokenizer
+        return model
+    if args.llm or args.vision:  # stage 1 from the official microsoft/phi-2 and google/siglip folders
+        if not (args.llm and args.vision):
+            raise DataError("--llm and --vision go together")
+        return Imp.from_components(args.llm, args.vision)
+    return Imp.from_pretrained(args.model)  # a stage-1 output, an official Imp release, or any of our outputs
+
+
+def parameter_groups(model: Imp, args):
+    """Freeze what the stage freezes; return AdamW groups, each remembering its peak lr (official: the projector
+    has its own rate in stage 2, llava_trainer.py's mm_projector_lr)."""
+    model.requires_grad_(False)
+    model.connector.requires_grad_(True)
+    groups = [dict(name="connector", params=list(model.connector.parameters()), peak_lr=args.connector_lr)]
+    if args.full:  # stage 2: official finetune.sh; stage 1: not official, for training from scratch
+        model.llm.requires_grad_(True)
+        groups.append(dict(name="llm", params=list(model.llm.parameters()), peak_lr=args.lr))
+    elif args.stage == 2:
+        imp.add_lora(model.llm, args.lora_rank, args.lora_alpha, args.lora_dropout)  # every Linear, lm_head too
+        groups.append(dict(name="lora", params=[p for n, p in model.llm.named_parameters() if ".lora_" in n],
+                           peak_lr=args.lr))
+    if args.train_vision:  # not in the official recipe (the tower stays frozen); needed to train from scratch
+        model.vision.requires_grad_(True)
+        groups.append(dict(name="vision", params=list(model.vision.parameters()), peak_lr=args.lr))
+    return groups
+
+
+def get_lr(step, total_steps, warmup_steps, peak_lr):
+    """Linear warmup, then cosine decay to 0 (transformers' cosine schedule, official warmup_ratio 0.03). Step s
+    warms up to (s + 1) / warmup of the peak, so the first step already learns (transformers spends it at lr 0).
+    A pure function of the step: nothing to save for --resume."""
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class TrainingLoss(nn.Module):
+    """DistributedDataParallel hooks forward(); Imp's loss is a method, so this wraps it as one."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, labels, pixel_values):
+        return self.model.loss(input_ids, labels, pixel_values)
+
+
+def trainable_state(model) -> dict:
+    return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: out/checkpoints/step-NNNNNNN/ plus latest.json pointing at the newest complete one.
+
+
+def save_checkpoint(out, step, model, optimizer, rng_states, meta):
+    """Written into a temporary folder, renamed into place, and only then named in latest.json: a crash or a full
+    disk at any moment leaves the previous checkpoint complete and pointed to. Holds what --resume needs: the
+    trainable weights (frozen ones come back from --model), AdamW's moments, every rank's RNG, and the step (which
+    fixes the data position and the learning rate, both pure functions of it)."""
+    folder = os.path.join(out, "checkpoints")
+    os.makedirs(folder, exist_ok=True)
+    name = f"step-{step:07d}"
+    temporary = os.path.join(folder, f".{name}.tmp{os.getpid()}")
+    try:
+        shutil.rmtree(temporary, ignore_errors=True)
+        os.makedirs(temporary)
+        save_file(trainable_state(model), os.path.join(temporary, "trainable.safetensors"))
+        # Optimizer and RNG state hold only tensors, numbers and dicts: loadable with torch.load(weights_only=True).
+        torch.save(dict(optimizer=optimizer.state_dict(), rng=rng_states), os.path.join(temporary, "state.pt"))
+        imp.write_json(os.path.join(temporary, "meta.json"), dict(meta, step=step))
+        final = os.path.join(folder, name)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(temporary, final)
+        imp.write_json(os.path.join(folder, "latest.json"), dict(step=step, folder=name))
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    for old in os.listdir(folder):  # only now is the older checkpoint no longer needed
+        if old.startswith("step-") and old != name:
+            shutil.rmtree(os.path.join(folder, old), ignore_errors=True)
+
+
+def latest_checkpoint(out):
+    pointer = os.path.join(out, "checkpoints", "latest.json")
+    if not os.path.exists(pointer):
+        return None
+    with open(pointer, encoding="utf-8") as f:
+        latest = json.load(f)
+    return os.path.join(out, "checkpoints", latest["folder"]), latest["step"]
+
+
+def rng_state(device):
+    return dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def save_final(model: Imp, args, log):
+    """The model folder Imp.from_pretrained(--out) loads: LoRA merged, official layout. Adapters (and the
+    connector, which stage 2 also trains) go beside it in adapters/, like the official non_lora_trainables."""
+    has_lora = any(isinstance(m, imp.LoRALinear) for m in model.modules())
+    if has_lora:
+        adapters = os.path.join(args.out, "adapters")
+        os.makedirs(adapters, exist_ok=True)
+        tensors = {n: t.contiguous() for n, t in imp.lora_state_dict(model).items()}
+        tensors.update({f"connector.{n}": t.contiguous() for n, t in model.connector.state_dict().items()})
+        temporary = os.path.join(adapters, f".adapter_model.safetensors.tmp{os.getpid()}")
+        save_file(tensors, temporary)
+        os.replace(temporary, os.path.join(adapters, "adapter_model.safetensors"))
+        imp.write_json(os.path.join(adapters, "adapter_config.json"), dict(
+            rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, target="every nn.Linear of the LLM",
+            base_model=args.model or dict(llm=args.llm, vision=args.vision)))
+        imp.merge_lora(model.llm)
+    if args.stage == 1:  # what the official stage 1 keeps (mm_projector.bin), for a stage 2 on another base
+        tensors = {n: t.contiguous() for n, t in model.connector.state_dict().items()}
+        save_file(tensors, os.path.join(args.out, f".connector.tmp{os.getpid()}"))
+        os.replace(os.path.join(args.out, f".connector.tmp{os.getpid()}"), os.path.join(args.out, "connector.safetensors"))
+    model.save_pretrained(args.out, extra_config=dict(nanoimp_training=dict(stage=args.stage, full=args.full)))
+    log(f"saved the model to {args.out}" + (" (LoRA merged; adapters in adapters/)" if has_lora else ""))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation and merging (small side commands).
+
+
+def evaluate(model: Imp, records, image_folder, limit=None, log=print) -> dict:
+    """Exact-answer accuracy per question type with the model's own greedy Imp.answer, on the first question of
+    each record (shapes' test.json has one). Returns {type: (correct, total)} and prints a table."""
+    results = defaultdict(lambda: [0, 0])
+    for index, record in enumerate(records[:limit]):
+        where = f"record {index}"
+        check_record(record, where)
+        turns = record["conversations"]
+        question = turns[0]["value"].replace(imp.IMAGE_PLACEHOLDER, "").strip()
+        expected = next((t["value"].strip() for t in turns if t["from"] == "gpt"), "")
+        image = imp.load_image(resolve_image(record["image"], image_folder, where)) if record.get("image") else None
+        predicted = model.answer(image, question, max_new_tokens=48)
+        kind = record.get("type", "all")
+        results[kind][0] += predicted == expected
+        results[kind][1] += 1
+    correct, total = sum(r[0] for r in results.values()), sum(r[1] for r in results.values())
+    log(f"{'type':<10} {'correct':>8} {'total':>6} {'accuracy':>9}")
+    for kind in sorted(results):
+        log(f"{kind:<10} {results[kind][0]:>8} {results[kind][1]:>6} {results[kind][0] / results[kind][1]:>9.1%}")
+    log(f"{'overall':<10} {correct:>8} {total:>6} {correct / max(1, total):>9.1%}")
+    return dict(results, overall=[correct, total])
+
+
+def merge_adapters(args):
+    """--merge ADAPTERS: base model (--model, or --llm/--vision) + saved adapters -> merged model in --out."""
+    with open(os.path.join(args.merge, "adapter_config.json"), encoding="utf-8") as f:
+        adapter_config = json.load(f)
+    model = build_model(args)
+    imp.add_lora(model.llm, adapter_config["rank"], adapter_config["alpha"], 0.0)
+    tensors = load_file(os.path.join(args.merge, "adapter_model.safetensors"))
+    expected = set(imp.lora_state_dict(model)) | {f"connector.{n}" for n in model.connector.state_dict()}
+    if set(tensors) != expected:
+        raise CheckpointError(f"{args.merge}: the adapters do not fit this base model "
+                              f"({len(set(tensors) - expected)} unknown, {len(expected - set(tensors))} missing tensors)")
+    model.load_state_dict(tensors, strict=False)
+    imp.merge_lora(model.llm)
+    model.save_pretrained(args.out)
+    print(f"merged {args.merge} into {args.out}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line and the loop.
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Train Imp: stage 1 (connector) and stage 2 (LoRA or full instruction tuning); evaluate; merge.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""examples:
+  # the official recipe: stage 1 from phi-2 + siglip, then stage 2 with LoRA (torchrun for several GPUs)
+  torchrun --nproc_per_node=8 train.py --stage 1 --llm phi-2 --vision siglip-so400m-patch14-384 \\
+      --data blip_laion_cc_sbu_558k.json --image-folder llava/pretrain --out runs/stage1 --micro-batch-size 32
+  torchrun --nproc_per_node=8 train.py --stage 2 --model runs/stage1 --data llava_v1_5_mix665k.json \\
+      --image-folder llava/finetune --out runs/stage2 --micro-batch-size 4
+  # the demo model, from scratch on the synthetic shapes data (see notes/README)
+  python train.py --stage 2 --full --train-vision --init-config demo --tokenizer data/shapes \\
+      --data data/shapes/train.json --image-folder data/shapes --out runs/demo --lr 2e-3 --connector-lr 2e-3 \\
+      --batch-size 64 --micro-batch-size 64 --epochs 1 --max-length 256 --warmup-ratio 0.05
+  # continue an interrupted run; evaluate; fold adapters into a base model
+  python train.py ... --resume
+  python train.py --evaluate checkpoints/demo --data data/shapes/test.json --image-folder data/shapes
+  python train.py --merge runs/stage2/adapters --model runs/stage1 --out runs/merged""")
+    add = parser.add_argument
+    add("--stage", type=int, choices=(1, 2), help="1: connector alignment (plain template); 2: instruction tuning (phi2)")
+    add("--model", help="start from an Imp folder (official release, stage-1 output, any train.py output)")
+    add("--llm", help="start from an official microsoft/phi-2 folder (with --vision): stage 1's starting point")
+    add("--vision", help="an official google/siglip folder (with --llm)")
+    add("--init-config", choices=sorted(NAMED_CONFIGS), help="start from scratch with this small config (needs --tokenizer)")
+    add("--tokenizer", help="folder with tokenizer.json, for --init-config")
+    add("--data", help="LLaVA-format .json or .jsonl")
+    add("--image-folder", help="image paths in --data are relative to this folder and may not leave it")
+    add("--out", help="output folder: log.jsonl, checkpoints/, and the final model")
+    add("--epochs", type=float, help="passes over the data (default: 1 in stage 1, 2 in stage 2)")
+    add("--max-steps", type=int, help="optimizer steps in all (overrides --epochs)")
+    add("--batch-size", type=int, help="global batch in samples, over all processes (default 256 / 128)")
+    add("--micro-batch-size", type=int, default=4, help="samples per forward pass per process; the rest is accumulation")
+    add("--lr", type=float, help="peak lr (default 1e-3 stage 1; 2e-4 LoRA; 2e-5 with --full)")
+    add("--connector-lr", type=float, help="peak lr of the connector (default: --lr in stage 1, 2e-5 in stage 2)")
+    add("--weight-decay", type=float, default=0.0, help="AdamW weight decay (official: 0)")
+    add("--warmup-ratio", type=float, default=0.03, help="fraction of the steps spent warming up (official: 0.03)")
+    add("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off; transformers' default 1.0)")
+    add("--lora-rank", type=int, default=256, help="LoRA rank (official: 256)")
+    add("--lora-alpha", type=float, default=256, help="LoRA alpha; the update is scaled by alpha / rank (official: 256)")
+    add("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input (official: 0.05)")
+    add("--full", action="store_true", help="stage 2 without LoRA: train all of Phi-2 (official finetune.sh); "
+                                            "in stage 1 (not official): train Phi-2 too, for from-scratch models")
+    add("--train-vision", action="store_true", help="also train the vision tower (not official; for from-scratch models)")
+    add("--max-length", type=int, default=3072, help="longest spliced sequence (text + image tokens); longer samples "
+                                                     "are cut after their image, or skipped (default 3072, official)")
+    add("--strict", action="store_true", help="fail on a missing or unreadable image instead of skipping the sample")
+    add("--seed", type=int, default=0, help="seeds the data order, the init and dropout")
+    add("--save-every", type=int, default=0, help="save a checkpoint every N steps (0: only at the end)")
+    add("--resume", action="store_true", help="continue from --out's latest checkpoint, exactly as if never stopped")
+    add("--log-every", type=int, default=1, help="print a progress line every N steps (log.jsonl gets every step)")
+    add("--device", help="cpu or cuda (default: cuda when available; torchrun ranks use cuda:LOCAL_RANK)")
+    add("--bf16", action=argparse.BooleanOptionalAction, default=None,
+        help="bfloat16 autocast (default: on CUDA; CPU trains in float32)")
+    add("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+        help="recompute activations in the backward pass to save memory (default: on CUDA, as officially)")
+    add("--threads", type=int, help="CPU threads per process (torch.set_num_threads)")
+    add("--evaluate", metavar="MODEL", help="print exact-answer accuracy per question type of MODEL on --data")
+    add("--limit", type=int, help="with --evaluate: only the first N records")
+    add("--merge", metavar="ADAPTERS", help="merge an adapters/ folder into the base --model, write --out")
+    args = parser.parse_args(argv)
+    if args.evaluate:
+        if not args.data:
+            parser.error("--evaluate needs --data")
+        return args
+    if args.merge:
+        if not args.out or not (args.model or args.llm):
+            parser.error("--merge needs --model (or --llm/--vision) and --out")
+        return args
+    for name in ("stage", "data", "out"):
+        if getattr(args, name) is None:
+            parser.error(f"--{name} is required")
+    if sum(bool(x) for x in (args.model, args.llm or args.vision, args.init_config)) != 1:
+        parser.error("give exactly one starting point: --model DIR, --llm DIR --vision DIR, or --init-config NAME")
+    defaults = STAGE_DEFAULTS[args.stage]
+    args.epochs = defaults["epochs"] if args.epochs is None else args.epochs
+    args.batch_size = args.batch_size or defaults["batch_size"]
+    if args.lr is None:
+        args.lr = FULL_FINETUNE_LR if args.full and args.stage == 2 else defaults["lr"]
+    if args.connector_lr is None:
+        args.connector_lr = args.lr if args.stage == 1 else defaults["connector_lr"]
+    for name in ("batch_size", "micro_batch_size", "max_length", "lora_rank"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        if args.evaluate:
+            model = Imp.from_pretrained(args.evaluate)
+            evaluate(model, read_records(args.data), args.image_folder, args.limit)
+            return
+        if args.merge:
+            return merge_adapters(args)
+        return train(args)
+    except (DataError, CheckpointError, ImageError) as error:
+        fail(str(error))
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            fail(f"out of disk space ({error.filename or args.out}); earlier checkpoints are intact")
+        raise
+
+
+def train(args):
+    # -- processes and devices. torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain run is rank 0 of 1.
+    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and world_size > 1:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world_size > 1:  # nccl moves GPU tensors directly between GPUs; gloo is the CPU implementation
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    is_main = rank == 0
+    log = print if is_main else (lambda *a, **k: None)
+    use_bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
+    checkpointing = device.type == "cuda" if args.gradient_checkpointing is None else args.gradient_checkpointing
+    accumulation, remainder = divmod(args.batch_size, args.micro_batch_size * world_size)
+    if remainder or accumulation == 0:
+        raise DataError(f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size "
+                        f"{args.micro_batch_size} x {world_size} processes")
+    resume_from = latest_checkpoint(args.out) if os.path.isdir(args.out) else None
+    if args.resume and resume_from is None:
+        raise DataError(f"--resume: no checkpoint in {args.out}/checkpoints")
+    if not args.resume and resume_from is not None:
+        raise DataError(f"{args.out} already holds a training run; pass --resume to continue it, or use another --out")
+
+    # -- model and data
+    torch.manual_seed(args.seed)  # the same init on every rank (DDP also broadcasts rank 0's weights)
+    model = build_model(args)
+    groups = parameter_groups(model, args)
+    model.to(device).train()
+    model.vision.gradient_checkpointing = model.llm.gradient_checkpointing = checkpointing
+    samples, _ = load_dataset(args.data, args.image_folder, model.tokenizer, model.config,
+                              "plain" if args.stage == 1 else "phi2", args.max_length, args.strict, log)
+    if len(samples) < args.batch_size:
+        raise DataError(f"{args.data}: {len(samples)} usable samples, fewer than one --batch-size ({args.batch_size})")
+    steps_per_epoch = len(samples) // args.batch_size
+    total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
+    warmup_steps = math.ceil(args.warmup_ratio * total_steps)
+    trainable = sum(p.numel() for g in groups for p in g["params"])
+    log(f"{len(samples)} samples, {total_steps} steps of {args.batch_size} ({world_size} process(es) x "
+        f"{accumulation} micro-batches of {args.micro_batch_size}), {trainable / 1e6:.2f}M of "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters trained, device {device}"
+        f"{', bf16 autocast' if use_bf16 else ''}{', gradient checkpointing' if checkpointing else ''}")
+
+    optimizer = torch.optim.AdamW([{"params": g["params"], "lr": g["peak_lr"]} for g in groups],
+                                  weight_decay=args.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+    loss_module = TrainingLoss(model)
+    if world_size > 1:
+        # find_unused_parameters: a micro-batch of text-only samples leaves the connector without gradients.
+        text_only = any(image is None for _, _, image in samples)
+        loss_module = nn.parallel.DistributedDataParallel(loss_module, device_ids=[device] if device.type == "cuda"
+                                                          else None, find_unused_parameters=text_only)
+    torch.manual_seed(args.seed + rank)  # dropout masks differ per rank, as they would on separate GPUs
+
+    start_step = 0
+    meta = dict(stage=args.stage, batch_size=args.batch_size, seed=args.seed, total_steps=total_steps,
+                samples=len(samples), data=os.path.abspath(args.data))
+    if args.resume:
+        folder, start_step = resume_from
+        with open(os.path.join(folder, "meta.json"), encoding="utf-8") as f:
+            saved = json.load(f)
+        changed = [k for k in ("stage", "batch_size", "seed", "total_steps", "samples") if saved.get(k) != meta[k]]
+        if changed:
+            raise DataError(f"--resume: {', '.join(changed)} differ from the interrupted run; resume with its arguments")
+        weights = load_file(os.path.join(folder, "trainable.safetensors"))
+        missing = set(trainable_state(model)) ^ set(weights)
+        if missing:
+            raise CheckpointError(f"{folder}: the checkpoint's trainable tensors do not match this model ({len(missing)})")
+        model.load_state_dict({n: t.to(device) for n, t in weights.items()}, strict=False)
+        state = torch.load(os.path.join(folder, "state.pt"), weights_only=True, map_location="cpu")
+        optimizer.load_state_dict(state["optimizer"])
+        mine = state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0]
+        torch.set_rng_state(mine["cpu"])
+        if device.type == "cuda" and mine["cuda"] is not None:
+            torch.cuda.set_rng_state(mine["cuda"], device)
+        log(f"resumed from {folder} at step {start_step}")
+    log_path = os.path.join(args.out, "log.jsonl")
+    if is_main:
+        os.makedirs(args.out, exist_ok=True)
+        kept = []
+        if args.resume and os.path.exists(log_path):  # drop lines of steps after the checkpoint: they are redone
+            with open(log_path, encoding="utf-8") as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
+        with open(log_path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(log_path + ".tmp", log_path)
+
+    def checkpoint(step):
+        states = [rng_state(device)]
+        if world_size > 1:
+            states = [None] * world_size
+            dist.all_gather_object(states, rng_state(device))
+        if is_main:
+            save_checkpoint(args.out, step, model, optimizer, states, meta)
+        if world_size > 1:
+            dist.barrier()
+
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 and device.type == "cuda"
+                else contextlib.nullcontext())
+    per_rank = args.batch_size // world_size
+    trainable_params = [p for g in groups for p in g["params"]]
+    last_saved, started = start_step if args.resume else None, time.time()
+    for step in range(start_step, total_steps):
+        step_started = time.time()
+        for group, spec in zip(optimizer.param_groups, groups):
+            group["lr"] = get_lr(step, total_steps, warmup_steps, spec["peak_lr"])
+        batch = batch_indices(step, len(samples), args.batch_size, args.seed)
+        mine = batch[rank * per_rank:(rank + 1) * per_rank]
+        loss_sum, positions = 0.0, 0
+        for micro in range(accumulation):
+            input_ids, labels, pixel_values, micro_positions = collate(
+                [samples[i] for i in mine[micro * args.micro_batch_size:(micro + 1) * args.micro_batch_size]],
+                model.config, device)
+            # DDP all-reduces gradients in backward(); between accumulation steps that would be wasted traffic.
+            last = micro == accumulation - 1
+            with (loss_module.no_sync() if world_size > 1 and not last else contextlib.nullcontext()):
+                with autocast:
+                    loss = loss_module(input_ids, labels, pixel_values)
+                (loss / accumulation).backward()  # the mean over micro-batches, like transformers' Trainer
+            loss_sum += loss.item()
+            positions += micro_positions
+        totals = torch.tensor([loss_sum / accumulation, positions], dtype=torch.float64)
+        if world_size > 1:
+            dist.all_reduce(totals)  # every rank sees the same (global) loss, so all stop together on NaN
+            totals[0] /= world_size
+        step_loss = totals[0].item()
+        if not math.isfinite(step_loss):
+            where = f"step {last_saved}, in {args.out}/checkpoints" if last_saved else "none saved yet"
+            raise DataError(f"the loss became {step_loss} at step {step + 1}; stopped without applying it "
+                            f"(last good checkpoint: {where}). Try a lower --lr")
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(trainable_params, args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        if is_main:
+            seconds = time.time() - step_started
+            elapsed = time.time() - started
+            eta = elapsed / (done - start_step) * (total_steps - done)
+            record = dict(step=done, loss=round(step_loss, 6), lr=optimizer.param_groups[-1]["lr"],
+                          samples_per_second=round(args.batch_size / seconds, 2),
+                          tokens_per_second=round(totals[1].item() / seconds, 1), elapsed=round(elapsed, 2),
+                          epoch=round(done / steps_per_epoch, 4))
+            with open(log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            if done % args.log_every == 0 or done == total_steps:
+                print(f"step {done}/{total_steps} | loss {step_loss:.4f} | lr {record['lr']:.2e} | "
+                      f"{record['samples_per_second']:.1f} samples/s | {record['tokens_per_second']:.0f} tokens/s | "
+                      f"ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
+        if (args.save_every and done % args.save_every == 0) or done == total_steps:
+            checkpoint(done)
+            last_saved = done
+
+    if world_size > 1:  # DDP's promise, checked: every rank holds the very same weights (rank 0's get saved)
+        checksum = torch.stack([p.detach().double().sum() for p in trainable_params]).to(device)
+        gathered = [torch.zeros_like(checksum) for _ in range(world_size)]
+        dist.all_gather(gathered, checksum)
+        log(f"parameters identical on all {world_size} ranks: {all(torch.equal(g, gathered[0]) for g in gathered)}")
+    if is_main:
+        save_final(model, args, log)
+    if world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return model
+
+
+if __name__ == "__main__":
+    main()
