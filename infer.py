@@ -43,7 +43,7 @@ LINE_SETTINGS = {"max_new_tokens": int, "temperature": float, "top_p": float, "t
 EXAMPLES = """examples:
   python infer.py photo.jpg "What is in this picture?"
   python infer.py --model imp-v1-3b --stats photo.jpg "Describe the image."
-  python infer.py --explain examples/shapes-0.png "How many shapes are there?"
+  python infer.py --explain examples/three_squares.png "How many shapes are there?"
   python infer.py --text "What is the capital of France?"
   python infer.py --chat photo.jpg                     (then type; /image PATH, /reset, /quit)
   printf 'What color?\\nAnd the shape?\\n' | python infer.py --chat photo.jpg

@@ -653,7 +653,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Weight-only int8/int4 quantization of an Imp checkpoint folder.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""examples:
-  python quant.py --model imp-v1-3b --bits 4 --vision --out imp-int4       # 1.88 GB: the small one
+  python quant.py --model imp-v1-3b --bits 4 --vision --out imp-int4       # 1.91 GB: the small one
   python quant.py --model imp-v1-3b --bits 4 --out imp-int4-textonly       # vision kept in float16: 2.50 GB
   python quant.py --model imp-v1-3b --bits 4 --scheme asymmetric --group-size 64 --vision --out imp-int4-asym
   python quant.py --model imp-v1-3b --bits 8 --out imp-int8
