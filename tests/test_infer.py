@@ -229,7 +229,7 @@ def test_bad_input_is_one_line_and_exit_2(capsys, models, images, monkeypatch, c
 
 
 @pytest.mark.parametrize("case,expected", [("missing", "no such model folder"), ("empty", "no config.json"),
-                                           ("bad-json", "not valid JSON"), ("not-imp", "not an Imp config"),
+                                           ("bad-json", "not valid JSON"), ("not-imp", "not a valid imp config"),
                                            ("truncated", "truncated")])
 def test_missing_or_broken_model_folder(capsys, models, images, case, expected):
     folder = models["root"] / "nowhere" if case == "missing" else bad_model_folders(models["root"])[case]
