@@ -642,14 +642,14 @@ class Imp(nn.Module):
         prompt_done = time.perf_counter()
         stats["prompt_seconds"] = prompt_done - vision_done
         position = prompt_length
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             token = sample_next_token(logits[0, -1], temperature, top_k, top_p, generator)
             if token in stop_ids:
                 break
             stats["generated_tokens"] += 1
             stats["generate_seconds"] = time.perf_counter() - prompt_done
             yield token
-            if position >= prompt_length + max_new_tokens:
+            if step == max_new_tokens - 1:  # the last token allowed: no forward pass for a successor
                 break
             logits = self.llm(input_ids=torch.tensor([[token]], device=embeddings.device), start=position,
                               cache=cache, last_only=True)  # decode: one token, attending to the cached ones
