@@ -44,7 +44,7 @@ Policy (quantization_plan):
     vision tower and connector Linears      -> `bits` with --vision, else kept in float
     norms, biases, patch/position embeddings -> kept in float   tiny, and LayerNorms are sensitive
 Imp-3B file sizes, exact from the shapes (GB = 1e9 bytes; float tensors in float16; per weight int8 costs
-1 + 2/K bytes, int4 symmetric 0.5 + 2/G, asymmetric 0.5 + 4/G; notes/quant.md has the table per part):
+1 + 2/K bytes, int4 symmetric 0.5 + 2/G, asymmetric 0.5 + 4/G; README.md has the table per part):
     float16 everything 6.37 | --bits 8: 3.60, with --vision 3.19
     --bits 4 (G=32)   symmetric 2.49, asymmetric 2.65       (the float16 vision tower is 0.81 GB of it)
     --bits 4 --vision symmetric G=32 1.91, G=64 1.82, G=128 1.78 | asymmetric G=32 2.09, G=64 1.91, G=128 1.82

@@ -470,10 +470,13 @@ def parse_args(argv=None):
       --data blip_laion_cc_sbu_558k.json --image-folder llava/pretrain --out runs/stage1 --micro-batch-size 32
   torchrun --nproc_per_node=8 train.py --stage 2 --model runs/stage1 --data llava_v1_5_mix665k.json \\
       --image-folder llava/finetune --out runs/stage2 --micro-batch-size 4
-  # the demo model, from scratch on the synthetic shapes data (see notes/README)
-  python train.py --stage 2 --full --train-vision --init-config demo --tokenizer data/shapes \\
-      --data data/shapes/train.json --image-folder data/shapes --out runs/demo --lr 2e-3 --connector-lr 2e-3 \\
-      --batch-size 64 --micro-batch-size 64 --epochs 1 --max-length 256 --warmup-ratio 0.05
+  # the demo model, from scratch on the synthetic shapes data (see README.md, "The demo model")
+  python train.py --stage 1 --full --train-vision --init-config demo --tokenizer data/shapes \\
+      --data data/shapes/captions.json --image-folder data/shapes --out runs/m1 --lr 1.5e-3 \\
+      --batch-size 32 --micro-batch-size 32 --max-steps 1300 --max-length 256
+  python train.py --stage 2 --full --train-vision --model runs/m1 --data data/shapes/train.json \\
+      --image-folder data/shapes --out runs/m2 --lr 1e-3 --connector-lr 1e-3 \\
+      --batch-size 32 --micro-batch-size 32 --max-steps 900 --max-length 256
   # continue an interrupted run; evaluate; fold adapters into a base model
   python train.py ... --resume
   python train.py --evaluate checkpoints/demo --data data/shapes/test.json --image-folder data/shapes
