@@ -974,7 +974,7 @@ def open_checkpoint(path) -> Checkpoint:
     elif os.path.exists(single):
         files = [single]
     elif any(name.endswith(".bin") for name in os.listdir(path)):
-        raise CheckpointError(f"{path}: only pickle .bin weights found; nanoImp loads safetensors only, because "
+        raise CheckpointError(f"{path}: only .bin weights (Python pickles) found; nanoImp loads safetensors only, because "
                               "unpickling can run arbitrary code (the current Imp releases ship safetensors)")
     else:
         raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
