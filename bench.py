@@ -234,16 +234,11 @@ def build_random_model(config: imp.ImpConfig, dtype: torch.dtype, quantization: 
         settings = quant.quantization_config(quantization["bits"], quantization["group_size"],
                                              quantization["include_vision"])
 
-        # What quant.quantize_model does, but each module is filled just before it is quantized.
-        for name, bits in quant.quantization_plan(model, settings).items():
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            module = getattr(parent, child)
+        def fill_then_quantize(name, module, bits):  # quant.quantize_model's step, with the module filled first
             materialize(module, generator)
-            if isinstance(module, nn.Embedding):
-                setattr(parent, child, quant.QuantEmbedding.from_embedding(module))
-            else:
-                setattr(parent, child, quant.QuantLinear.from_linear(module, bits, quantization["group_size"]))
+            return quant.quantize_module(module, bits, settings["group_size"], settings["scheme"])
+
+        quant.replace_modules(model, settings, fill_then_quantize)  # one module at a time: no float copy of it all
     materialize(model, generator)
     if quantization:
         quant.finish_loading(model)

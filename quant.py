@@ -514,7 +514,7 @@ def convert(model_dir, out_dir, bits=4, group_size=DEFAULT_GROUP_SIZE, include_v
         raise ValueError(f"{model_dir}: is already quantized; convert the float checkpoint instead")
     if os.path.abspath(out_dir) == os.path.abspath(model_dir):
         raise ValueError(f"{out_dir}: the output folder must not be the input folder")
-    config = imp.ImpConfig.from_dict(checkpoint.config)
+    config = imp.parse_config(checkpoint, imp.ImpConfig)  # a malformed config.json: one clear error
     settings = quantization_config(bits, group_size, include_vision, scheme=scheme)
     model = imp.build_on_meta(imp.Imp, config)  # shapes and module types only, for the plan
     plan = quantization_plan(model, settings)
@@ -524,32 +524,34 @@ def convert(model_dir, out_dir, bits=4, group_size=DEFAULT_GROUP_SIZE, include_v
     tensors, float_dtypes, started = {}, set(), time.time()
     for file in checkpoint.files:
         with safe_open(file, framework="pt") as f:
-            for key in f.keys():
-                if key not in table:
-                    if unused and unused.fullmatch(key):
-                        continue  # tensors Imp never uses (SigLIP's 27th layer, its head)
-                    raise ValueError(f"{file}: unknown tensor {key}")
-                tensor = f.get_tensor(key)
-                for ours, rows in table[key]:
-                    piece = tensor[rows].clone() if rows else tensor  # the legacy fused Wqkv feeds three layers
-                    module_name, attribute = ours.rsplit(".", 1)
-                    if module_name in plan and attribute == "weight":
-                        # Wrap the one weight in a float module of its kind (no memory: built on meta, then
-                        # given `piece`), and quantize that exactly as quantize_model would.
-                        kind = type(model.get_submodule(module_name))
-                        with torch.device("meta"):
-                            module = nn.Embedding(*piece.shape) if kind is nn.Embedding else nn.Linear(
-                                piece.shape[1], piece.shape[0], bias=False)
-                        module.weight = nn.Parameter(piece, requires_grad=False)
-                        quantized = quantize_module(module, plan[module_name], group_size, scheme)
-                        stem = rename(ours).rsplit(".", 1)[0]
-                        tensors.update({f"{stem}.{name}": quantized._buffers[name] for name in quantized.expected_buffers()})
-                        log(f"[{len(tensors):4d} tensors, {time.time() - started:5.0f}s] {stem} {list(piece.shape)} "
-                            f"-> int{plan[module_name]}, relative error {relative_error(piece, quantized.dequantize()):.4f}")
-                    else:
-                        tensors[rename(ours)] = piece.contiguous()  # norms, biases, embeddings kept in float
-                        float_dtypes.add(str(piece.dtype).replace("torch.", ""))
-                del tensor
+            keys = list(f.keys())
+        for key in keys:
+            if key not in table:
+                if unused and unused.fullmatch(key):
+                    continue  # tensors Imp never uses (SigLIP's 27th layer, its head)
+                raise ValueError(f"{file}: unknown tensor {key}")
+            with safe_open(file, framework="pt") as f:  # per tensor, as in imp.load_weights: a map
+                tensor = f.get_tensor(key)               # kept open would hold a whole shard resident
+            for ours, rows in table[key]:
+                piece = tensor[rows].clone() if rows else tensor  # the legacy fused Wqkv feeds three layers
+                module_name, attribute = ours.rsplit(".", 1)
+                if module_name in plan and attribute == "weight":
+                    # Wrap the one weight in a float module of its kind (no memory: built on meta, then
+                    # given `piece`), and quantize that exactly as quantize_model would.
+                    kind = type(model.get_submodule(module_name))
+                    with torch.device("meta"):
+                        module = nn.Embedding(*piece.shape) if kind is nn.Embedding else nn.Linear(
+                            piece.shape[1], piece.shape[0], bias=False)
+                    module.weight = nn.Parameter(piece, requires_grad=False)
+                    quantized = quantize_module(module, plan[module_name], group_size, scheme)
+                    stem = rename(ours).rsplit(".", 1)[0]
+                    tensors.update({f"{stem}.{name}": quantized._buffers[name] for name in quantized.expected_buffers()})
+                    log(f"[{len(tensors):4d} tensors, {time.time() - started:5.0f}s] {stem} {list(piece.shape)} "
+                        f"-> int{plan[module_name]}, relative error {relative_error(piece, quantized.dequantize()):.4f}")
+                else:
+                    tensors[rename(ours)] = piece.contiguous()  # norms, biases, embeddings kept in float
+                    float_dtypes.add(str(piece.dtype).replace("torch.", ""))
+            del tensor
     os.makedirs(out_dir, exist_ok=True)
     imp.write_safetensors(out_dir, tensors, metadata={"quantization": json.dumps(settings)})
     tokenizer = imp.load_tokenizer(model_dir)
