@@ -25,6 +25,8 @@ from collections import Counter
 
 from PIL import Image, ImageDraw
 
+from imp import SYSTEM_PROMPT
+
 SHAPES = ("circle", "square", "triangle")
 # Picked to be far apart in RGB, so a tiny ViT separates them with its first layer. The yellow is darkened a
 # little so that it stands out from the light background.
@@ -47,9 +49,8 @@ PARAPHRASES = {
 }
 TYPES = tuple(PARAPHRASES)
 
-# Imp's "phi2" conversation template. The tokenizer is trained on it as well, so that a whole prompt stays short.
-SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+# Imp's "phi2" conversation template (imp.SYSTEM_PROMPT). The tokenizer is trained on it as well, so that a whole
+# prompt stays short.
 
 
 def make_scene(rng, image_size=112):
