@@ -15,11 +15,13 @@ end-to-end figure is total = T_VE + prefill seconds + decode seconds. Model buil
 Each precision runs in a fresh subprocess (this script re-invoked with --worker), so that its peak RSS is its
 own; the model is built directly in its dtype on the meta device and filled with random numbers (std 0.02,
 LayerNorm weights 1), and int8 / int4 layers are quantized one at a time (quant.py), so no float32 copy of the
-whole model ever exists. Peak RSS is the high-water mark of the query itself (reset after building).
+whole model ever exists. Peak RSS is the high-water mark of the query itself (reset after building). int8 /
+int4 rows keep their KV cache in float16 when they compute in float32 (--cache-dtype; imp.KVCache).
 
 Decode is memory-bound: every new token reads all Linear weights of the language model (lm_head included, the
-embedding not) plus the KV cache. A stream test (torch.sum over a large float32 tensor, best of 5, same
-threads) measures the read bandwidth right before each precision runs, and
+embedding not; quantized ones in the packed kernel's layout, which is what it reads) plus the KV cache. A stream
+test (torch.sum over a large float32 tensor, best of 5, same threads) measures the read bandwidth right before
+each precision runs, and
     roofline tok/s = bandwidth / bytes read per token,   roofline_fraction = measured tok/s / roofline tok/s.
 On a shared machine bandwidth swings from minute to minute: compare figures taken in one run.
 
@@ -69,7 +71,8 @@ EXAMPLES = """examples:
   python bench.py --quick --json out.json          small config, all precisions, seconds
 
 JSON (--json FILE): {"machine": {...}, "results": [one object per precision with dtype, t_ve_s, prompt_tok_s,
-gen_tok_s, total_s, weight_bytes, peak_rss_bytes, roofline_fraction, ...], "transformers": [...] with --compare}"""
+gen_tok_s, total_s, weight_bytes (as stored), resident_weight_bytes (in memory), peak_rss_bytes, cache_dtype,
+roofline_fraction, ...], "transformers": [...] with --compare}"""
 
 
 class BenchError(Exception):
@@ -102,6 +105,9 @@ def parse_arguments(argv):
     parser.add_argument("--quant-dtype", choices=("auto",) + tuple(FLOAT_DTYPES), default="auto",
                         help="float dtype of int8 / int4 models (default auto: imp.best_cpu_dtype(), bfloat16 only "
                              "where the CPU has native bfloat16)")
+    parser.add_argument("--cache-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                        help="KV cache dtype (default auto: the model's float dtype, but float16 for an int8 / int4 "
+                             "model computing in float32: half the memory, see imp.KVCache)")
     parser.add_argument("--worker", choices=PRECISIONS + tuple(f"hf-{d}" for d in FLOAT_DTYPES), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads < 1 or args.new_tokens < 1:
@@ -161,15 +167,42 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
+def is_quantized(module: nn.Module) -> bool:
+    return hasattr(module, "stored_bytes")  # quant.QuantizedModule, without importing quant.py for float runs
+
+
 def tensor_bytes(module: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+    """The weights as stored (a checkpoint's size): parameters and buffers, each quantized layer by its stored
+    format (an int4 QuantLinear may hold its codes only in the packed kernel's layout, which is not a buffer)."""
+    total = 0
+    for sub in module.modules():
+        if is_quantized(sub):
+            total += sub.stored_bytes()
+        else:  # its own tensors only: modules() visits the children on their own
+            total += sum(t.numel() * t.element_size() for t in [*sub._parameters.values(), *sub._buffers.values()]
+                         if t is not None)
+    return total
+
+
+def resident_weight_bytes(module: nn.Module) -> int:
+    """What the weights occupy in memory: as stored, plus any packed-kernel layout held beside (int4: the bfloat16
+    (scale, zero) pairs; and the 4-bit codes too where quant.py could not verify its inverse of the layout)."""
+    return tensor_bytes(module) + sum(sub.resident_bytes() - sub.stored_bytes() for sub in module.modules()
+                                      if is_quantized(sub))
 
 
 def decode_bytes_per_token(llm: nn.Module, depth: int, kv_element_size: int) -> int:
-    """Bytes one decode step must read: every Linear-like layer of the language model (its weight or quantized
-    buffers and bias; lm_head included, the embedding lookup not) plus the keys and values cached at `depth`."""
-    linear = sum(tensor_bytes(m) for name, m in llm.named_modules()
-                 if isinstance(m, nn.Linear) or type(m).__name__ == "QuantLinear")
+    """Bytes one decode step must read: every Linear-like layer of the language model (lm_head included, the
+    embedding lookup not), as the decode reads it (a quantized layer's kernel layout once built: for int4 the
+    codes and bfloat16 (scale, zero) pairs; else its stored tensors), plus the keys and values cached at `depth`."""
+    linear = 0
+    for m in llm.modules():
+        if isinstance(m, nn.Linear):
+            linear += tensor_bytes(m)
+        elif type(m).__name__ == "QuantLinear":
+            kernel = m.kernel_tensors or ()
+            bias = m.bias.nbytes if m.bias is not None else 0
+            linear += sum(t.nbytes for t in kernel) + bias if kernel else m.stored_bytes()
     config = llm.config
     kv = 2 * config.num_hidden_layers * depth * config.hidden_size * kv_element_size
     return linear + kv
@@ -220,6 +253,15 @@ def quant_settings(args, precision):
 
 def quant_float_dtype(args) -> torch.dtype:
     return imp.best_cpu_dtype() if args.quant_dtype == "auto" else FLOAT_DTYPES[args.quant_dtype]
+
+
+def cache_dtype(args, precision, float_dtype) -> torch.dtype:
+    """--cache-dtype auto: a quantized model is run for its small memory, so its cache is 16-bit too (float16:
+    11 significant bits, and the fused attention runs as fast in it as in float32 on CPUs without native
+    bfloat16); float32 / bfloat16 rows keep the model's dtype, as transformers does (--compare)."""
+    if args.cache_dtype != "auto":
+        return {"float16": torch.float16, **FLOAT_DTYPES}[args.cache_dtype]
+    return torch.float16 if precision.startswith("int") and float_dtype == torch.float32 else float_dtype
 
 
 def build_random_model(config: imp.ImpConfig, dtype: torch.dtype, quantization: dict | None, seed: int = 0):
@@ -297,17 +339,19 @@ def run_worker(args) -> dict:
         model = build_random_model(config, float_dtype, quantization)
     build_seconds = time.perf_counter() - build_started
     input_ids, pixel_values = make_inputs(config, TEXT_TOKENS)
+    kv_dtype = cache_dtype(args, precision, float_dtype)
 
     # Warm-up (kernel selection, first-touch allocations): the whole query with --quick, where it costs nothing
     # and first-call overheads would distort the figures; a short text-only prompt at full size.
     if args.quick:
-        list(model.generate(input_ids, pixel_values, max_new_tokens=2, stop_ids=[]))
+        list(model.generate(input_ids, pixel_values, max_new_tokens=2, stop_ids=[], cache_dtype=kv_dtype))
     else:
         list(model.generate(input_ids[:, :8].masked_fill(input_ids[:, :8] == config.image_token_index, 1), None,
-                            max_new_tokens=2, stop_ids=[]))
+                            max_new_tokens=2, stop_ids=[], cache_dtype=kv_dtype))
     trim_memory()
     exact_peak = reset_peak_rss()
-    tokens = list(model.generate(input_ids, pixel_values, max_new_tokens=args.new_tokens, stop_ids=[]))
+    tokens = list(model.generate(input_ids, pixel_values, max_new_tokens=args.new_tokens, stop_ids=[],
+                                 cache_dtype=kv_dtype))
     peak = peak_rss_bytes()
     stats = dict(model.last_stats)
     if stats["generated_tokens"] != args.new_tokens or len(tokens) != args.new_tokens:
@@ -318,11 +362,11 @@ def run_worker(args) -> dict:
     bandwidth_after = memory_bandwidth(0.125 if args.quick else 1.0)
     bandwidth = max(bandwidth, bandwidth_after)
     depth = stats["prompt_tokens"] + args.new_tokens // 2  # the mean depth of the decoded tokens
-    kv_element_size = torch.empty(0, dtype=float_dtype).element_size()
-    bytes_per_token = decode_bytes_per_token(model.llm, depth, kv_element_size)
+    bytes_per_token = decode_bytes_per_token(model.llm, depth, kv_dtype.itemsize)
     gen_tok_s = stats["generated_tokens"] / stats["generate_seconds"]
     roofline = bandwidth / bytes_per_token
     return dict(dtype=precision, compute_dtype=str(float_dtype).replace("torch.", ""),
+                cache_dtype=str(kv_dtype).replace("torch.", ""), resident_weight_bytes=resident_weight_bytes(model),
                 t_ve_s=stats["vision_seconds"], prompt_tokens=stats["prompt_tokens"],
                 prompt_s=stats["prompt_seconds"], prompt_tok_s=stats["prompt_tokens"] / stats["prompt_seconds"],
                 generated_tokens=stats["generated_tokens"], gen_s=stats["generate_seconds"], gen_tok_s=gen_tok_s,
@@ -434,7 +478,8 @@ def build_transformers_models(transformers, ours, config: imp.ImpConfig, dtype):
 def run_in_subprocess(args, worker: str) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--worker", worker, "--threads", str(args.threads),
                "--image-size", str(args.image_size), "--new-tokens", str(args.new_tokens),
-               "--group-size", str(args.group_size), "--quant-dtype", args.quant_dtype]
+               "--group-size", str(args.group_size), "--quant-dtype", args.quant_dtype,
+               "--cache-dtype", args.cache_dtype]
     command += ["--quick"] * args.quick + ["--no-quant-vision"] * args.no_quant_vision
     command += ["--model", args.model] if args.model else []
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
@@ -455,11 +500,11 @@ def format_row(r: dict) -> str:
     return (f"{r['dtype']:<9} {r['t_ve_s']:7.2f} {r['prompt_tok_s']:8.1f} {r['gen_tok_s']:8.2f} {r['total_s']:8.1f} "
             f"{r['weight_bytes'] / GB:8.2f} {r['peak_rss_bytes'] / GB:8.2f} "
             f"{r.get('bytes_per_token', 0) / GB:7.2f} {r['bandwidth_bytes_s'] / GB:6.1f} "
-            f"{r.get('roofline_tok_s', float('nan')):8.2f} {fraction}")
+            f"{r.get('roofline_tok_s', float('nan')):8.2f} {fraction} {r.get('cache_dtype', '-'):>8}")
 
 
 HEADER = (f"{'dtype':<9} {'T_VE s':>7} {'prompt':>8} {'gen':>8} {'total s':>8} {'weights':>8} {'peak RSS':>8} "
-          f"{'GB/tok':>7} {'GB/s':>6} {'roofline':>8} {'frac':>6}\n"
+          f"{'GB/tok':>7} {'GB/s':>6} {'roofline':>8} {'frac':>6} {'KV cache':>8}\n"
           f"{'':<9} {'':>7} {'tok/s':>8} {'tok/s':>8} {'':>8} {'GB':>8} {'GB':>8} {'':>7} {'':>6} {'tok/s':>8} {'':>6}")
 
 

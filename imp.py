@@ -7,14 +7,15 @@ is a LLaVA-style multimodal model. Imp-3B is
     image --> SigLIP-SO400M/14@384 (26 of its 27 layers) --> 2-layer MLP connector --> spliced into the prompt
           --> Phi-2 (2.7B) --> answer tokens
 
-Read this file top to bottom; it is ordered leaves first, the whole model last (like nanoGPT):
+Read this file top to bottom, or in the order of README.md's "Reading order"; it is ordered leaves first, the whole
+model last (like nanoGPT):
   1. configs           VisionConfig, PhiConfig, ImpConfig (official Imp-3B numbers as defaults)
   2. shared pieces     attention(), rotary embedding, KV cache
   3. SigLIP            the vision tower (paper section 4.1, "visual encoder")
   4. Connector         Linear -> GELU -> Linear (paper section 4.1)
   5. Phi-2             the language model
   6. LoRA              low-rank adapters for stage-2 training (paper section 4.2)
-  7. Imp               splicing image features into the text, the training loss, generation
+  7. Imp               splicing image features into the text, the training loss, generation, attention maps
   8. preprocessing     image loading and the official image processor
   9. prompt, tokenizer the phi2 conversation template and the byte-level BPE tokenizer
  10. checkpoint I/O    one explicit key table per official layout, streamed tensor by tensor
@@ -178,12 +179,17 @@ def attention_reference(q, k, v, causal: bool):
     Like the official Phi-2 code, q and k are upcast to float32 before the product and the softmax runs in
     float32, so 16-bit models do not overflow; the probabilities are cast back to v's dtype for the product with v.
     """
+    return attention_probabilities(q, k, causal).to(v.dtype) @ v
+
+
+def attention_probabilities(q, k, causal: bool) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) in float32: (B, H, Tq, Tk). Row i is how query i shares its attention among the
+    keys (each row sums to 1); with `causal`, query i sees only keys up to its own position."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     scores = (q.float() @ k.float().transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
     if causal:
         scores = scores.masked_fill(~causal_mask(q.shape[-2], k.shape[-2], q.device), float("-inf"))
-    probabilities = torch.softmax(scores, dim=-1).to(v.dtype)
-    return probabilities @ v
+    return torch.softmax(scores, dim=-1)
 
 
 def causal_mask(query_len: int, key_len: int, device) -> torch.Tensor:
@@ -234,6 +240,11 @@ class KVCache:
     Preallocated to the full length (prompt + max new tokens), as in gpt-fast, rather than grown with torch.cat
     as in nanoVLM: growing copies the whole cache at every step (quadratic work over a long answer and a ~770-token
     Imp prompt) and fragments memory, while a preallocated buffer is written in place and its size is known up front.
+
+    Its dtype may be narrower than the model's (Phi2.make_cache(dtype=...)): a float16 cache holds Imp-3B's 834
+    positions in 0.27 GB instead of float32's 0.55 GB, and attention then runs in float16 (PhiAttention).
+    float16 keeps 11 significant bits (bfloat16 8) but only values up to 65504, so it is checked here: a key or
+    value past that raises instead of turning into inf and NaN logits.
     """
 
     def __init__(self, batch_size, num_heads, max_length, head_dim, dtype, device):
@@ -245,8 +256,11 @@ class KVCache:
         end = start + keys.shape[2]
         if end > self.keys.shape[2]:
             raise ValueError(f"KV cache holds {self.keys.shape[2]} positions, asked to write up to {end}")
-        self.keys[:, :, start:end] = keys
+        self.keys[:, :, start:end] = keys  # cast to the cache's dtype on the way in
         self.values[:, :, start:end] = values
+        if self.keys.dtype == torch.float16 and not (torch.isfinite(self.keys[:, :, start:end]).all()
+                                                     and torch.isfinite(self.values[:, :, start:end]).all()):
+            raise ValueError("a key or value is beyond float16's range (65504): use a bfloat16 or float32 KV cache")
         return self.keys[:, :, :end], self.values[:, :, :end]
 
 
@@ -372,6 +386,7 @@ class PhiAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)  # the output projection
+        self.probability_hook = None  # set by Imp.attention_maps: a function that receives this layer's softmax
 
     def forward(self, x, rotary, start: int, cache: KVCache | None):
         """x: (B, T, C), tokens at positions start .. start+T-1; rotary: their (cos, sin) tables."""
@@ -383,7 +398,11 @@ class PhiAttention(nn.Module):
         k = apply_rotary(k, cos, sin, self.config.rotary_dim)
         if cache is not None:
             k, v = cache.update(start, k, v)  # (B, H, start+T, 80): the new keys appended to the earlier ones
-        out = attention(q, k, v, causal=True)  # (B, H, T, 80)
+        if self.probability_hook is not None:  # only for looking inside (infer.py --attention-map); never in training
+            self.probability_hook(attention_probabilities(q, k, causal=True))  # (B, H, T, start+T)
+        # In the cache's dtype, which may be 16-bit for a float32 model: no float32 copy of the whole cache at every
+        # step (the fused kernel multiplies and sums in float32 either way), and the result is cast back.
+        out = attention(q.to(k.dtype), k, v, causal=True).to(x.dtype)  # (B, H, T, 80)
         return self.dense(out.transpose(1, 2).reshape(B, T, C))
 
 
@@ -424,10 +443,11 @@ class Phi2(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)  # untied from the embedding, with a bias
         self.gradient_checkpointing = False
 
-    def make_cache(self, batch_size: int, max_length: int) -> list:
+    def make_cache(self, batch_size: int, max_length: int, dtype=None) -> list:
+        """One KVCache per layer, in `dtype` (default: the model's float dtype; see KVCache for 16-bit ones)."""
         weight = self.final_layernorm.weight  # a plain float parameter in every variant, quantized ones included
         return [KVCache(batch_size, self.config.num_attention_heads, max_length, self.config.head_dim,
-                        weight.dtype, weight.device) for _ in self.layers]
+                        dtype or weight.dtype, weight.device) for _ in self.layers]
 
     def forward(self, input_ids=None, inputs_embeds=None, start: int = 0, cache: list | None = None,
                 last_only: bool = False):
@@ -562,6 +582,7 @@ class Imp(nn.Module):
         self.llm = Phi2(config.text)
         self.tokenizer = None  # a tokenizers.Tokenizer, set by from_pretrained
         self.last_stats = {}   # timings of the last generate() call (infer.py --stats, bench.py)
+        self.last_token_ids = []  # the token ids the last generate() call yielded (infer.py --attention-map)
 
     def encode_images(self, pixel_values):
         """(n, 3, S, S) -> (n, N, C): one language-model "token" per image patch."""
@@ -621,9 +642,10 @@ class Imp(nn.Module):
 
     @torch.inference_mode()
     def generate(self, input_ids, pixel_values=None, max_new_tokens=256, temperature=0.0, top_k=0, top_p=1.0,
-                 seed=None, stop_ids=None):
+                 seed=None, stop_ids=None, cache_dtype=None):
         """Yield new token ids one by one for a single prompt (1, T). Greedy by default (the official setting:
-        temperature 0, num_beams 1); stops at eos ("</s>") or after max_new_tokens. Fills self.last_stats."""
+        temperature 0, num_beams 1); stops at eos ("</s>") or after max_new_tokens. Fills self.last_stats.
+        cache_dtype: of the KV cache, default the model's; torch.float16 halves a float32 model's cache (KVCache)."""
         started = time.perf_counter()
         features = self.encode_images(pixel_values) if pixel_values is not None else None
         vision_done = time.perf_counter()
@@ -637,7 +659,8 @@ class Imp(nn.Module):
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         stats = self.last_stats = dict(vision_seconds=vision_done - started, prompt_tokens=prompt_length,
                                        prompt_seconds=0.0, generated_tokens=0, generate_seconds=0.0)
-        cache = self.llm.make_cache(1, prompt_length + max_new_tokens)
+        self.last_token_ids = []
+        cache = self.llm.make_cache(1, prompt_length + max_new_tokens, cache_dtype)
         logits = self.llm(inputs_embeds=embeddings, cache=cache, last_only=True)  # the prefill: whole prompt at once
         prompt_done = time.perf_counter()
         stats["prompt_seconds"] = prompt_done - vision_done
@@ -648,6 +671,7 @@ class Imp(nn.Module):
                 break
             stats["generated_tokens"] += 1
             stats["generate_seconds"] = time.perf_counter() - prompt_done
+            self.last_token_ids.append(token)
             yield token
             if step == max_new_tokens - 1:  # the last token allowed: no forward pass for a successor
                 break
@@ -683,6 +707,40 @@ class Imp(nn.Module):
     def answer(self, image=None, question="", history=(), aspect=None, **settings) -> str:
         """The whole answer as one string, stripped (the official README decodes and .strip()s)."""
         return "".join(self.stream(image, question, history, aspect, **settings)).strip()
+
+    # -- looking inside: attention probabilities (infer.py --attention-map) ---------------------------------------
+
+    def image_positions(self, input_ids) -> torch.Tensor:
+        """Where splice() puts the image patches, for one prompt (1, T): (num_images, N) positions in the spliced
+        sequence. The <image> id at token position p becomes patches p .. p+N-1, so every later token moves N - 1
+        to the right. Patch i of a row is the i-th patch of SigLIP's grid in row-major order."""
+        is_image = (input_ids[0] == self.config.image_token_index) | (input_ids[0] == IMAGE_SENTINEL)
+        num_patches = self.config.vision.num_patches
+        placeholders = is_image.nonzero().flatten().tolist()  # token positions of the <image> ids
+        starts = [position + i * (num_patches - 1) for i, position in enumerate(placeholders)]  # i earlier images
+        return torch.tensor([list(range(start, start + num_patches)) for start in starts],
+                            dtype=torch.long).view(-1, num_patches)  # (num_images, N)
+
+    @torch.inference_mode()
+    def attention_maps(self, input_ids, pixel_values=None, rows=None) -> torch.Tensor:
+        """The attention probabilities of every Phi-2 layer for one sequence (1, T) (a prompt, and an answer after
+        it): one forward pass without a cache, as in training. Each layer's PhiAttention hands its softmax to a
+        hook, which keeps only the query positions `rows` (a list; default all), so that Imp-3B's 32 layers x 32
+        heads x ~800 x ~800 probabilities (2.6 GB) never exist at once.
+        -> (layers, heads, len(rows), T') float32: [l, h, r, j] = how much query rows[r] takes from position j."""
+        kept = []
+        layers = [block.self_attn for block in self.llm.layers]
+        for layer in layers:
+            layer.probability_hook = lambda probabilities: kept.append(
+                probabilities[0] if rows is None else probabilities[0, :, rows])  # (H, len(rows), T')
+        try:
+            features = self.encode_images(pixel_values) if pixel_values is not None else None
+            embeddings, _ = self.splice(input_ids, features)  # (1, T', C)
+            self.llm(inputs_embeds=embeddings, last_only=True)  # the logits are not needed, only the hooks' catch
+        finally:
+            for layer in layers:
+                layer.probability_hook = None
+        return torch.stack(kept)  # (L, H, R, T')
 
     # -- checkpoints -----------------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ infer.py: ask Imp about an image from the command line. The answer streams to st
     python infer.py --text "Write a haiku about cats."           # no image: Imp is Phi-2 with a chat template
     python infer.py --chat photo.jpg                             # multi-turn; /image PATH, /reset, /quit
     python infer.py --batch questions.jsonl --out answers.jsonl  # resumable; rerun after a crash to finish
+    python infer.py --attention-map where.png photo.jpg "What is it?"  # + which patches the answer attended to
 
 Which model: --model DIR, else $IMP_MODEL, else the tiny demo model in checkpoints/demo. DIR is an official Imp
 folder (MILVLG/imp-v1-3b, either layout) or one written by train.py or quant.py. Nothing is ever downloaded here.
@@ -30,6 +31,7 @@ import time
 import torch
 
 import imp
+import visualize
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -44,6 +46,7 @@ EXAMPLES = """examples:
   python infer.py photo.jpg "What is in this picture?"
   python infer.py --model imp-v1-3b --stats photo.jpg "Describe the image."
   python infer.py --explain examples/three_squares.png "How many shapes are there?"
+  python infer.py --attention-map where.png examples/one_circle.png "What color is the circle?"
   python infer.py --text "What is the capital of France?"
   python infer.py --chat photo.jpg                     (then type; /image PATH, /reset, /quit)
   printf 'What color?\\nAnd the shape?\\n' | python infer.py --chat photo.jpg
@@ -77,6 +80,9 @@ def parse_arguments(argv):
     parser.add_argument("--dtype", choices=DTYPES, help="weights' dtype (default: bfloat16 if the CPU has native "
                         "bfloat16, else float32)")
     parser.add_argument("--quant", choices=("int8", "int4"), help="quantize the weights while loading (quant.py)")
+    parser.add_argument("--kv-cache", choices=("auto", *DTYPES), default="auto", help="dtype of the attention "
+                        "cache (default auto: float16 for a quantized model computing in float32, which halves the "
+                        "cache's memory; otherwise the model's dtype), e.g. --quant int4 --kv-cache float32")
     parser.add_argument("--max-new-tokens", type=int, metavar="N", default=256, help="answer length limit (default 256)")
     parser.add_argument("--temperature", type=float, metavar="T", default=0.0, help="0 = greedy, the official setting (default)")
     parser.add_argument("--top-p", type=float, metavar="P", default=1.0, help="nucleus sampling, with --temperature > 0")
@@ -93,6 +99,9 @@ def parse_arguments(argv):
                         "folder); paths that lead outside it are refused")
     parser.add_argument("--stats", action="store_true", help="print the paper's Table 4 latency figures")
     parser.add_argument("--explain", action="store_true", help="print the question's way through the model")
+    parser.add_argument("--attention-map", metavar="PNG", help="also save the image with a heat map of how much "
+                        "the answer attended to each image patch (mean over all layers, heads and answer tokens), "
+                        "e.g. --attention-map where.png photo.jpg \"What is this?\"")
     args = parser.parse_args(argv)
 
     # Which mode, and are its inputs all there?
@@ -113,6 +122,13 @@ def parse_arguments(argv):
                          "image" if args.inputs else "nothing to ask: give an IMAGE and a QUESTION")
     if (args.stats or args.explain) and (args.chat or args.batch):
         raise InputError("--stats and --explain are for one question (--batch records timings in each answer)")
+    if args.attention_map is not None:
+        if args.text is not None:
+            raise InputError("--attention-map needs an image: it shows how the answer attends to the image's "
+                             "patches, and a --text question has none")
+        if args.chat or args.batch:
+            raise InputError("--attention-map is for one IMAGE and QUESTION, not --chat or --batch")
+        visualize.check_output_path(args.attention_map)
     check_settings(dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                         top_k=args.top_k), "")
     if args.threads is not None and args.threads < 1:
@@ -137,7 +153,18 @@ def check_settings(settings: dict, where: str):
 
 def generation_settings(args) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                top_k=args.top_k, seed=args.seed)
+                top_k=args.top_k, seed=args.seed, cache_dtype=getattr(args, "cache_dtype", None))
+
+
+def kv_cache_dtype(choice: str, model) -> torch.dtype | None:
+    """--kv-cache auto: a quantized model is run for its small memory, so its cache is 16-bit too (float16 keeps 11
+    significant bits, and attention runs about as fast in it as in float32 on CPUs without native bfloat16; the
+    same rule as bench.py). None means the model's own dtype."""
+    if choice != "auto":
+        return DTYPES[choice]
+    quant = sys.modules.get("quant")  # imported by the loader only if the model is (or was made) quantized
+    quantized = quant is not None and any(isinstance(m, quant.QuantizedModule) for m in model.modules())
+    return torch.float16 if quantized and model.llm.final_layernorm.weight.dtype == torch.float32 else None
 
 
 def read_question(text: str) -> str:
@@ -200,6 +227,7 @@ def load_model(args, path):
         # need interpolated position embeddings, which Imp never trained with.
         raise InputError(f"--image-size {args.image_size}: this model was trained at {trained_size} px and its "
                          f"position embeddings fit only that size")
+    args.cache_dtype = kv_cache_dtype(args.kv_cache, model)
     return model, time.perf_counter() - started
 
 
@@ -253,7 +281,28 @@ def run_single(model, image, question, args, load_seconds):
         explain_after(model, args)
     if args.stats:
         print_stats(model.last_stats, total_seconds, load_seconds, model, args)
+    if args.attention_map:
+        save_attention_map(model, image, question, args)
     return EXIT_OK
+
+
+def save_attention_map(model, image, question, args):
+    """--attention-map: one more forward pass over the prompt and the answer just given, with the attention
+    probabilities kept (visualize.answer_attention), drawn over the image at its own size."""
+    input_ids, pixel_values = model.prepare_inputs(image, question, aspect=args.aspect)
+    answer_ids = model.last_token_ids
+    grid, share = visualize.answer_attention(model, input_ids, pixel_values, answer_ids)
+    aspect = args.aspect or model.config.image_aspect_ratio
+    try:
+        visualize.save_picture(visualize.heat_map_picture(image, grid, aspect), args.attention_map)
+    except OSError as error:  # the folder was checked before loading; the disk can still be full or read-only
+        raise InputError(f"{args.attention_map}: cannot write ({error.strerror or error})") from None
+    row, column = divmod(int(grid.argmax()), grid.shape[1])
+    text = model.config.text
+    rows = f"the answer's {len(answer_ids)} token(s)" if answer_ids else "the empty answer's one position"
+    print(f"attention map: {args.attention_map} ({grid.shape[0]}x{grid.shape[1]} patches; {rows} gave {share:.1%} "
+          f"of their attention to the image, mean over {text.num_hidden_layers} layers x "
+          f"{text.num_attention_heads} heads; brightest patch: row {row + 1}, column {column + 1})", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -548,7 +597,7 @@ def run(argv) -> int:
 def main(argv=None) -> int:
     try:
         return run(argv)
-    except (InputError, imp.ImageError, imp.CheckpointError, imp.PromptTooLongError) as error:
+    except (InputError, imp.ImageError, imp.CheckpointError, imp.PromptTooLongError, visualize.PictureError) as error:
         print(f"infer.py: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:  # Ctrl-C: what was streamed stays on screen; end its line and say why it stopped

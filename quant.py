@@ -52,17 +52,22 @@ Imp-3B file sizes, exact from the shapes (GB = 1e9 bytes; float tensors in float
          + vision 0.232 (405 M x 0.5625 = 0.228, plus 2 M float16 values) + float16 norms and biases 0.002 = 1.912
 
 Runtime paths of QuantLinear.forward:
-    readable  dequantize the weight to the activation dtype, then F.linear. The reference; used for prefill.
+    readable  dequantize the weight to the activation dtype, then F.linear (a slice of output rows at a time for
+              large weights: SLICE_WEIGHTS). The reference; used for prefill.
     fast      torch's packed CPU kernels. They are fast only with bfloat16 activations (with float32 ones 4-20x
               slower than a float32 F.linear), so the fast path casts the activations to bfloat16 and the result
               back: a 2^-9 relative rounding, far below the quantization error itself. Used up to
-              FAST_PATH_MAX_ROWS rows (decode); for more rows dequantize + F.linear wins. The int4 kernel's own
-              layout is a second copy of the 4-bit weights in memory (not on disk).
+              FAST_PATH_MAX_ROWS rows (decode); for more rows dequantize + F.linear wins.
+In memory, each weight is held once: the int8 kernel reads our int8 qweight as it is, and the int4 kernel's
+reordered copy of the codes replaces qweight (prepare_fast_path; the readable path and saving read the codes back
+out of it with codes_from_kernel_layout, after checking exactly that this gives them back). What stays beside the
+stored format: the kernel's bfloat16 (scale, zero) pairs, 4 bytes per group (+0.125 bytes per int4 weight at G=32).
 """
 
 import argparse
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -83,6 +88,23 @@ KERNEL_DTYPE = torch.bfloat16  # the activation dtype the packed kernels are fas
 # rows, so they cross at ~130 rows (int8) and ~250 (int4). Decode has 1 row, an image prompt ~770: 64 keeps a
 # margin on both sides.
 FAST_PATH_MAX_ROWS = 64
+# Large weights are handled a slice of rows at a time, at most this many weights (32 MB in float32) per slice:
+# dequantizing (the readable path), quantizing, measuring the error. Every scale belongs to one row, so slicing
+# changes no result, only the size of the float32 temporaries (Imp-3B's lm_head whole: 524 MB each).
+SLICE_WEIGHTS = 2**23
+
+
+def row_slices(rows, columns, multiple=64):
+    """(start, end) pairs covering `rows`, each at most SLICE_WEIGHTS / columns rows (rounded down to `multiple`,
+    so that int4 slices are whole blocks of the kernel's layout; at least `multiple`)."""
+    step = max(multiple, SLICE_WEIGHTS // columns // multiple * multiple)
+    return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def in_row_slices(quantize, weight, *settings):
+    """quantize(weight, *settings), one slice of rows at a time; the same tensors as one call on the whole weight."""
+    parts = [quantize(weight[start:end], *settings) for start, end in row_slices(*weight.shape)]
+    return parts[0] if len(parts) == 1 else tuple(torch.cat(tensors) for tensors in zip(*parts))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -130,13 +152,20 @@ def quantize_int4(weight, group_size=DEFAULT_GROUP_SIZE, scheme="symmetric"):
 
 def dequantize_int4(qweight, scales, zeros, group_size, in_features):
     """zeros: None for the symmetric scheme. Returns the float32 weight [N, K]."""
-    q = unpack_int4(qweight)  # [N, Kp] uint8, values 0..15
+    return dequantize_int4_codes(unpack_int4(qweight), scales, zeros, group_size, in_features)
+
+
+def dequantize_int4_codes(q, scales, zeros, group_size, in_features):
+    """The same from the unpacked codes q [N, Kp] (uint8, values 0..15), whichever layout they were kept in."""
     out_features, padded = q.shape
     groups = q.view(out_features, padded // group_size, group_size)  # [N, Kp/G, G]
     scales = scales.float()[..., None]  # [N, Kp/G, 1]
     offset = -8 * scales if zeros is None else zeros.float()[..., None] - 8 * scales
-    # w = (q - 8) * scale + zero, written as q * scale + (zero - 8 * scale): one fused pass over the big tensor
-    weight = torch.addcmul(offset, groups, scales)  # [N, Kp/G, G] float32
+    # w = (q - 8) * scale + zero, written as q * scale + (zero - 8 * scale): one fused pass over the big tensor,
+    # in place on the codes cast to float32 (given the uint8 codes, addcmul would cast them into a second float32
+    # temporary of the weight's size beside its result: +4 bytes per weight at the peak of every prefill Linear)
+    weight = groups.to(torch.float32)  # [N, Kp/G, G]
+    torch.addcmul(offset, weight, scales, out=weight)
     return weight.view(out_features, padded)[:, :in_features]  # [N, K], padding dropped
 
 
@@ -178,6 +207,25 @@ def check_settings(bits, group_size, scheme="symmetric"):
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
 
 
+@functools.cache
+def _libc():
+    import ctypes
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, Windows, musl): nothing to do
+        return None
+
+
+def give_back_freed_memory():
+    """Return freed heap memory to the OS (glibc's malloc_trim; a no-op elsewhere). glibc serves blocks below its
+    mmap threshold (which rises to 32 MB once such a block is freed) from the heap, and only trims the heap's top
+    by itself. The converter keeps every small output and frees large temporaries between them, so without this
+    the freed holes pile up: converting Imp-3B (1.9 GB out) reached 4-10 GB of RSS, varying from run to run."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 2. The packed CPU kernels: private ATen ops whose signatures have changed between torch releases, so they are
 #    tried once on a tiny matrix and compared with the readable path; any failure means "use the readable path".
@@ -201,6 +249,66 @@ def packed_kernels_available() -> dict:
     return available
 
 
+# The int4 kernel's weight layout, and its inverse. torch's converter (_convert_weight_to_int4pack_for_cpu) takes
+# the codes as int32 [N, K] and returns uint8 [N, K/2]: as many bytes as our qweight, in another order. Keeping
+# both would hold every int4 weight twice (~1.46 GB for Imp-3B), so once the kernel's copy exists it is the only
+# one: the readable path and saving read the codes back out of it with codes_from_kernel_layout below.
+# The order is private and depends on the CPU's vector width (aten/src/ATen/native/cpu/int4mm_kernel.cpp in
+# torch 2.13, confirmed by converting known codes): the N rows are cut into blocks of B rows, each block stored
+# column by column, [K, B/2] bytes per block, two rows per byte:
+#     "halves": byte j of a column holds row j in its low nibble and row j + B/2 in its high one (one vector load
+#               of a column gives the AVX-512 / AVX2 kernel one half of the block's rows per nibble)
+#     "pairs":  byte j holds rows 2j (low) and 2j + 1 (high); the last block, when N is not a multiple of B
+#               (16, 32 or 48 rows), is always stored like this, and so is every block without vector units.
+# Since that is an observation, not an interface, int4_kernel_layout() checks it once per process on random
+# codes, and prepare_fast_path checks it again on each real layer; if either check fails, the layer keeps our
+# qweight beside the kernel's copy (what every layer did before): more memory, never a wrong weight.
+INT4_KERNEL_LAYOUTS = {"avx512": (64, "halves"), "avx2": (32, "halves"), "scalar": (32, "pairs")}
+
+
+def codes_from_kernel_layout(packed, out_features, layout):
+    """The kernel's uint8 [N, Kp/2] -> our codes [N, Kp] (uint8, 0..15), for layout = (B, "halves" or "pairs")."""
+    block, order = layout
+    padded = packed.shape[1] * 2  # Kp
+    flat = packed.reshape(-1)
+    codes = torch.empty(out_features, padded, dtype=torch.uint8)
+    full_rows = out_features // block * block
+
+    def unpack_block(tiles, rows, order):  # tiles [..., Kp, R/2] bytes -> rows [..., R, Kp] codes
+        size = rows.shape[-2]
+        low_rows, high_rows = (rows[..., :size // 2, :], rows[..., size // 2:, :]) if order == "halves" else \
+                              (rows[..., 0::2, :], rows[..., 1::2, :])
+        pairs = tiles.transpose(-1, -2).contiguous()  # [..., R/2, Kp]: one byte per pair of rows, along K
+        torch.bitwise_and(pairs, 0x0F, out=low_rows)  # written in place through the strided views of `codes`
+        torch.bitwise_right_shift(pairs, 4, out=high_rows)
+
+    if full_rows:  # all full blocks at once: [N/B, Kp, B/2] bytes -> [N/B, B, Kp] codes
+        tiles = flat[:full_rows * padded // 2].view(-1, padded, block // 2)
+        unpack_block(tiles, codes[:full_rows].view(-1, block, padded), order)
+    if full_rows < out_features:  # the partial last block: pairs
+        unpack_block(flat[full_rows * padded // 2:].view(padded, -1), codes[full_rows:], "pairs")
+    return codes
+
+
+@functools.cache
+def int4_kernel_layout():
+    """The INT4_KERNEL_LAYOUTS name whose inverse undoes torch's int4 converter here, exactly, or None."""
+    generator = torch.Generator().manual_seed(0)
+    # Every number of rows 16 .. 160 (multiples of 16: what the kernel takes): full blocks of 32 and 64 and every
+    # partial last block; K = 96, three groups of 32, not a power of two.
+    probes = [torch.randint(0, 16, (rows, 96), generator=generator, dtype=torch.int32) for rows in range(16, 161, 16)]
+    try:
+        converted = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1) for q in probes]
+    except Exception:  # no converter in this build (see packed_kernels_available)
+        return None
+    for name, layout in INT4_KERNEL_LAYOUTS.items():
+        if all(p.dtype == torch.uint8 and tuple(p.shape) == (q.shape[0], q.shape[1] // 2)
+               and torch.equal(codes_from_kernel_layout(p, q.shape[0], layout), q.to(torch.uint8))
+               for p, q in zip(converted, probes)):
+            return name
+    return None
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 3. Modules that hold the on-disk tensors as buffers, so `<module>.qweight` in a checkpoint fills `qweight`.
 
@@ -219,6 +327,32 @@ class QuantizedModule(nn.Module):
         for name, (shape, dtype) in self.expected_buffers().items():
             self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
         self.kernel_tensors = None  # the packed kernels' private layout, built by prepare_fast_path, never saved
+        self.kernel_layout = None   # an INT4_KERNEL_LAYOUTS name when the codes live only in kernel_tensors[0]
+
+    def stored_qweight(self):
+        """`qweight` in our on-disk format (QuantLinear rebuilds it when only the kernel's layout is held)."""
+        return self._buffers["qweight"]
+
+    def stored_bytes(self) -> int:
+        """Bytes of the tensors this layer saves (qweight, scales, zeros, bias): its share of the file."""
+        buffers = sum(math.prod(shape) * dtype.itemsize for shape, dtype in self.expected_buffers().values())
+        return buffers + sum(p.numel() * p.element_size() for p in self._parameters.values() if p is not None)
+
+    def resident_bytes(self) -> int:
+        """Bytes this layer holds in memory: its buffers, bias and kernel layouts, each storage counted once."""
+        tensors = [*self._parameters.values(), *self._buffers.values(), *(self.kernel_tensors or ())]
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None}
+        return sum(storages.values())
+
+    def release_kernel_tensors(self):
+        """Forget the kernels' layout (prepare_fast_path builds it again when needed). If it held the only copy of
+        the int4 codes, they first go back into the `qweight` buffer, registered first again as in __init__ (the
+        buffer order is state_dict's key order)."""
+        if self.kernel_layout is not None:
+            buffers = dict(self._buffers)
+            self._buffers.clear()
+            self._buffers.update(qweight=self.stored_qweight(), **buffers)
+        self.kernel_tensors, self.kernel_layout = None, None
 
     def check_tensor(self, prefix, name, tensor):
         """One clear ValueError, naming the tensor, for anything that is not exactly the on-disk format."""
@@ -243,12 +377,21 @@ class QuantizedModule(nn.Module):
         for name in ("qweight", "scales", "zeros"):
             if prefix + name in state_dict:
                 self.check_tensor(prefix, name, state_dict[prefix + name])
-        self.kernel_tensors = None
+        self.release_kernel_tensors()  # the buffers take the new tensors; the kernel layout is rebuilt from them
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # bias, then the buffers held
+        if self.kernel_layout is not None:  # the codes are held only in the kernel's layout: save our nibbles
+            destination[prefix + "qweight"] = self.stored_qweight()
+            for name in ("scales", "zeros"):  # after qweight, as always: the same keys in the same order
+                if prefix + name in destination:
+                    destination[prefix + name] = destination.pop(prefix + name)
 
     def _apply(self, fn, recurse=True):
         # model.to(torch.bfloat16) casts every floating-point buffer. Our float16 scales and zeros are part of the
         # stored format (and bfloat16 would lose 3 bits of them), so they may change device but never dtype.
+        self.release_kernel_tensors()  # built for this device: rebuilt (by prepare_fast_path) after the move
         kept = {name: self._buffers.pop(name) for name in ("scales", "zeros") if name in self._buffers}
         super()._apply(fn, recurse)
         probe = fn(torch.empty(0, dtype=self.output_dtype))  # what .to() does to a float tensor: device and dtype
@@ -256,7 +399,6 @@ class QuantizedModule(nn.Module):
             self._buffers[name] = (torch.empty_like(tensor, device=probe.device) if tensor.is_meta
                                    else tensor.to(probe.device))
         self.output_dtype = probe.dtype
-        self.kernel_tensors = None
         return self
 
 
@@ -295,16 +437,37 @@ class QuantLinear(QuantizedModule):
         return layer
 
     def load_quantized(self, weight):
-        tensors = quantize_int8(weight) if self.bits == 8 else quantize_int4(weight, self.group_size, self.scheme)
+        tensors = in_row_slices(quantize_int8, weight) if self.bits == 8 else \
+            in_row_slices(quantize_int4, weight, self.group_size, self.scheme)
+        self.kernel_tensors, self.kernel_layout = None, None  # they were built from the old weight
+        self._buffers.clear()  # refilled in the registered order, qweight, scales(, zeros): state_dict's key order
         self._buffers.update(zip(self.expected_buffers(), tensors))
-        self.kernel_tensors = None
 
-    def dequantize(self):
-        """The float32 weight [N, K] that this layer stands for."""
+    def codes(self, start=0, end=None):
+        """int4 only: the codes of output rows start .. end-1 (default all), [rows, Kp] uint8 with values 0..15,
+        unpacked from qweight or, if the kernel's layout holds the only copy, read back out of that."""
+        end = self.out_features if end is None else min(end, self.out_features)
+        if self.kernel_layout is None:
+            return unpack_int4(self.qweight[start:end])
+        layout = INT4_KERNEL_LAYOUTS[self.kernel_layout]
+        block = layout[0]
+        if start % block or (end % block and end != self.out_features):
+            raise ValueError(f"rows {start}..{end}: the kernel layout is read in whole blocks of {block} rows")
+        # The kernel's [N, Kp/2] tensor stores each block of B rows in B rows' worth of bytes, so rows start .. end
+        # of it are exactly the blocks of those output rows.
+        return codes_from_kernel_layout(self.kernel_tensors[0][start:end], end - start, layout)
+
+    def stored_qweight(self):
+        return self.qweight if self.kernel_layout is None else pack_int4(self.codes())
+
+    def dequantize(self, start=0, end=None):
+        """The float32 weight [N, K] that this layer stands for, or its output rows start .. end-1 only."""
+        rows = slice(start, end)
         if self.bits == 8:
-            return dequantize_int8(self.qweight, self.scales)
-        zeros = self.zeros if self.scheme == "asymmetric" else None
-        return dequantize_int4(self.qweight, self.scales, zeros, self.group_size, self.in_features)
+            return dequantize_int8(self.qweight[rows], self.scales[rows])
+        zeros = self.zeros[rows] if self.scheme == "asymmetric" else None
+        return dequantize_int4_codes(self.codes(start, end), self.scales[rows], zeros, self.group_size,
+                                     self.in_features)
 
     def forward(self, x):  # x: (..., K) -> (..., N)
         rows = x.numel() // self.in_features
@@ -313,31 +476,51 @@ class QuantLinear(QuantizedModule):
         return self.forward_readable(x)
 
     def forward_readable(self, x):
-        weight = self.dequantize().to(x.dtype)  # dequantized once per call: a float copy is never kept
-        return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+        """Dequantize, then F.linear. A float copy of the weight is never kept, and a large one is never made whole
+        either: SLICE_WEIGHTS weights (a slice of output rows) at a time, which cuts the prefill's peak memory
+        (fc1: four 2560-row slices of 26 MB instead of 105 MB at once) at no measurable cost in time."""
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        pieces = [F.linear(x, self.dequantize(start, end).to(x.dtype), None if bias is None else bias[start:end])
+                  for start, end in row_slices(self.out_features, self.in_features)]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
 
     def fast_path_supported(self) -> bool:
         # Shape limits, measured on torch 2.13 (every Linear of Imp meets them): the int4 kernel refuses N that is
         # not a multiple of 16, and the int8 kernel returns NaN or crashes when K is not a multiple of 16.
-        return (self.qweight.device.type == "cpu" and packed_kernels_available()[self.bits]
+        return (self.scales.device.type == "cpu" and packed_kernels_available()[self.bits]
                 and self.in_features % 16 == 0 and (self.bits == 8 or self.out_features % 16 == 0))
 
     def prepare_fast_path(self):
-        """Build the kernels' private layout from the on-disk buffers (at load time; the buffers stay as they are)."""
-        if self.bits == 8:  # the int8 kernel reads our [N, K] int8 weight as is; scales must match the activations
+        """Build the kernels' private layout from the on-disk buffers, once (at load time, or at the first call).
+
+        int8: the kernel reads our int8 [N, K] weight as it is: one copy, shared.
+        int4: the converter reorders the codes. When the order is one that codes_from_kernel_layout undoes, checked
+        exactly on this very layer, the kernel's copy becomes the only one and the `qweight` buffer is dropped
+        (0.5 bytes per weight); codes() and stored_qweight() read the codes back out of it. Otherwise both stay.
+        The scales cannot be shared that way: the kernel wants bfloat16 (scale, zero) pairs (the float16 one runs
+        a scalar loop on x86, 10-60x slower), and bfloat16 holds 3 bits fewer than our float16 scales, so the
+        float16 buffers stay (the readable path and saving use them) beside 4 bytes of pairs per group."""
+        if self.kernel_tensors is not None:
+            return self.kernel_tensors
+        if self.bits == 8:  # scales must have the activations' dtype
             self.qweight = aligned(self.qweight)  # same values, so the stored format is unchanged
             self.kernel_tensors = (self.qweight, self.scales.to(KERNEL_DTYPE))
-        else:
-            q = unpack_int4(self.qweight).to(torch.int32)  # [N, Kp], what the converter takes (not packed bytes)
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # innerKTiles: unused on CPU
-            # The kernel decodes (q - 8) * scale + zero from [Kp/G, N, 2] (scale, zero) pairs; symmetric: zero = 0.
-            zeros = self.zeros if self.scheme == "asymmetric" else torch.zeros_like(self.scales)
-            scales_and_zeros = torch.stack((self.scales, zeros), dim=-1).transpose(0, 1)  # [Kp/G, N, 2]
-            self.kernel_tensors = (packed, scales_and_zeros.contiguous().to(KERNEL_DTYPE))
+            return self.kernel_tensors
+        codes = unpack_int4(self.qweight)  # [N, Kp] uint8: the converter takes int32 codes, not packed bytes
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)  # innerKTiles: unused
+        # The kernel decodes (q - 8) * scale + zero from [Kp/G, N, 2] (scale, zero) pairs; symmetric: zero = 0.
+        zeros = self.zeros if self.scheme == "asymmetric" else torch.zeros_like(self.scales)
+        scales_and_zeros = torch.stack((self.scales, zeros), dim=-1).transpose(0, 1)  # [Kp/G, N, 2]
+        self.kernel_tensors = (packed, scales_and_zeros.contiguous().to(KERNEL_DTYPE))
+        layout = int4_kernel_layout()
+        if layout and torch.equal(codes_from_kernel_layout(packed, self.out_features, INT4_KERNEL_LAYOUTS[layout]),
+                                  codes):
+            del self._buffers["qweight"]
+            self.kernel_layout = layout
         return self.kernel_tensors
 
     def forward_fast(self, x):  # only where fast_path_supported(); forward() checks
-        weight, scales = self.kernel_tensors or self.prepare_fast_path()
+        weight, scales = self.prepare_fast_path()  # built once, then returned as is
         x2d = aligned(x.reshape(-1, self.in_features).to(KERNEL_DTYPE))  # (M, K): the kernels take 2-D inputs only
         if self.bits == 8:
             y = torch._weight_int8pack_mm(x2d, weight, scales)
@@ -349,7 +532,8 @@ class QuantLinear(QuantizedModule):
 
     def extra_repr(self):
         group = f", group_size={self.group_size}, scheme={self.scheme}" if self.bits == 4 else ""
-        return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, bits={self.bits}{group}"
+        held = f", codes held in the {self.kernel_layout} kernel layout only" if self.kernel_layout else ""
+        return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, bits={self.bits}{group}{held}"
 
 
 class QuantEmbedding(QuantizedModule):
@@ -370,11 +554,11 @@ class QuantEmbedding(QuantizedModule):
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding) -> "QuantEmbedding":
         module = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.weight.device, embedding.weight.dtype)
-        module._buffers["qweight"], module._buffers["scales"] = quantize_int8(embedding.weight.detach())
+        module._buffers["qweight"], module._buffers["scales"] = in_row_slices(quantize_int8, embedding.weight.detach())
         return module
 
-    def dequantize(self):
-        return dequantize_int8(self.qweight, self.scales)  # [V, D] float32
+    def dequantize(self, start=0, end=None):
+        return dequantize_int8(self.qweight[start:end], self.scales[start:end])  # [V, D] float32, or rows of it
 
     @property
     def weight(self):
@@ -483,6 +667,7 @@ def finish_loading(model: nn.Module) -> nn.Module:
                 module.output_dtype = float_dtypes[0]
             if isinstance(module, QuantLinear) and module.fast_path_supported():
                 module.prepare_fast_path()
+    give_back_freed_memory()  # the qweight buffers the int4 kernel layouts replaced, and the converter's temporaries
     return model
 
 
@@ -496,8 +681,14 @@ def layer_type(name):
     return f"{name.split('.', 1)[0]} {kind}" if name.startswith(("vision.", "connector.")) else kind
 
 
-def relative_error(weight, dequantized):
-    return ((dequantized.float() - weight.float()).norm() / weight.float().norm().clamp_min(1e-30)).item()
+def relative_error(weight, quantized) -> float:
+    """||W - W'|| / ||W||, W' the weight a quantized module stands for, summed a slice of rows at a time."""
+    error = norm = 0.0
+    for start, end in row_slices(*weight.shape):
+        w = weight[start:end].float()
+        error += (quantized.dequantize(start, end) - w).square().sum().item()
+        norm += w.square().sum().item()
+    return math.sqrt(error) / max(math.sqrt(norm), 1e-30)
 
 
 def convert(model_dir, out_dir, bits=4, group_size=DEFAULT_GROUP_SIZE, include_vision=False, log=print,
@@ -547,11 +738,12 @@ def convert(model_dir, out_dir, bits=4, group_size=DEFAULT_GROUP_SIZE, include_v
                     stem = rename(ours).rsplit(".", 1)[0]
                     tensors.update({f"{stem}.{name}": quantized._buffers[name] for name in quantized.expected_buffers()})
                     log(f"[{len(tensors):4d} tensors, {time.time() - started:5.0f}s] {stem} {list(piece.shape)} "
-                        f"-> int{plan[module_name]}, relative error {relative_error(piece, quantized.dequantize()):.4f}")
+                        f"-> int{plan[module_name]}, relative error {relative_error(piece, quantized):.4f}")
                 else:
                     tensors[rename(ours)] = piece.contiguous()  # norms, biases, embeddings kept in float
                     float_dtypes.add(str(piece.dtype).replace("torch.", ""))
             del tensor
+            give_back_freed_memory()
     os.makedirs(out_dir, exist_ok=True)
     imp.write_safetensors(out_dir, tensors, metadata={"quantization": json.dumps(settings)})
     tokenizer = imp.load_tokenizer(model_dir)
@@ -621,7 +813,7 @@ def evaluate(model_dir, bits=4, group_size=DEFAULT_GROUP_SIZE, include_vision=Fa
 
     def quantize_and_measure(name, module, bits_here):
         quantized = quantize_module(module, bits_here, group_size, scheme)
-        errors.setdefault(layer_type(name), []).append(relative_error(module.weight, quantized.dequantize()))
+        errors.setdefault(layer_type(name), []).append(relative_error(module.weight, quantized))
         return quantized
     settings = quantization_config(bits, group_size, include_vision, scheme=scheme)
     finish_loading(replace_modules(model, settings, quantize_and_measure))

@@ -36,6 +36,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import imp
+import visualize
 from imp import IGNORE_INDEX, CheckpointError, ImageError, Imp, ImpConfig, PhiConfig, VisionConfig
 
 # Named small configs for training from scratch (--init-config). "demo" is the model in checkpoints/demo: 112-px
@@ -480,7 +481,9 @@ def parse_args(argv=None):
   # continue an interrupted run; evaluate; fold adapters into a base model
   python train.py ... --resume
   python train.py --evaluate checkpoints/demo --data data/shapes/test.json --image-folder data/shapes
-  python train.py --merge runs/stage2/adapters --model runs/stage1 --out runs/merged""")
+  python train.py --merge runs/stage2/adapters --model runs/stage1 --out runs/merged
+  # draw a run's loss and learning rate (every run also does this itself when it ends)
+  python train.py --plot-log runs/m2/log.jsonl                      (-> runs/m2/loss.png)""")
     add = parser.add_argument
     add("--stage", type=int, choices=(1, 2), help="1: connector alignment (plain template); 2: instruction tuning (phi2)")
     add("--model", help="start from an Imp folder (official release, stage-1 output, any train.py output)")
@@ -490,7 +493,8 @@ def parse_args(argv=None):
     add("--tokenizer", help="folder with tokenizer.json, for --init-config")
     add("--data", help="LLaVA-format .json or .jsonl")
     add("--image-folder", help="image paths in --data are relative to this folder and may not leave it")
-    add("--out", help="output folder: log.jsonl, checkpoints/, and the final model")
+    add("--out", help="output folder: log.jsonl, loss.png, checkpoints/, and the final model (with --plot-log: "
+                      "the picture's file name)")
     add("--epochs", type=float, help="passes over the data (default: 1 in stage 1, 2 in stage 2)")
     add("--max-steps", type=int, help="optimizer steps in all (overrides --epochs)")
     add("--batch-size", type=int, help="global batch in samples, over all processes (default 256 / 128)")
@@ -522,7 +526,11 @@ def parse_args(argv=None):
     add("--evaluate", metavar="MODEL", help="print exact-answer accuracy per question type of MODEL on --data")
     add("--limit", type=int, help="with --evaluate: only the first N records")
     add("--merge", metavar="ADAPTERS", help="merge an adapters/ folder into the base --model, write --out")
+    add("--plot-log", metavar="LOG", help="draw the loss and lr curves of a log.jsonl into loss.png beside it "
+                                          "(or --out FILE.png), e.g. --plot-log runs/m2/log.jsonl")
     args = parser.parse_args(argv)
+    if args.plot_log:
+        return args
     if args.evaluate:
         if not args.data:
             parser.error("--evaluate needs --data")
@@ -554,6 +562,9 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        if args.plot_log:
+            print(f"wrote {visualize.plot_log(args.plot_log, args.out)}")
+            return
         if args.evaluate:
             model = Imp.from_pretrained(args.evaluate)
             evaluate(model, read_records(args.data), args.image_folder, args.limit)
@@ -561,7 +572,7 @@ def main(argv=None):
         if args.merge:
             return merge_adapters(args)
         return train(args)
-    except (DataError, CheckpointError, ImageError) as error:
+    except (DataError, CheckpointError, ImageError, visualize.PictureError) as error:
         fail(str(error))
     except OSError as error:
         if error.errno == errno.ENOSPC:
@@ -729,6 +740,10 @@ def train(args):
         log(f"parameters identical on all {world_size} ranks: {all(torch.equal(g, gathered[0]) for g in gathered)}")
     if is_main:
         save_final(model, args, log)
+        try:  # the curves are a convenience: a run that trained and saved is never failed for want of a picture
+            log(f"loss curve: {visualize.plot_log(log_path)}")
+        except (visualize.PictureError, OSError) as error:
+            log(f"note: no loss curve drawn ({error})")
     if world_size > 1:
         dist.barrier()
         dist.destroy_process_group()

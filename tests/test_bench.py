@@ -13,7 +13,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = {"dtype": str, "t_ve_s": float, "prompt_tok_s": float, "gen_tok_s": float, "total_s": float,
-          "weight_bytes": int, "peak_rss_bytes": int, "roofline_fraction": float}
+          "weight_bytes": int, "resident_weight_bytes": int, "peak_rss_bytes": int, "roofline_fraction": float,
+          "cache_dtype": str}
 
 
 def quant_available():
@@ -65,6 +66,28 @@ def test_quick_weight_bytes_order(quick):
     assert size["bfloat16"] * 2 == pytest.approx(size["float32"], rel=0.01)
     if quant_available():
         assert size["int4"] < size["int8"] < size["bfloat16"]
+
+
+def test_quick_quantized_rows_hold_their_weights_once_and_a_16_bit_cache(quick):
+    if not quant_available():
+        pytest.skip("quant.py is not importable")
+    sys.path.insert(0, ROOT)
+    try:
+        import quant
+        layout_known = quant.packed_kernels_available()[4] and quant.int4_kernel_layout() is not None
+    finally:
+        sys.path.remove(ROOT)
+    rows = {row["dtype"]: row for row in quick[0]["results"]}
+    for dtype in ("float32", "bfloat16"):
+        assert rows[dtype]["cache_dtype"] == dtype
+        assert rows[dtype]["resident_weight_bytes"] == rows[dtype]["weight_bytes"]
+    for dtype in ("int8", "int4"):  # computing in float32 here (no native bfloat16): a float16 cache
+        if rows[dtype]["compute_dtype"] == "float32":
+            assert rows[dtype]["cache_dtype"] == "float16"
+    int4 = rows["int4"]
+    # In memory beside the stored format: only the kernel's bfloat16 (scale, zero) pairs (+22% of an int4 layer at
+    # G=32); a second copy of the 4-bit codes would add 89% more.
+    assert int4["weight_bytes"] < int4["resident_weight_bytes"] < (1.3 if layout_known else 2.2) * int4["weight_bytes"]
 
 
 def test_quick_prints_table_and_targets(quick):

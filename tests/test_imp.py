@@ -148,6 +148,33 @@ def test_kv_cache_decoding_equals_uncached_forward(folders):
     assert max_diff(torch.cat(steps, dim=1), full) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_kv_cache_for_a_float32_model(folders, dtype):
+    model = imp.Imp.from_pretrained(folders["current"])
+    ids = torch.randint(1, 300, (1, 20), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        full = model.llm(ids)
+        cache = model.llm.make_cache(1, 20, dtype)
+        assert cache[0].keys.dtype == cache[0].values.dtype == dtype
+        steps = [model.llm(ids[:, :9], cache=cache)] + [model.llm(ids[:, t:t + 1], start=t, cache=cache)
+                                                        for t in range(9, 20)]
+    cached = torch.cat(steps, dim=1)
+    assert cached.dtype == torch.float32
+    # Rounding keys and values to 16 bits moves the logits a little (float16: 2^-11 relative, bfloat16: 2^-8),
+    # but not nothing: the cache really is 16-bit.
+    assert 0 < max_diff(cached, full) < (2e-3 if dtype == torch.float16 else 2e-2) * full.abs().max().item()
+    input_ids, pixel_values = random_prompt(batch=1)
+    reference = list(model.generate(input_ids, pixel_values, max_new_tokens=10, stop_ids=[]))
+    assert list(model.generate(input_ids, pixel_values, max_new_tokens=10, stop_ids=[], cache_dtype=dtype)) == reference
+
+
+def test_float16_kv_cache_refuses_values_beyond_its_range():
+    cache = imp.KVCache(1, 2, 8, 4, torch.float16, "cpu")
+    cache.update(0, torch.full((1, 2, 1, 4), 60000.0), torch.ones(1, 2, 1, 4))  # 60000 fits (max 65504)
+    with pytest.raises(ValueError, match="float16's range"):
+        cache.update(1, torch.full((1, 2, 1, 4), 70000.0), torch.ones(1, 2, 1, 4))
+
+
 def test_generation_greedy_is_deterministic_and_sampling_is_seeded(folders):
     model = imp.Imp.from_pretrained(folders["current"])
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8))

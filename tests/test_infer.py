@@ -122,7 +122,7 @@ def test_options_reach_the_model(capsys, models, images, monkeypatch):
                         images / "photo.png", "What?", "--max-new-tokens", 4)
     assert code == 0, err
     assert seen == dict(aspect="pad", max_new_tokens=4, temperature=0.8, top_p=0.9, top_k=5, seed=1,
-                        dtype=torch.bfloat16)
+                        cache_dtype=None, dtype=torch.bfloat16)
 
 
 def test_sampling_with_a_seed_repeats(capsys, models, images):
@@ -137,6 +137,21 @@ def test_quantize_on_load(capsys, models, images):
     code, out, err = call(capsys, "--model", models["chatty"], "--quant", "int8", images / "photo.png", "What?",
                           "--max-new-tokens", 3)
     assert (code, out) == (0, "aaa\n"), err  # a +100 bias survives int8 rounding
+
+
+@pytest.mark.parametrize("argv, expected", [((), None), (("--quant", "int8"), torch.float16),
+                                             (("--quant", "int4", "--kv-cache", "float32"), torch.float32),
+                                             (("--kv-cache", "bfloat16"), torch.bfloat16)])
+def test_kv_cache_dtype(capsys, models, images, monkeypatch, argv, expected):
+    """auto: a 16-bit cache for a quantized float32 model (half the cache's memory), the model's own otherwise."""
+    pytest.importorskip("quant")
+    seen = {}
+    original = imp.Imp.generate
+    monkeypatch.setattr(imp.Imp, "generate", lambda self, *a, **kw: seen.update(kw) or original(self, *a, **kw))
+    code, out, err = call(capsys, "--model", models["chatty"], "--dtype", "float32", *argv, images / "photo.png",
+                          "What?", "--max-new-tokens", 3)
+    assert (code, out) == (0, "aaa\n"), err
+    assert seen["cache_dtype"] == expected
 
 
 def test_stats_prints_the_table_4_figures(capsys, models, images):
@@ -179,6 +194,22 @@ def test_unusual_images_work(capsys, models, images, name):
         assert "animated (3 frames): using its first" in err
 
 
+@pytest.mark.parametrize("layout", ["random", "legacy"])
+@pytest.mark.parametrize("aspect", ["square", "pad"])
+def test_attention_map_has_the_image_size_and_is_deterministic(capsys, models, images, tmp_path, layout, aspect):
+    """rotated.jpg is stored 60x30 and displayed 30x60 (EXIF): the map follows the picture as displayed."""
+    maps = [tmp_path / "first.png", tmp_path / "second.png"]
+    for target in maps:
+        code, out, err = call(capsys, "--model", models[layout], "--aspect", aspect, "--attention-map", target,
+                              images / "rotated.jpg", "What is in the picture?", "--max-new-tokens", 4)
+        assert code == 0 and out.strip(), err
+        assert f"attention map: {target} (4x4 patches" in err  # 56 px in patches of 14: SigLIP's 4x4 grid
+    picture = Image.open(maps[0])
+    assert (picture.format, picture.mode, picture.size) == ("PNG", "RGB", (30, 60))
+    assert maps[0].read_bytes() == maps[1].read_bytes()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["first.png", "second.png"]  # no temporary file left
+
+
 # -- bad input: one line on stderr, exit 2 -----------------------------------------------------------------------
 
 def bad_model_folders(root):
@@ -217,6 +248,10 @@ BAD_INPUTS = [  # (case, arguments after --model, a word the message must contai
     ("bad top-p", ["--top-p", "1.5", "photo.png", "What?"], "top_p"),
     ("batch without out", ["--batch", "questions.jsonl"], "--out"),
     ("unknown option", ["--colour", "photo.png", "What?"], "unrecognized"),
+    ("attention map of a text question", ["--attention-map", "map.png", "--text", "Hi"], "needs an image"),
+    ("attention map in a chat", ["--attention-map", "map.png", "--chat", "photo.png"], "not --chat or --batch"),
+    ("attention map, unknown format", ["--attention-map", "map.xyz", "photo.png", "What?"], "picture format"),
+    ("attention map, no such folder", ["--attention-map", "nowhere/map.png", "photo.png", "What?"], "does not exist"),
 ]
 
 

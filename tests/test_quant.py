@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import quant
@@ -98,6 +99,18 @@ def test_relative_errors_are_the_expected_size():
     assert error8 < 0.015 and 0.04 < asymmetric < symmetric < 0.13
 
 
+@pytest.mark.parametrize("bits,scheme", [(8, "symmetric"), (4, "symmetric"), (4, "asymmetric")])
+def test_quantizing_in_slices_of_rows_gives_the_same_tensors(monkeypatch, bits, scheme):
+    weight = random_weight(200, 80, seed=2)
+    whole = quant.quantize_int8(weight) if bits == 8 else quant.quantize_int4(weight, 32, scheme)
+    monkeypatch.setattr(quant, "SLICE_WEIGHTS", 64 * 80)  # slices of 64 rows: 64, 64, 64, 8
+    assert quant.row_slices(200, 80) == [(0, 64), (64, 128), (128, 192), (192, 200)]
+    layer = quant.QuantLinear.from_linear(linear_with(weight), bits, 32, scheme)
+    assert all(torch.equal(layer._buffers[name], tensor) for name, tensor in zip(layer.expected_buffers(), whole))
+    expected = ((layer.dequantize() - weight).norm() / weight.norm()).item()
+    assert quant.relative_error(weight, layer) == pytest.approx(expected, rel=1e-5)
+
+
 def test_pack_unpack_nibble_order_and_round_trip():
     # Documented order: column 2j in the low nibble, column 2j+1 in the high nibble.
     assert quant.pack_int4(torch.tensor([[1, 2, 15, 0]])).tolist() == [[0x21, 0x0F]]
@@ -184,10 +197,131 @@ def test_fast_path_survives_misaligned_tensors(bits):
     layer = quant.QuantLinear.from_linear(linear_with(random_weight(32, 64)), bits, 32)
     storage = torch.empty(64 * 32 + 3, dtype=layer.qweight.dtype)
     layer.qweight = storage[3:3 + layer.qweight.numel()].view(layer.qweight.shape).copy_(layer.qweight)
-    layer.kernel_tensors = None
+    layer.release_kernel_tensors()  # none built yet; would be rebuilt from the new qweight
     big = torch.randn(5 * 64 + 1, dtype=torch.bfloat16)
     x = big[1:].view(5, 64)  # starts 2 bytes past an aligned address
     assert_fast_matches_readable(layer.forward_fast(x), layer.forward_readable(x), x, layer.dequantize())
+
+
+# -- 2b. the int4 kernel's layout: the only copy of the codes once the fast path is built ----------------------
+
+needs_known_layout = pytest.mark.skipif(not quant.packed_kernels_available()[4] or not quant.int4_kernel_layout(),
+                                        reason="no int4 kernel, or its layout is unknown here (layers keep both)")
+
+
+@needs_kernels
+@pytest.mark.parametrize("out_features", [16, 48, 64, 80, 112, 176, 4304])  # 4304: SigLIP's fc1, 67 x 64 + 16
+@pytest.mark.parametrize("padded", [32, 96, 2560])
+def test_kernel_layout_inverse_recovers_the_codes(out_features, padded):
+    if quant.int4_kernel_layout() is None:
+        pytest.skip("the int4 converter's layout is none of INT4_KERNEL_LAYOUTS here: layers keep both copies")
+    q = torch.randint(0, 16, (out_features, padded), generator=torch.Generator().manual_seed(out_features),
+                      dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    layout = quant.INT4_KERNEL_LAYOUTS[quant.int4_kernel_layout()]
+    assert torch.equal(quant.codes_from_kernel_layout(packed, out_features, layout), q.to(torch.uint8))
+    assert not torch.equal(packed, quant.pack_int4(q))  # really another order than ours (else this proves little)
+
+
+def test_kernel_layouts_of_other_instruction_sets_are_recognised():
+    # torch picks its CPU kernels when it is imported; ATEN_CPU_CAPABILITY=default forces the plain C++ ones, whose
+    # converter writes the "pairs" order (AVX2 would give "avx2", AVX-512 "avx512").
+    import subprocess
+    import sys
+    code = "import quant; print(quant.int4_kernel_layout(), quant.packed_kernels_available()[4])"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, ATEN_CPU_CAPABILITY="default"),
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0, result.stderr
+    layout, available = result.stdout.split()
+    assert layout == ("scalar" if available == "True" else "None")
+
+
+def int4_layer(out_features, in_features, group_size=32, scheme="symmetric"):
+    weight = random_weight(out_features, in_features, seed=out_features)
+    return quant.QuantLinear.from_linear(linear_with(weight), 4, group_size, scheme)
+
+
+@needs_known_layout
+@pytest.mark.parametrize("out_features,in_features,group_size,scheme", [
+    (48, 256, 32, "symmetric"),     # only a partial block (pairs)
+    (112, 80, 32, "asymmetric"),    # one full block of 64 + a partial one of 48; K = 80 padded to 96
+    (128, 200, 64, "symmetric"),    # two full blocks; K = 200 padded to 256
+    (80, 64, 128, "asymmetric")])   # K = 64 padded to one group of 128
+def test_fast_path_keeps_one_copy_and_the_readable_path_is_unchanged(out_features, in_features, group_size, scheme):
+    layer = int4_layer(out_features, in_features, group_size, scheme)
+    before = {name: tensor.clone() for name, tensor in layer.state_dict().items()}
+    weight = layer.dequantize()
+    x = torch.randn(quant.FAST_PATH_MAX_ROWS + 3, in_features, generator=torch.Generator().manual_seed(0))
+    readable = layer.forward_readable(x)
+    resident = layer.resident_bytes()
+
+    layer.prepare_fast_path()
+    assert "qweight" not in layer._buffers and layer.kernel_layout == quant.int4_kernel_layout()
+    packed, scales_and_zeros = layer.kernel_tensors  # the codes in the kernel's order: as many bytes as qweight
+    assert packed.nbytes == before["qweight"].nbytes  # held instead of qweight, not beside it:
+    assert layer.resident_bytes() == resident + scales_and_zeros.nbytes
+    # The readable path (prefill) reads the codes back out of the kernel's layout: the very same weight.
+    assert torch.equal(layer.dequantize(), weight) and torch.equal(layer.forward_readable(x), readable)
+    assert torch.equal(layer(x), readable)  # more rows than FAST_PATH_MAX_ROWS: forward() takes that path
+    # ... and the fast path still agrees with it.
+    small = x[:5].to(torch.bfloat16)
+    assert_fast_matches_readable(layer.forward_fast(small), layer.forward_readable(small), small, weight)
+    # Saving writes our format, rebuilt: same keys, same order, same bytes.
+    after = layer.state_dict()
+    assert list(after) == list(before) == ["bias", "qweight", "scales"] + ["zeros"] * (scheme == "asymmetric")
+    assert all(torch.equal(after[k], before[k]) and after[k].dtype == before[k].dtype for k in before)
+    assert torch.equal(layer.stored_qweight(), before["qweight"])
+
+
+@needs_kernels
+@pytest.mark.parametrize("failure", ["inverse differs", "layout unknown"])
+def test_both_copies_are_kept_when_the_inverse_is_not_exact(monkeypatch, failure):
+    if failure == "inverse differs":  # e.g. a future torch changes the order for some shapes
+        original = quant.codes_from_kernel_layout
+        monkeypatch.setattr(quant, "codes_from_kernel_layout", lambda *args: original(*args).flip(0))
+    else:
+        monkeypatch.setattr(quant, "int4_kernel_layout", lambda: None)
+    layer = int4_layer(112, 96, 32, "asymmetric")
+    qweight, weight = layer.qweight.clone(), layer.dequantize()
+    layer.prepare_fast_path()
+    assert layer.kernel_layout is None and torch.equal(layer.qweight, qweight)  # today's behaviour: both copies
+    assert torch.equal(layer.dequantize(), weight) and torch.equal(layer.state_dict()["qweight"], qweight)
+    x = torch.randn(3, 96, dtype=torch.bfloat16)
+    assert_fast_matches_readable(layer.forward_fast(x), layer.forward_readable(x), x, weight)
+
+
+@pytest.mark.parametrize("bits,prepared", [(8, False), (4, False), (4, True)])
+def test_readable_path_dequantizes_large_weights_a_slice_of_rows_at_a_time(monkeypatch, bits, prepared):
+    layer = quant.QuantLinear.from_linear(linear_with(random_weight(176, 96, seed=3)), bits, 32)  # 2 x 64 + 48
+    if prepared and quant.packed_kernels_available()[4]:
+        layer.prepare_fast_path()
+    weight = layer.dequantize()
+    assert torch.equal(torch.cat([layer.dequantize(0, 64), layer.dequantize(64, 128), layer.dequantize(128)]), weight)
+    x = torch.randn(quant.FAST_PATH_MAX_ROWS + 1, 96, generator=torch.Generator().manual_seed(1))
+    whole = layer.forward_readable(x)  # 176 x 96 weights: one slice
+    monkeypatch.setattr(quant, "SLICE_WEIGHTS", 64 * 96)  # now slices of 64 rows: 64, 64, 48
+    torch.testing.assert_close(layer.forward_readable(x), whole, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(whole, F.linear(x, weight, layer.bias), rtol=1e-6, atol=1e-6)
+    if layer.kernel_layout is not None:  # the kernel's layout is read in whole blocks of rows
+        with pytest.raises(ValueError, match="whole blocks"):
+            layer.codes(32, 96)
+
+
+@needs_known_layout
+def test_to_and_load_state_dict_on_a_layer_that_holds_only_the_kernel_layout():
+    layer = int4_layer(80, 64)
+    state = {name: tensor.clone() for name, tensor in layer.state_dict().items()}
+    layer.prepare_fast_path()
+    layer.to(torch.bfloat16)  # the codes go back into qweight (first, as registered) until the next fast call
+    assert list(layer._buffers) == ["qweight", "scales"] and torch.equal(layer.qweight, state["qweight"])
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    layer(x)
+    assert layer.kernel_layout is not None and "qweight" not in layer._buffers  # rebuilt, and dropped again
+    other = int4_layer(80, 64)
+    other.prepare_fast_path()
+    other.load_state_dict(state)  # into a layer holding only the kernel layout: takes the new tensors
+    assert torch.equal(other.stored_qweight(), state["qweight"]) and torch.equal(other.dequantize(), layer.dequantize())
 
 
 # -- 3. whole models, the on-disk format, loading --------------------------------------------------------------
@@ -288,6 +422,21 @@ def test_safetensors_round_trip_into_a_meta_skeleton(tmp_path, bits, scheme):
     assert fresh.state_dict().keys() == state.keys()
     assert all(torch.equal(fresh.state_dict()[k], state[k]) and fresh.state_dict()[k].dtype == state[k].dtype
                for k in state)
+
+
+@pytest.mark.parametrize("bits,scheme", [(4, "symmetric"), (4, "asymmetric"), (8, "symmetric")])
+def test_saved_file_is_the_same_whether_or_not_the_fast_path_was_built(tmp_path, bits, scheme):
+    prepared, plain = tiny_model(), tiny_model()
+    config = quant.quantize_model(prepared, bits, 32, include_vision=True, scheme=scheme)  # builds the fast path
+    quant.replace_modules(plain, config, lambda name, module, b: quant.quantize_module(module, b, 32, scheme))
+    held_by_kernel = [m.kernel_layout is not None for m in prepared.modules() if isinstance(m, quant.QuantLinear)]
+    dropped = bits == 4 and quant.packed_kernels_available()[4] and quant.int4_kernel_layout() is not None
+    assert any(held_by_kernel) == dropped and not any(m.kernel_tensors for m in plain.modules()
+                                                      if isinstance(m, quant.QuantizedModule))
+    save_file(prepared.state_dict(), tmp_path / "prepared.safetensors")
+    save_file(plain.state_dict(), tmp_path / "plain.safetensors")
+    assert list(prepared.state_dict()) == list(plain.state_dict())
+    assert (tmp_path / "prepared.safetensors").read_bytes() == (tmp_path / "plain.safetensors").read_bytes()
 
 
 def test_to_bfloat16_keeps_the_stored_format():

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import imp
@@ -128,6 +129,10 @@ def test_training_from_scratch_reduces_loss(base):
     assert len(history) == 8 and history[-1] < history[0] - 0.5
     model = imp.Imp.from_pretrained(str(base))  # the output folder is a model folder
     assert model.config.vision.image_size == 28 and model.tokenizer is not None
+
+
+def test_training_ends_by_drawing_its_loss_curve(base):
+    assert Image.open(base / "loss.png").size == (900, 620)  # visualize.plot_log of the run's own log.jsonl
 
 
 def test_stage1_trains_only_the_connector(data, base, tmp_path):
