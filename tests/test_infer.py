@@ -307,7 +307,10 @@ def test_help_shows_examples(capsys):
 
 
 def test_ctrl_c_keeps_what_was_generated_and_exits_130(models, images):
-    process = start("--model", models["chatty"], images / "photo.png", "What?", "--max-new-tokens", 2500)
+    # SIG_DFL in the child: a shell that starts a background job (CI scripts, `cmd &`) sets SIGINT to "ignore",
+    # the child would inherit that, and Python then never turns Ctrl-C into KeyboardInterrupt.
+    process = start("--model", models["chatty"], images / "photo.png", "What?", "--max-new-tokens", 2500,
+                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = process.stdout.read(1)  # blocks until the first token is streamed
     time.sleep(0.3)
     process.send_signal(signal.SIGINT)
