@@ -255,13 +255,13 @@ def quant_float_dtype(args) -> torch.dtype:
     return imp.best_cpu_dtype() if args.quant_dtype == "auto" else FLOAT_DTYPES[args.quant_dtype]
 
 
-def cache_dtype(args, precision, float_dtype) -> torch.dtype:
-    """--cache-dtype auto: a quantized model is run for its small memory, so its cache is 16-bit too (float16:
-    11 significant bits, and the fused attention runs as fast in it as in float32 on CPUs without native
-    bfloat16); float32 / bfloat16 rows keep the model's dtype, as transformers does (--compare)."""
+def cache_dtype(args, model, float_dtype) -> torch.dtype:
+    """--cache-dtype, or auto: quant.default_cache_dtype (float16 for the int8/int4 rows computing in float32;
+    float32 / bfloat16 rows keep the model's dtype, as transformers does in --compare)."""
     if args.cache_dtype != "auto":
         return {"float16": torch.float16, **FLOAT_DTYPES}[args.cache_dtype]
-    return torch.float16 if precision.startswith("int") and float_dtype == torch.float32 else float_dtype
+    quant = sys.modules.get("quant")  # imported only for the quantized rows
+    return (quant.default_cache_dtype(model) if quant else None) or float_dtype
 
 
 def build_random_model(config: imp.ImpConfig, dtype: torch.dtype, quantization: dict | None, seed: int = 0):
@@ -339,7 +339,7 @@ def run_worker(args) -> dict:
         model = build_random_model(config, float_dtype, quantization)
     build_seconds = time.perf_counter() - build_started
     input_ids, pixel_values = make_inputs(config, TEXT_TOKENS)
-    kv_dtype = cache_dtype(args, precision, float_dtype)
+    kv_dtype = cache_dtype(args, model, float_dtype)
 
     # Warm-up (kernel selection, first-touch allocations): the whole query with --quick, where it costs nothing
     # and first-call overheads would distort the figures; a short text-only prompt at full size.

@@ -157,14 +157,12 @@ def generation_settings(args) -> dict:
 
 
 def kv_cache_dtype(choice: str, model) -> torch.dtype | None:
-    """--kv-cache auto: a quantized model is run for its small memory, so its cache is 16-bit too (float16 keeps 11
-    significant bits, and attention runs about as fast in it as in float32 on CPUs without native bfloat16; the
-    same rule as bench.py). None means the model's own dtype."""
+    """--kv-cache: a dtype, or auto (quant.default_cache_dtype: float16 for a quantized model computing in float32).
+    None means the model's own dtype."""
     if choice != "auto":
         return DTYPES[choice]
     quant = sys.modules.get("quant")  # imported by the loader only if the model is (or was made) quantized
-    quantized = quant is not None and any(isinstance(m, quant.QuantizedModule) for m in model.modules())
-    return torch.float16 if quantized and model.llm.final_layernorm.weight.dtype == torch.float32 else None
+    return None if quant is None else quant.default_cache_dtype(model)
 
 
 def read_question(text: str) -> str:

@@ -635,6 +635,16 @@ def quantize_module(module, bits, group_size, scheme="symmetric"):
     return QuantLinear.from_linear(module, bits, group_size, scheme)
 
 
+def default_cache_dtype(model: nn.Module) -> torch.dtype | None:
+    """The KV cache dtype to use when none is asked for (infer.py --kv-cache auto, bench.py --cache-dtype auto).
+    A quantized model is run for its small memory, so its cache is 16-bit too: float16 (11 significant bits), as
+    attention runs about as fast in it as in float32 on CPUs without native bfloat16. Anything else: None, the
+    model's own dtype (as transformers does)."""
+    quantized = any(isinstance(module, QuantizedModule) for module in model.modules())
+    float32 = model.llm.final_layernorm.weight.dtype == torch.float32  # a float parameter in every variant
+    return torch.float16 if quantized and float32 else None
+
+
 def quantize_model(model: nn.Module, bits=4, group_size=DEFAULT_GROUP_SIZE, include_vision=False,
                    lm_head_bits=8, embedding_bits=8, scheme="symmetric") -> dict:
     """Quantize a float model in place; returns the quantization config to store beside the weights."""
