@@ -1,15 +1,16 @@
 """
 The synthetic "shapes" VQA dataset: the data our tiny demo model is trained on from scratch, on a laptop CPU.
 
-Each image is a light background with 1 to 3 coloured shapes that never touch. Each question about it has one
-exact answer written as a fixed sentence, so "exact-answer accuracy" is simply string equality. The task is built
-so that a tiny ViT + Phi-2-style decoder can get above 95% in minutes. It uses 4 very different colours, only two
-sizes (about 20% and 37% of the side) and no occlusion, and it has a vocabulary of a few dozen words. The questions
-still come in several wordings, so the model has to read them and cannot guess from the image alone.
+Each image is a light background with 1 to 3 coloured shapes that never touch, each drawn on whole 14-px patch
+cells (the "grid" layout, see make_scene; `--layout free` puts them anywhere). Each question about it has one exact
+answer written as a fixed sentence, so "exact-answer accuracy" is simply string equality. The task is built for a
+tiny ViT + Phi-2-style decoder trained from scratch in minutes on a laptop CPU: 4 very different colours, only two
+sizes (about 21% and 34% of the side), no occlusion, and a vocabulary of a few dozen words. The questions still
+come in several wordings, so the model has to read them and cannot guess from the image alone.
 
 The output is in the LLaVA format that Imp's own training scripts use:
   captions.json  stage 1 (connector alignment): "<image>" -> one caption listing every shape, left to right
-  train.json     stage 2 (instruction tuning): 1 or 2 question/answer turns per image
+  train.json     stage 2 (instruction tuning): 1 to 6 question/answer turns per image (--max-turns), one per type
   test.json      held out: images drawn from a different seed stream, one question each
 Every scene comes from its own `random.Random`, seeded by (seed, split, index), so any single sample can be
 rebuilt without generating the ones before it. The global RNG is never used.
@@ -53,12 +54,28 @@ TYPES = tuple(PARAPHRASES)
 # prompt stays short.
 
 
-def make_scene(rng, image_size=112):
-    """Draw one scene. Returns (PIL image, scene), where scene is a list of dicts, one per shape, sorted left to right."""
+LAYOUTS = ("grid", "free")
+PATCH = 14  # the demo's vision patch size: the "grid" layout puts every shape on whole 14-px cells
+
+
+def make_scene(rng, image_size=112, layout="grid"):
+    """Draw one scene. Returns (PIL image, scene), where scene is a list of dicts, one per shape, sorted left to right.
+
+    layout "grid" (the default, what the demo is trained on) puts each shape on a block of whole patch cells: small
+    shapes on 2 x 2 cells, large ones on 3 x 3 (at 112 px), drawn 2 px inside the block. Every patch of a circle
+    then holds the same piece of a circle wherever the circle is, so a ViT's first layer (a linear map of one
+    patch, imp.SiglipEmbeddings) can already tell a circle's edge from a square's corner. With "free" placement a
+    small circle straddles 4 to 9 patches at any offset, and a from-scratch ViT of the demo's size needs many times
+    the demo's 20 minutes to learn shapes that way (README, "The demo model").
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    place = _place_on_grid if layout == "grid" else _place_shapes
     scene = None
     while scene is None:  # in the rare case that the shapes could not be packed apart, draw a new scene
-        scene = _place_shapes(rng, image_size)
-    scene.sort(key=lambda item: item["x"])
+        scene = place(rng, image_size)
+    # Left to right; shapes in the same columns (common on the grid) top to bottom, so a caption has one order.
+    scene.sort(key=lambda item: (item["x"], item["y"]))
 
     # A slightly tinted light background, and a little jitter on each colour, so that the model learns colour
     # categories rather than 4 exact RGB values.
@@ -91,6 +108,31 @@ def _place_shapes(rng, image_size):
                 break
         else:
             return None
+        scene.append(dict(shape=rng.choice(SHAPES), color=rng.choice(tuple(COLORS)), size=size,
+                          x=x0 + side / 2, y=y0 + side / 2, side=side, box=box))
+    return scene
+
+
+def _place_on_grid(rng, image_size):
+    """Pick 1 to 3 shapes and put each on a free block of patch cells. Returns None if one found no free block."""
+    cells = image_size // PATCH  # 8 at 112 px; a partial last patch (e.g. at 64 px) is never used
+    # Block sides in cells, about the "free" layout's 20% and 37% of the side: 2 and 3 cells at 112 px.
+    small = max(1, round(0.21 * cells))
+    blocks = {"small": small, "large": max(small + 1, round(0.36 * cells))}
+    inset = 2  # pixels between a block's edge and the drawing, so shapes in touching blocks stay GAP = 4 px apart
+    taken, scene = set(), []
+    for _ in range(rng.randint(1, 3)):
+        size = rng.choice(tuple(SIZES))
+        span = blocks[size]
+        free = [(col, row) for col in range(cells - span + 1) for row in range(cells - span + 1)
+                if not any((col + i, row + j) in taken for i in range(span) for j in range(span))]
+        if not free:
+            return None
+        col, row = rng.choice(free)
+        taken.update((col + i, row + j) for i in range(span) for j in range(span))
+        x0, y0 = col * PATCH + inset, row * PATCH + inset
+        side = span * PATCH - 2 * inset
+        box = (x0, y0, x0 + side, y0 + side)
         scene.append(dict(shape=rng.choice(SHAPES), color=rng.choice(tuple(COLORS)), size=size,
                           x=x0 + side / 2, y=y0 + side / 2, side=side, box=box))
     return scene
@@ -171,7 +213,7 @@ def _write_json(path, records):
     _write_atomic(path, json.dumps(records, indent=1, ensure_ascii=False).encode("utf-8"))
 
 
-def _make_split(out_dir, split, count, seed, image_size, progress, max_turns):
+def _make_split(out_dir, split, count, seed, image_size, progress, max_turns, layout):
     """Generate one split: write its images and return (caption records, question records)."""
     captions, records = [], []
     start = time.time()
@@ -179,7 +221,7 @@ def _make_split(out_dir, split, count, seed, image_size, progress, max_turns):
         # Seeding with a string is deterministic in Python (it goes through sha512, not hash()), and the split
         # name in it keeps the train and test streams disjoint.
         rng = random.Random(f"shapes-{seed}-{split}-{index}")
-        image, scene = make_scene(rng, image_size)
+        image, scene = make_scene(rng, image_size, layout)
         relative = f"images/{split}_{index:06d}.png"
         buffer = io.BytesIO()
         image.save(buffer, format="PNG", optimize=False)
@@ -209,12 +251,12 @@ def _make_split(out_dir, split, count, seed, image_size, progress, max_turns):
     return captions, records
 
 
-def generate_dataset(out_dir, num_train, num_test, seed=0, image_size=112, progress=True):
+def generate_dataset(out_dir, num_train, num_test, seed=0, image_size=112, progress=True, layout="grid", max_turns=6):
     """Write images/, captions.json, train.json and test.json under out_dir. Returns a summary dict."""
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     start = time.time()
-    captions, train = _make_split(out_dir, "train", num_train, seed, image_size, progress, max_turns=2)
-    _, test = _make_split(out_dir, "test", num_test, seed, image_size, progress, max_turns=1)
+    captions, train = _make_split(out_dir, "train", num_train, seed, image_size, progress, max_turns, layout)
+    _, test = _make_split(out_dir, "test", num_test, seed, image_size, progress, 1, layout)  # one question each
     _write_json(os.path.join(out_dir, "captions.json"), captions)
     _write_json(os.path.join(out_dir, "train.json"), train)
     _write_json(os.path.join(out_dir, "test.json"), test)
@@ -270,6 +312,12 @@ def _chain(*iterables):
         yield from iterable
 
 
+def _positive_int(text):
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def _non_negative_int(text):
     if not text.isdigit():  # also rejects "-5"; argparse turns the exception into a one-line usage error
         raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
@@ -289,6 +337,10 @@ def main(argv=None):
     parser.add_argument("--test", type=_non_negative_int, default=500, help="number of held-out test images (default 500)")
     parser.add_argument("--seed", type=int, default=0, help="base seed; the train and test streams are derived from it")
     parser.add_argument("--image-size", type=int, default=112, help="image side in pixels (default 112 = 8x8 patches of 14)")
+    parser.add_argument("--layout", choices=LAYOUTS, default="grid",
+                        help="grid (default): shapes on whole 14-px patch cells; free: anywhere (much harder for a tiny ViT)")
+    parser.add_argument("--max-turns", type=_positive_int, default=6,
+                        help="each training image gets 1 to N question turns, one per question type (default 6)")
     parser.add_argument("--force", action="store_true", help="write into --out even if it is not empty (files are overwritten)")
     parser.add_argument("--tokenizer-out", help="also train a byte-level BPE on the train texts and write DIR/tokenizer.json")
     parser.add_argument("--tokenizer-only", action="store_true", help="skip generation; train the tokenizer on --out's data")
@@ -316,7 +368,8 @@ def main(argv=None):
             fail(f"--out {args.out} exists and is not a folder")
         if os.path.isdir(args.out) and os.listdir(args.out) and not args.force:
             fail(f"--out {args.out} is not empty; pass --force to overwrite")
-        summary = generate_dataset(args.out, args.train, args.test, args.seed, args.image_size)
+        summary = generate_dataset(args.out, args.train, args.test, args.seed, args.image_size, layout=args.layout,
+                                   max_turns=args.max_turns)
         print(json.dumps(summary, indent=1))
         with open(os.path.join(args.out, "captions.json"), encoding="utf-8") as file:
             records = json.load(file)

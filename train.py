@@ -474,10 +474,10 @@ def parse_args(argv=None):
   # the demo model, from scratch on the synthetic shapes data (see README.md, "The demo model")
   python train.py --stage 1 --full --train-vision --init-config demo --tokenizer data/shapes \\
       --data data/shapes/captions.json --image-folder data/shapes --out runs/m1 --lr 1.5e-3 \\
-      --batch-size 32 --micro-batch-size 32 --max-steps 1300 --max-length 256
+      --batch-size 32 --micro-batch-size 32 --max-steps 800 --max-length 256
   python train.py --stage 2 --full --train-vision --model runs/m1 --data data/shapes/train.json \\
       --image-folder data/shapes --out runs/m2 --lr 1e-3 --connector-lr 1e-3 \\
-      --batch-size 32 --micro-batch-size 32 --max-steps 900 --max-length 256
+      --batch-size 16 --micro-batch-size 16 --max-steps 1800 --max-length 256
   # continue an interrupted run; evaluate; fold adapters into a base model
   python train.py ... --resume
   python train.py --evaluate checkpoints/demo --data data/shapes/test.json --image-folder data/shapes

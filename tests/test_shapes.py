@@ -10,11 +10,11 @@ import pytest
 import shapes
 
 
-def scenes(count, image_size=112, start=0):
+def scenes(count, image_size=112, start=0, layout="grid"):
     """(image, scene, questions) for seeds start .. start+count-1, built exactly as the public API is meant to be used."""
     for seed in range(start, start + count):
         rng = random.Random(seed)
-        image, scene = shapes.make_scene(rng, image_size)
+        image, scene = shapes.make_scene(rng, image_size, layout)
         yield image, scene, shapes.make_questions(rng, scene)
 
 
@@ -28,9 +28,10 @@ def test_same_seed_same_sample_and_different_seed_different_sample():
     assert all(a[0].tobytes() != b[0].tobytes() for a, b in zip(first, other))
 
 
-def test_shapes_inside_image_apart_and_drawn_where_the_scene_says():
+@pytest.mark.parametrize("layout", shapes.LAYOUTS)
+def test_shapes_inside_image_apart_and_drawn_where_the_scene_says(layout):
     for image_size in (112, 64):
-        for image, scene, _ in scenes(300, image_size):
+        for image, scene, _ in scenes(300, image_size, layout=layout):
             assert 1 <= len(scene) <= 3 and image.size == (image_size, image_size)
             for index, item in enumerate(scene):
                 x0, y0, x1, y1 = item["box"]
@@ -41,12 +42,33 @@ def test_shapes_inside_image_apart_and_drawn_where_the_scene_says():
                 # the named colour (the jitter is at most 15 per channel).
                 pixel = image.getpixel((int(item["x"]), int(item["y"] + item["side"] / 6)))
                 assert max(abs(p - c) for p, c in zip(pixel, shapes.COLORS[item["color"]])) <= 15, (item, pixel)
-            # The scene is listed left to right, which captions and position answers rely on.
-            assert [item["x"] for item in scene] == sorted(item["x"] for item in scene)
+            # The scene is listed left to right (then top to bottom), which captions and position answers rely on.
+            assert [(i["x"], i["y"]) for i in scene] == sorted((i["x"], i["y"]) for i in scene)
     # The two sizes never get close to each other, so "small" vs "large" can be seen.
-    small = [i["side"] for _, s, _ in scenes(300) for i in s if i["size"] == "small"]
-    large = [i["side"] for _, s, _ in scenes(300) for i in s if i["size"] == "large"]
+    small = [i["side"] for _, s, _ in scenes(300, layout=layout) for i in s if i["size"] == "small"]
+    large = [i["side"] for _, s, _ in scenes(300, layout=layout) for i in s if i["size"] == "large"]
     assert max(small) * 1.4 < min(large)
+
+
+def test_grid_layout_puts_every_shape_on_whole_patch_cells():
+    """The point of the grid layout: a shape of a given kind and size looks the same, pixel for pixel, in every
+    patch-aligned block it lands on, so one patch already shows which shape it belongs to."""
+    looks, positions = {}, set()
+    for image, scene, _ in scenes(400):
+        for item in scene:
+            x0, y0, x1, y1 = item["box"]
+            assert (x0 - 2) % shapes.PATCH == 0 and (y0 - 2) % shapes.PATCH == 0  # 2 px inside a cell's corner
+            assert item["side"] == {"small": 2, "large": 3}[item["size"]] * shapes.PATCH - 4  # 24 and 38 px at 112
+            block = image.crop((x0 - 2, y0 - 2, x1 + 2, y1 + 2))
+            raw = block.tobytes()  # RGB, 3 bytes per pixel; the block's corner pixel is background
+            mask = bytes(raw[i:i + 3] != raw[:3] for i in range(0, len(raw), 3))  # which pixels the shape covers
+            looks.setdefault((item["shape"], item["size"]), set()).add(mask)
+            positions.add((item["size"], x0, y0))
+    assert len(looks) == 6 and all(len(masks) == 1 for masks in looks.values())  # one look per shape and size
+    assert len({mask for masks in looks.values() for mask in masks}) == 6  # and the six looks all differ
+    assert len(positions) > 60  # while the shapes still go all over the grid
+    with pytest.raises(ValueError, match="layout"):
+        shapes.make_scene(random.Random(0), 112, "diagonal")
 
 
 def answer_from_scene(kind, question, scene):
@@ -144,10 +166,13 @@ def test_cli_writes_valid_llava_json_with_held_out_test(tmp_path, capsys):
         assert not os.path.isabs(record["image"]) and (out / record["image"]).is_file()
         assert record["type"] in shapes.TYPES
         turns = record["conversations"]
-        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2) and 2 <= len(turns) <= 4
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2) and 2 <= len(turns) <= 12
         assert turns[0]["value"].startswith("<image>\n")
         assert all("<image>" not in t["value"] for t in turns[1:])
+        types = record.get("types", [record["type"]])
+        assert len(types) == len(turns) // 2 == len(set(types)) and types[0] == record["type"]  # one turn per type
     assert all(len(record["conversations"]) == 2 for record in test)
+    assert max(len(record["conversations"]) for record in train) >= 8  # up to 6 turns by default: 4 seen in 30
     assert len({r["id"] for r in train + test}) == 40
 
     def digest(record):
@@ -176,5 +201,23 @@ def test_cli_refuses_bad_input_with_one_line(tmp_path, capsys):
         shapes.main(["--out", str(tmp_path / "new"), "--train", "-5"])
     assert exit_info.value.code == 2 and ">= 0" in capsys.readouterr().err
 
-    shapes.main(["--out", str(tmp_path), "--train", "2", "--test", "1", "--force"])
-    assert (tmp_path / "train.json").is_file()
+    with pytest.raises(SystemExit) as exit_info:
+        shapes.main(["--out", str(tmp_path / "new"), "--max-turns", "0"])
+    assert exit_info.value.code == 2 and ">= 1" in capsys.readouterr().err
+
+    shapes.main(["--out", str(tmp_path), "--train", "20", "--test", "1", "--force", "--max-turns", "1"])
+    assert all(len(r["conversations"]) == 2 for r in json.loads((tmp_path / "train.json").read_text()))
+
+
+def test_examples_folder_is_what_make_examples_draws(tmp_path, capsys):
+    """examples/ is reproducible: tools/make_examples.py redraws every picture byte for byte, and each one shows
+    what its name says (the README's example answers depend on it)."""
+    import importlib.util
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("make_examples", os.path.join(root, "tools", "make_examples.py"))
+    make_examples = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_examples)
+    make_examples.main(str(tmp_path))
+    assert capsys.readouterr().out.count("scene shapes-examples-") == len(make_examples.WANTED) == 5
+    for name in make_examples.WANTED:
+        assert (tmp_path / name).read_bytes() == open(os.path.join(root, "examples", name), "rb").read(), name
