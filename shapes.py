@@ -64,9 +64,9 @@ def make_scene(rng, image_size=112, layout="grid"):
     layout "grid" (the default, what the demo is trained on) puts each shape on a block of whole patch cells: small
     shapes on 2 x 2 cells, large ones on 3 x 3 (at 112 px), drawn 2 px inside the block. Every patch of a circle
     then holds the same piece of a circle wherever the circle is, so a ViT's first layer (a linear map of one
-    patch, imp.SiglipEmbeddings) can already tell a circle's edge from a square's corner. With "free" placement a
-    small circle straddles 4 to 9 patches at any offset, and a from-scratch ViT of the demo's size needs many times
-    the demo's 20 minutes to learn shapes that way (README, "The demo model").
+    patch: imp.SigLIP.patch_embedding) can already tell a circle's edge from a square's corner. With "free"
+    placement a small circle straddles 4 to 9 patches at any offset, and a from-scratch ViT of the demo's size
+    needs many times the demo's 20 minutes to learn shapes that way (README, "The demo model").
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
