@@ -185,8 +185,10 @@ def tensor_bytes(module: nn.Module) -> int:
 
 
 def resident_weight_bytes(module: nn.Module) -> int:
-    """What the weights occupy in memory: as stored, plus any packed-kernel layout held beside (int4: the bfloat16
-    (scale, zero) pairs; and the 4-bit codes too where quant.py could not verify its inverse of the layout)."""
+    """What the weights occupy in memory: as stored, plus what the packed kernels' layouts add. int4: the bfloat16
+    (scale, zero) pairs, 4 bytes per group, in place of the float16 scales (2 bytes; beside them where quant.py
+    could not verify that they rebuild exactly), and a second copy of the 4-bit codes only where it could not
+    verify its inverse of the kernel's layout."""
     return tensor_bytes(module) + sum(sub.resident_bytes() - sub.stored_bytes() for sub in module.modules()
                                       if is_quantized(sub))
 

@@ -12,15 +12,19 @@ int4 (groups of G = 32, 64 or 128 consecutive weights along K). Both schemes sto
     symmetric (the default, llama.cpp's Q4_0): one scale per group, no stored zero (the kernel gets zero = 0).
         scale = m / -8, where m is the group's weight of largest magnitude, sign included, so m itself gets code
         0 (q - 8 = -8) and all 16 codes are used; q = clamp(round(w / scale), -8, 7) + 8. Every |w| <= |m|, so
-        w / scale lies in [-8, 8] (8.004 with the float16 rounding of the scale): the clamp only touches weights
-        on the far side within half a step of |m|, which then err by up to one step |scale| instead of half.
+        w / scale lies in [-8, 8] (-8.03 on m's side with the rounding of the scale to 8 bits, below; where that
+        rounding would put a far-side weight past +8, that group's scale is rounded up instead): the clamp only
+        touches weights on the far side within half a step of |m|, which then err by up to one step |scale|
+        instead of half.
         Why / -8 and not absmax / 7 (no clamping, but code 0 unused): the step is 7/8 as large, and measured on
         Gaussian and heavy-tailed groups the RMS error is 11% lower. 4.5 bits per weight at G = 32.
     asymmetric (--scheme asymmetric): min/max, scale = (max - min) / 15 and zero = min + 8 * scale (the value code
-        8 decodes to). A symmetric grid is centred on 0, so a group that leans to one side wastes levels; min/max
-        puts all 16 on the range the group really has: at the same G its RMS error is 9% lower than symmetric's
-        on Gaussian groups and 21% lower on heavy-tailed (Student-t, 3 dof) ones, at the price of a second 16-bit
-        number: 5.0 bits per weight at G = 32, which makes the --vision file 2.09 GB, over the 2.0 GB budget.
+        8 decodes to; where rounding the zero to 8 bits moves it too far, a slightly larger scale keeps min and max
+        within half a step of the end levels, so no weight errs by more than half a step). A symmetric grid is
+        centred on 0, so a group that leans to one side wastes levels; min/max puts all 16 on the range the group
+        really has: at the same G its RMS error is 9% lower than symmetric's on Gaussian groups and 21% lower on
+        heavy-tailed (Student-t, 3 dof) ones, at the price of a second 16-bit number: 5.0 bits per weight at
+        G = 32, which makes the --vision file 2.09 GB, over the 2.0 GB budget.
         At equal bytes (symmetric G = 32 vs asymmetric G = 64, both 4.5 bits) symmetric is 3-4% more accurate on
         both kinds of groups: hence the default. Asymmetric G = 32 is the option for accuracy over size.
 
@@ -32,7 +36,10 @@ releases, so they are built at load time only and never saved). For a Linear nam
     <m>.zeros    float16 [N, Kp / G]  (4 bits, asymmetric scheme only; a symmetric file must not have it)
     <m>.bias     unchanged (a float parameter)
 float16, not bfloat16, for scales and zeros: same 2 bytes, 3 more mantissa bits, and weight scales (1e-5 .. 10) sit
-far inside its range; quantize_* refuse anything that overflows. The settings live in config.json under
+far inside its range; quantize_* refuse anything that overflows. The int4 ones are nevertheless rounded to numbers
+bfloat16 holds exactly too (kernel_exact: 8 significant bits; the RMS error moves by < 0.1% of itself), so
+that in memory they can live in the int4 kernel's bfloat16 pairs alone; older files, whose int4 scales have 11
+bits, load as before (and keep them beside the pairs). The settings live in config.json under
 "quantization" (see quantization_config) and in the safetensors metadata. When K is not a multiple of G (SigLIP's
 fc2: K = 4304 = 134.5 * 32) the weight is padded with zero columns up to Kp; dequantize() drops them again and the
 fast path pads the activations with zeros.
@@ -60,8 +67,10 @@ Runtime paths of QuantLinear.forward:
               FAST_PATH_MAX_ROWS rows (decode); for more rows dequantize + F.linear wins.
 In memory, each weight is held once: the int8 kernel reads our int8 qweight as it is, and the int4 kernel's
 reordered copy of the codes replaces qweight (prepare_fast_path; the readable path and saving read the codes back
-out of it with codes_from_kernel_layout, after checking exactly that this gives them back). What stays beside the
-stored format: the kernel's bfloat16 (scale, zero) pairs, 4 bytes per group (+0.125 bytes per int4 weight at G=32).
+out of it with codes_from_kernel_layout, after checking exactly that this gives them back). Likewise its bfloat16
+(scale, zero) pairs replace the float16 scales and zeros when they give them back bit for bit (kernel_exact): an
+int4 layer then holds 0.5 bytes per weight + 4 per group (0.625 bytes per weight at G = 32; the file: 0.5625 for
+symmetric, the pairs also carry its zeros), and saving rebuilds the file's tensors from what it holds.
 """
 
 import argparse
@@ -70,6 +79,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 
 import torch
@@ -92,6 +102,25 @@ FAST_PATH_MAX_ROWS = 64
 # dequantizing (the readable path), quantizing, measuring the error. Every scale belongs to one row, so slicing
 # changes no result, only the size of the float32 temporaries (Imp-3B's lm_head whole: 524 MB each).
 SLICE_WEIGHTS = 2**23
+
+
+_scratch = threading.local()  # per thread: {(purpose, dtype, device): a flat tensor}; see scratch()
+
+
+def scratch(purpose, numel, dtype, device):
+    """A flat tensor of `numel` elements that is the same memory at every call with the same purpose, dtype and
+    device (from the same thread; grown when too small): for a temporary that is dead before the next call.
+    The readable path dequantizes every weight of a prefill into one (QuantLinear.forward_readable): ~600 MB
+    of 6-32 MB temporaries per Imp-3B layer otherwise go through malloc, whose freed heap blocks glibc keeps
+    and cannot always reuse for the next size, which raised the peak RSS of a query by 0.06-0.19 GB, varying
+    from run to run (handing them back to the OS at once would cost a page fault per 4 kB on the next use)."""
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    # (one made in inference mode cannot be written outside it: a separate one for each)
+    key = (purpose, dtype, torch.device(device), torch.is_inference_mode_enabled())
+    if key not in buffers or buffers[key].numel() < numel:
+        buffers.pop(key, None)  # the old one is freed before the larger one is made
+        buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffers[key][:numel]
 
 
 def row_slices(rows, columns, multiple=64):
@@ -122,8 +151,9 @@ def quantize_int8(weight):
     return qweight, scales
 
 
-def dequantize_int8(qweight, scales):
-    return qweight * scales.float()[:, None]  # [N, K] float32 (int8 * float32 promotes to float32 in one pass)
+def dequantize_int8(qweight, scales, out=None):
+    """[N, K] float32 (int8 * float32 promotes to float32 in one pass), written into `out` if given."""
+    return torch.mul(qweight, scales.float()[:, None], out=None if out is None else out.view(qweight.shape))
 
 
 def quantize_int4(weight, group_size=DEFAULT_GROUP_SIZE, scheme="symmetric"):
@@ -134,20 +164,56 @@ def quantize_int4(weight, group_size=DEFAULT_GROUP_SIZE, scheme="symmetric"):
     padded = padded_in_features(in_features, 4, group_size)
     weight = F.pad(weight.float(), (0, padded - in_features))  # zero columns; dropped again by dequantize
     groups = weight.view(out_features, padded // group_size, group_size)  # [N, Kp/G, G]
+    # Scales and zeros are rounded to numbers that float16 (the file) and bfloat16 (the kernel's pairs) both hold
+    # exactly (kernel_exact: 8 significant bits, so a scale moves by up to 2^-8 of itself instead of float16's
+    # 2^-11), so that a layer can keep them once, in the kernel's pairs (prepare_fast_path). Where that rounding
+    # would let a weight err by more than before, the step is rounded up instead (below): no bound changes.
     if scheme == "symmetric":  # scale = the largest-magnitude weight / -8, so that it gets code 0
         extreme = groups.gather(-1, groups.abs().argmax(dim=-1, keepdim=True))[..., 0]  # [N, Kp/G], sign kept
-        scales, zeros = (extreme / -8).to(SCALE_DTYPE), None
+        scales, zeros = kernel_exact(extreme / -8), None
+        # A weight of the far side within 2^-8 of |extreme| may then lie past 8 steps, and the clamp at +7 would
+        # cost it more than one step: in such (rare) groups round the magnitude of the scale up, so |w / scale| <= 8.
+        far = (groups / scales.float().masked_fill(scales == 0, 1.0)[..., None]).amax(dim=-1) > 8
+        if far.any():
+            larger = kernel_exact(extreme.abs() / 8, round_up=True) * -torch.sign(extreme).to(SCALE_DTYPE)
+            scales = torch.where(far, larger, scales)
     else:  # asymmetric: 16 levels from min to max; code 8 decodes to `zero`
         low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # [N, Kp/G]
-        scales = ((high - low) / 15).to(SCALE_DTYPE)
-        zeros = (low + 8 * scales.float()).to(SCALE_DTYPE)
+        zeros = kernel_exact(low + 8 * (high - low) / 15)
         check_finite("zeros", zeros)
-        groups = groups - zeros.float()[..., None]
+        # The rounded zero moved by up to 2^-8 of itself, which matters when a group lies far from 0 relative to
+        # its range (or is constant): then take the smallest step, rounded up, that keeps low and high within
+        # half a step of the end levels zero - 8 * scale and zero + 7 * scale, so the clamp costs no weight more.
+        zero = zeros.float()
+        needed = kernel_exact(torch.maximum((zero - low) / 8.5, (high - zero) / 7.5), round_up=True)
+        scales = torch.maximum(kernel_exact((high - low) / 15), needed)
+        groups = groups - zero[..., None]
     check_finite("scales", scales)
     safe = scales.float().masked_fill(scales == 0, 1.0)  # a constant group: every q = 8 decodes to zero (or 0)
-    # Round with the *stored* (float16) numbers; the clamp is what keeps q in 0..15 (see the file docstring).
+    # Round with the *stored* numbers; the clamp is what keeps q in 0..15 (see the file docstring).
     q = (torch.round(groups / safe[..., None]) + 8).clamp(0, 15).to(torch.uint8).view(out_features, padded)
     return (pack_int4(q), scales) + (() if zeros is None else (zeros,))
+
+
+def kernel_exact(values, round_up=False):
+    """float32 values -> float16 ones that bfloat16 holds exactly too: rounded to bfloat16's 8 significant bits
+    (to the nearest, or with round_up to the next one at or above: for values >= 0), then stored as float16.
+    From 2^-17 to 65504 that is the bfloat16 number itself (float16's subnormals keep 8 bits down to 2^-17).
+    Below 2^-17 float16 keeps fewer bits than bfloat16: the float16 rounding of it, which then has at most 8
+    significant bits, so it is again exact in both. Past 65504 the result is inf (check_finite refuses it).
+    The int4 kernel wants bfloat16 (scale, zero) pairs; with numbers like these the file's float16 scales are
+    rebuilt from them bit for bit, and a layer need not keep both (prepare_fast_path checks it, per layer). The
+    cost: a scale moves by up to 2^-8 of itself instead of float16's 2^-11, far below the step's own rounding
+    error."""
+    rounded = values.to(KERNEL_DTYPE)
+    if round_up:  # for a positive number the next bfloat16 up is the next bit pattern
+        rounded = torch.where(rounded.float() < values, (rounded.view(torch.int16) + 1).view(KERNEL_DTYPE), rounded)
+    return rounded.to(SCALE_DTYPE)
+
+
+def same_bits(a, b):
+    """a and b hold the same float16 numbers, bit for bit (-0.0 is not 0.0 here: a file keeps the sign)."""
+    return a.shape == b.shape and torch.equal(a.to(SCALE_DTYPE).view(torch.int16), b.view(torch.int16))
 
 
 def dequantize_int4(qweight, scales, zeros, group_size, in_features):
@@ -155,8 +221,9 @@ def dequantize_int4(qweight, scales, zeros, group_size, in_features):
     return dequantize_int4_codes(unpack_int4(qweight), scales, zeros, group_size, in_features)
 
 
-def dequantize_int4_codes(q, scales, zeros, group_size, in_features):
-    """The same from the unpacked codes q [N, Kp] (uint8, values 0..15), whichever layout they were kept in."""
+def dequantize_int4_codes(q, scales, zeros, group_size, in_features, out=None):
+    """The same from the unpacked codes q [N, Kp] (uint8, values 0..15), whichever layout they were kept in;
+    written into `out` (N * Kp float32 elements) if given."""
     out_features, padded = q.shape
     groups = q.view(out_features, padded // group_size, group_size)  # [N, Kp/G, G]
     scales = scales.float()[..., None]  # [N, Kp/G, 1]
@@ -164,7 +231,7 @@ def dequantize_int4_codes(q, scales, zeros, group_size, in_features):
     # w = (q - 8) * scale + zero, written as q * scale + (zero - 8 * scale): one fused pass over the big tensor,
     # in place on the codes cast to float32 (given the uint8 codes, addcmul would cast them into a second float32
     # temporary of the weight's size beside its result: +4 bytes per weight at the peak of every prefill Linear)
-    weight = groups.to(torch.float32)  # [N, Kp/G, G]
+    weight = groups.to(torch.float32) if out is None else out.view(groups.shape).copy_(groups)  # [N, Kp/G, G]
     torch.addcmul(offset, weight, scales, out=weight)
     return weight.view(out_features, padded)[:, :in_features]  # [N, K], padding dropped
 
@@ -266,12 +333,13 @@ def packed_kernels_available() -> dict:
 INT4_KERNEL_LAYOUTS = {"avx512": (64, "halves"), "avx2": (32, "halves"), "scalar": (32, "pairs")}
 
 
-def codes_from_kernel_layout(packed, out_features, layout):
-    """The kernel's uint8 [N, Kp/2] -> our codes [N, Kp] (uint8, 0..15), for layout = (B, "halves" or "pairs")."""
+def codes_from_kernel_layout(packed, out_features, layout, out=None):
+    """The kernel's uint8 [N, Kp/2] -> our codes [N, Kp] (uint8, 0..15), for layout = (B, "halves" or "pairs");
+    written into `out` (N * Kp uint8 elements) if given."""
     block, order = layout
     padded = packed.shape[1] * 2  # Kp
     flat = packed.reshape(-1)
-    codes = torch.empty(out_features, padded, dtype=torch.uint8)
+    codes = torch.empty(out_features, padded, dtype=torch.uint8) if out is None else out.view(out_features, padded)
     full_rows = out_features // block * block
 
     def unpack_block(tiles, rows, order):  # tiles [..., Kp, R/2] bytes -> rows [..., R, Kp] codes
@@ -328,10 +396,25 @@ class QuantizedModule(nn.Module):
             self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
         self.kernel_tensors = None  # the packed kernels' private layout, built by prepare_fast_path, never saved
         self.kernel_layout = None   # an INT4_KERNEL_LAYOUTS name when the codes live only in kernel_tensors[0]
+        self.kernel_holds = ()      # the buffers whose only copy is in kernel_tensors (dropped from _buffers)
+
+    def stored_buffer(self, name):
+        """Buffer `name` in our on-disk format: held, or rebuilt from the kernel's copy (QuantLinear)."""
+        return self._buffers[name]
+
+    def __getattr__(self, name):
+        # `layer.scales` etc. still read as the on-disk tensor when only the kernel's copy is held: rebuilt (a new
+        # tensor at each access; writing to it changes nothing). Checked only after the usual lookup fails.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in self.__dict__.get("kernel_holds", ()):
+                return self.stored_buffer(name)
+            raise
 
     def stored_qweight(self):
         """`qweight` in our on-disk format (QuantLinear rebuilds it when only the kernel's layout is held)."""
-        return self._buffers["qweight"]
+        return self.stored_buffer("qweight")
 
     def stored_bytes(self) -> int:
         """Bytes of the tensors this layer saves (qweight, scales, zeros, bias): its share of the file."""
@@ -346,13 +429,15 @@ class QuantizedModule(nn.Module):
 
     def release_kernel_tensors(self):
         """Forget the kernels' layout (prepare_fast_path builds it again when needed). If it held the only copy of
-        the int4 codes, they first go back into the `qweight` buffer, registered first again as in __init__ (the
+        the int4 codes or scales, they first go back into their buffers, in the order registered in __init__ (the
         buffer order is state_dict's key order)."""
-        if self.kernel_layout is not None:
-            buffers = dict(self._buffers)
+        if self.kernel_holds:
+            buffers = {name: self.stored_buffer(name) for name in self.expected_buffers()
+                       if name in self._buffers or name in self.kernel_holds}
+            buffers.update(self._buffers)  # anything else (check_buffers names it) after them
             self._buffers.clear()
-            self._buffers.update(qweight=self.stored_qweight(), **buffers)
-        self.kernel_tensors, self.kernel_layout = None, None
+            self._buffers.update(buffers)
+        self.kernel_tensors, self.kernel_layout, self.kernel_holds = None, None, ()
 
     def check_tensor(self, prefix, name, tensor):
         """One clear ValueError, naming the tensor, for anything that is not exactly the on-disk format."""
@@ -382,11 +467,10 @@ class QuantizedModule(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)  # bias, then the buffers held
-        if self.kernel_layout is not None:  # the codes are held only in the kernel's layout: save our nibbles
-            destination[prefix + "qweight"] = self.stored_qweight()
-            for name in ("scales", "zeros"):  # after qweight, as always: the same keys in the same order
-                if prefix + name in destination:
-                    destination[prefix + name] = destination.pop(prefix + name)
+        if self.kernel_holds:  # codes or scales held only in the kernel's layout: save them in our format, and
+            for name in self.expected_buffers():  # every buffer in its registered order: the same keys, same order
+                key = prefix + name
+                destination[key] = destination.pop(key) if name not in self.kernel_holds else self.stored_buffer(name)
 
     def _apply(self, fn, recurse=True):
         # model.to(torch.bfloat16) casts every floating-point buffer. Our float16 scales and zeros are part of the
@@ -439,13 +523,14 @@ class QuantLinear(QuantizedModule):
     def load_quantized(self, weight):
         tensors = in_row_slices(quantize_int8, weight) if self.bits == 8 else \
             in_row_slices(quantize_int4, weight, self.group_size, self.scheme)
-        self.kernel_tensors, self.kernel_layout = None, None  # they were built from the old weight
+        self.kernel_tensors, self.kernel_layout, self.kernel_holds = None, None, ()  # built from the old weight
         self._buffers.clear()  # refilled in the registered order, qweight, scales(, zeros): state_dict's key order
         self._buffers.update(zip(self.expected_buffers(), tensors))
 
-    def codes(self, start=0, end=None):
+    def codes(self, start=0, end=None, out=None):
         """int4 only: the codes of output rows start .. end-1 (default all), [rows, Kp] uint8 with values 0..15,
-        unpacked from qweight or, if the kernel's layout holds the only copy, read back out of that."""
+        unpacked from qweight or, if the kernel's layout holds the only copy, read back out of that (into `out`,
+        if given)."""
         end = self.out_features if end is None else min(end, self.out_features)
         if self.kernel_layout is None:
             return unpack_int4(self.qweight[start:end])
@@ -455,19 +540,33 @@ class QuantLinear(QuantizedModule):
             raise ValueError(f"rows {start}..{end}: the kernel layout is read in whole blocks of {block} rows")
         # The kernel's [N, Kp/2] tensor stores each block of B rows in B rows' worth of bytes, so rows start .. end
         # of it are exactly the blocks of those output rows.
-        return codes_from_kernel_layout(self.kernel_tensors[0][start:end], end - start, layout)
+        return codes_from_kernel_layout(self.kernel_tensors[0][start:end], end - start, layout, out)
 
-    def stored_qweight(self):
-        return self.qweight if self.kernel_layout is None else pack_int4(self.codes())
+    def stored_buffer(self, name, start=0, end=None):
+        """Buffer `name` (qweight, scales, zeros) of the on-disk format, output rows start .. end-1 (default all):
+        the buffer itself, or rebuilt from the kernel's copy where that is the only one (kernel_holds)."""
+        if name not in self.kernel_holds:
+            return self._buffers[name] if start == 0 and end is None else self._buffers[name][start:end]
+        if name == "qweight":
+            return pack_int4(self.codes(start, end))
+        # The kernel's [Kp/G, N, 2] bfloat16 (scale, zero) pairs: prepare_fast_path checked that these give our
+        # float16 numbers back bit for bit
+        pairs = self.kernel_tensors[1][:, start:end, 0 if name == "scales" else 1]  # [Kp/G, rows]
+        return pairs.to(SCALE_DTYPE).t().contiguous()  # [rows, Kp/G]
 
-    def dequantize(self, start=0, end=None):
-        """The float32 weight [N, K] that this layer stands for, or its output rows start .. end-1 only."""
-        rows = slice(start, end)
+    def dequantize(self, start=0, end=None, reuse=False):
+        """The float32 weight [N, K] that this layer stands for, or its output rows start .. end-1 only. With
+        `reuse`, it (and the int4 codes on the way) lives in scratch() memory that the next such call overwrites."""
+        rows = (min(end, self.out_features) if end is not None else self.out_features) - start
+        padded = padded_in_features(self.in_features, self.bits, self.group_size)
+        device = self.kernel_tensors[1].device if self.kernel_holds else self.scales.device
+        out = scratch("weight", rows * padded, torch.float32, device) if reuse else None
         if self.bits == 8:
-            return dequantize_int8(self.qweight[rows], self.scales[rows])
-        zeros = self.zeros[rows] if self.scheme == "asymmetric" else None
-        return dequantize_int4_codes(self.codes(start, end), self.scales[rows], zeros, self.group_size,
-                                     self.in_features)
+            return dequantize_int8(self.qweight[start:end], self.scales[start:end], out)
+        codes = self.codes(start, end, scratch("codes", rows * padded, torch.uint8, device) if reuse else None)
+        zeros = self.stored_buffer("zeros", start, end) if self.scheme == "asymmetric" else None
+        return dequantize_int4_codes(codes, self.stored_buffer("scales", start, end), zeros, self.group_size,
+                                     self.in_features, out)
 
     def forward(self, x):  # x: (..., K) -> (..., N)
         rows = x.numel() // self.in_features
@@ -480,14 +579,33 @@ class QuantLinear(QuantizedModule):
         either: SLICE_WEIGHTS weights (a slice of output rows) at a time, which cuts the prefill's peak memory
         (fc1: four 2560-row slices of 26 MB instead of 105 MB at once) at no measurable cost in time."""
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        pieces = [F.linear(x, self.dequantize(start, end).to(x.dtype), None if bias is None else bias[start:end])
-                  for start, end in row_slices(self.out_features, self.in_features)]
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
+        slices = row_slices(self.out_features, self.in_features)
+        # Without autograd (generation), the dequantized weight lives in scratch memory, reused by every call: it is
+        # dead once F.linear returns. With autograd, F.linear may keep it for the backward pass: a fresh tensor.
+        reuse = not torch.is_grad_enabled()
+        if len(slices) == 1:
+            return F.linear(x, self.dequantize(reuse=reuse).to(x.dtype), bias)
+        if not reuse:  # autograd does not go through out= ops: the slices' products, then one torch.cat of them
+            return torch.cat([F.linear(x, self.dequantize(start, end).to(x.dtype),
+                                       None if bias is None else bias[start:end]) for start, end in slices], dim=-1)
+        # Each slice's product goes straight into its columns of one output, allocated once the first slice is
+        # dequantized (fc1 at 770 prefill rows: 32 MB, held once; no list of pieces and torch.cat copy of them).
+        x2d, out = x.reshape(-1, self.in_features), None
+        for start, end in slices:
+            weight = self.dequantize(start, end, reuse).to(x.dtype).t()
+            out = x.new_empty(x2d.shape[0], self.out_features) if out is None else out
+            if bias is None:
+                torch.mm(x2d, weight, out=out[:, start:end])
+            else:
+                torch.addmm(bias[start:end], x2d, weight, out=out[:, start:end])
+            del weight
+        return out.view(*x.shape[:-1], self.out_features)
 
     def fast_path_supported(self) -> bool:
         # Shape limits, measured on torch 2.13 (every Linear of Imp meets them): the int4 kernel refuses N that is
         # not a multiple of 16, and the int8 kernel returns NaN or crashes when K is not a multiple of 16.
-        return (self.scales.device.type == "cpu" and packed_kernels_available()[self.bits]
+        scales = self.kernel_tensors[1] if "scales" in self.kernel_holds else self.scales
+        return (scales.device.type == "cpu" and packed_kernels_available()[self.bits]
                 and self.in_features % 16 == 0 and (self.bits == 8 or self.out_features % 16 == 0))
 
     def prepare_fast_path(self):
@@ -496,10 +614,12 @@ class QuantLinear(QuantizedModule):
         int8: the kernel reads our int8 [N, K] weight as it is: one copy, shared.
         int4: the converter reorders the codes. When the order is one that codes_from_kernel_layout undoes, checked
         exactly on this very layer, the kernel's copy becomes the only one and the `qweight` buffer is dropped
-        (0.5 bytes per weight); codes() and stored_qweight() read the codes back out of it. Otherwise both stay.
-        The scales cannot be shared that way: the kernel wants bfloat16 (scale, zero) pairs (the float16 one runs
-        a scalar loop on x86, 10-60x slower), and bfloat16 holds 3 bits fewer than our float16 scales, so the
-        float16 buffers stay (the readable path and saving use them) beside 4 bytes of pairs per group."""
+        (0.5 bytes per weight); codes() and stored_buffer() read the codes back out of it. Otherwise both stay.
+        The scales likewise: the kernel wants bfloat16 (scale, zero) pairs (its float16 variant runs a scalar loop
+        on x86, 10-60x slower). quantize_int4 rounds every scale and zero to a number both float16 and bfloat16
+        hold exactly (kernel_exact), so the pairs give the float16 `scales` (and `zeros`) back bit for bit:
+        checked exactly on this layer, and then those buffers are dropped too (2 or 4 bytes per group). A file
+        whose scales bfloat16 does not hold (written by an older quant.py) keeps them beside the pairs."""
         if self.kernel_tensors is not None:
             return self.kernel_tensors
         if self.bits == 8:  # scales must have the activations' dtype
@@ -516,7 +636,15 @@ class QuantLinear(QuantizedModule):
         if layout and torch.equal(codes_from_kernel_layout(packed, self.out_features, INT4_KERNEL_LAYOUTS[layout]),
                                   codes):
             del self._buffers["qweight"]
-            self.kernel_layout = layout
+            self.kernel_layout, self.kernel_holds = layout, ("qweight",)
+        del codes
+        pairs = self.kernel_tensors[1]
+        if all(same_bits(pairs[..., index].t(), self._buffers[name])
+               for index, name in enumerate(("scales", "zeros")) if name in self._buffers):
+            for name in ("scales", "zeros"):
+                if name in self._buffers:
+                    del self._buffers[name]
+                    self.kernel_holds += (name,)
         return self.kernel_tensors
 
     def forward_fast(self, x):  # only where fast_path_supported(); forward() checks
@@ -533,6 +661,7 @@ class QuantLinear(QuantizedModule):
     def extra_repr(self):
         group = f", group_size={self.group_size}, scheme={self.scheme}" if self.bits == 4 else ""
         held = f", codes held in the {self.kernel_layout} kernel layout only" if self.kernel_layout else ""
+        held += ", scales held in the kernel's bfloat16 pairs only" if "scales" in self.kernel_holds else ""
         return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, bits={self.bits}{group}{held}"
 
 

@@ -85,9 +85,10 @@ def test_quick_quantized_rows_hold_their_weights_once_and_a_16_bit_cache(quick):
         if rows[dtype]["compute_dtype"] == "float32":
             assert rows[dtype]["cache_dtype"] == "float16"
     int4 = rows["int4"]
-    # In memory beside the stored format: only the kernel's bfloat16 (scale, zero) pairs (+22% of an int4 layer at
-    # G=32); a second copy of the 4-bit codes would add 89% more.
-    assert int4["weight_bytes"] < int4["resident_weight_bytes"] < (1.3 if layout_known else 2.2) * int4["weight_bytes"]
+    # In memory: the kernel's bfloat16 (scale, zero) pairs in place of the float16 scales, +2 bytes per group (+11%
+    # of an int4 layer at G=32, +6% of this model); the float16 scales kept beside them would make that +22% of an
+    # int4 layer (+12% here), a second copy of the 4-bit codes 89% more.
+    assert int4["weight_bytes"] < int4["resident_weight_bytes"] < (1.1 if layout_known else 2.2) * int4["weight_bytes"]
 
 
 def test_quick_prints_table_and_targets(quick):

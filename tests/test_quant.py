@@ -24,6 +24,12 @@ def random_weight(out_features, in_features, seed=0):
     return weight
 
 
+def same_bytes(a, b):
+    """The same dtype, shape and bytes (torch.equal says -0.0 == 0.0; a saved file would differ)."""
+    a, b = a.contiguous(), b.contiguous()
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
 # -- 1. the math ------------------------------------------------------------------------------------------------
 
 
@@ -97,6 +103,64 @@ def test_relative_errors_are_the_expected_size():
     # ~8%, symmetric 2.05 sigma / 8 -> ~9%. (Row 0's outlier makes int8 a little worse.) Catches e.g. a wrong
     # nibble order, a lost zero point, a wrong sign of the symmetric scale.
     assert error8 < 0.015 and 0.04 < asymmetric < symmetric < 0.13
+
+
+def test_kernel_exact_numbers_are_held_exactly_by_float16_and_bfloat16():
+    # Every bfloat16 number, and the float32 numbers just beside each (so both roundings are exercised).
+    numbers = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    numbers = numbers[torch.isfinite(numbers)]
+    numbers = torch.cat([numbers, numbers * (1 + 2**-10), numbers * (1 - 2**-10)])
+    for round_up in (False, True):
+        values = numbers.abs() if round_up else numbers
+        exact = quant.kernel_exact(values, round_up=round_up)
+        finite = torch.isfinite(exact)
+        assert exact.dtype == torch.float16 and not finite[values.abs() < 65000].logical_not().any()
+        assert same_bytes(exact[finite].to(torch.bfloat16).to(torch.float16), exact[finite])  # both hold it
+        normal = finite & (values.abs() >= 2**-14)  # float16's normal range: the bfloat16 rounding itself
+        assert torch.equal(exact[normal].float(), values[normal].to(torch.bfloat16).float() if not round_up else
+                           exact[normal].float())
+        assert ((exact[normal].float() - values[normal]).abs() <= values[normal].abs() * 2**-7).all()
+        if round_up:
+            assert (exact[normal].float() >= values[normal]).all()
+
+
+@pytest.mark.parametrize("scheme", ["symmetric", "asymmetric"])
+@pytest.mark.parametrize("magnitude", [1e-6, 1e-3, 1.0, 1e3])  # weights of std 2e-8 (scales below float16's
+def test_int4_scales_and_zeros_are_exact_in_bfloat16(scheme, magnitude):  # normal range) .. std 20
+    weight = random_weight(24, 256) * magnitude
+    qweight, *numbers = quant.quantize_int4(weight, 32, scheme)
+    for tensor in numbers:  # what lets a layer keep them only in the kernel's bfloat16 pairs
+        assert tensor.dtype == torch.float16 and torch.isfinite(tensor).all()
+        assert same_bytes(tensor.to(torch.bfloat16).to(torch.float16), tensor)
+    if magnitude >= 1e-3:  # (below, float16 itself rounds the scales coarsely, as it always did)
+        zeros = numbers[1] if scheme == "asymmetric" else None
+        error = (quant.dequantize_int4(qweight, numbers[0], zeros, 32, 256) - weight).norm() / weight.norm()
+        assert 0.03 < error < 0.13
+
+
+@pytest.mark.parametrize("scheme", ["symmetric", "asymmetric"])
+def test_rounding_the_scales_to_bfloat16_loosens_no_error_bound(scheme):
+    # Gaussian groups; groups far from 0 relative to their range (1 + 0.02 randn: the bfloat16 rounding of a zero
+    # near 1 moves it by up to 0.6 steps there); constant groups; and tied extremes of both signs.
+    generator = torch.Generator().manual_seed(4)
+    weight = torch.randn(256, 512, generator=generator) * 0.02
+    weight[:64] += 1.0
+    weight[64:80] = 0.3
+    weight[80:96, 0::32], weight[80:96, 1::32] = 0.09, -0.09  # 0.09 / 8 rounds down to 8 bits: the far side
+    weight[96:112, 0::32], weight[96:112, 1::32] = 0.09, -0.09 * (1 - 2**-9)  # would lie past 8 steps
+    qweight, *numbers = quant.quantize_int4(weight, 32, scheme)
+    zeros = per_group(numbers[1], 32) if scheme == "asymmetric" else 0
+    scales = per_group(numbers[0], 32)
+    step = scales.abs()
+    error = (quant.dequantize_int4(qweight, *numbers, *([None] * (scheme == "symmetric")), 32, 512) - weight).abs()
+    if scheme == "symmetric":  # w / scale <= 8 (the extreme's side: >= -8 - 8 * 2^-8, rounded to code 0); only
+        ratio = weight / scales  # weights past 7.5 steps are clamped, by at most one step
+        assert ratio.max() <= 8 and ratio.min() >= -8 * (1 + 2**-8)
+        assert torch.all(error[ratio <= 7.5] <= 0.5 * step[ratio <= 7.5] * (1 + 1e-6))
+        assert torch.all(error <= step * (1 + 1e-6))
+    else:  # every weight within half a step, even far from 0 (no clamping beyond it); a constant group c gets
+        assert torch.all(error <= 0.5 * step * (1 + 1e-5) + 1e-7)  # a tiny step that brings the rounded zero
+        assert torch.all(error[64:80] <= 0.3 * 2**-12)  # back to within 2^-12 c (float16 alone: 2^-11)
 
 
 @pytest.mark.parametrize("bits,scheme", [(8, "symmetric"), (4, "symmetric"), (4, "asymmetric")])
@@ -258,9 +322,12 @@ def test_fast_path_keeps_one_copy_and_the_readable_path_is_unchanged(out_feature
 
     layer.prepare_fast_path()
     assert "qweight" not in layer._buffers and layer.kernel_layout == quant.int4_kernel_layout()
+    # quantize_int4's scales (and zeros) are exact in bfloat16: held only in the kernel's pairs too
+    assert not {"scales", "zeros"} & set(layer._buffers) and set(layer.kernel_holds) == set(before) - {"bias"}
     packed, scales_and_zeros = layer.kernel_tensors  # the codes in the kernel's order: as many bytes as qweight
-    assert packed.nbytes == before["qweight"].nbytes  # held instead of qweight, not beside it:
-    assert layer.resident_bytes() == resident + scales_and_zeros.nbytes
+    assert packed.nbytes == before["qweight"].nbytes  # held instead of qweight, not beside it; the pairs instead
+    float16 = sum(before[name].nbytes for name in ("scales", "zeros") if name in before)  # of the float16 numbers:
+    assert layer.resident_bytes() == resident + scales_and_zeros.nbytes - float16
     # The readable path (prefill) reads the codes back out of the kernel's layout: the very same weight.
     assert torch.equal(layer.dequantize(), weight) and torch.equal(layer.forward_readable(x), readable)
     assert torch.equal(layer(x), readable)  # more rows than FAST_PATH_MAX_ROWS: forward() takes that path
@@ -270,8 +337,11 @@ def test_fast_path_keeps_one_copy_and_the_readable_path_is_unchanged(out_feature
     # Saving writes our format, rebuilt: same keys, same order, same bytes.
     after = layer.state_dict()
     assert list(after) == list(before) == ["bias", "qweight", "scales"] + ["zeros"] * (scheme == "asymmetric")
-    assert all(torch.equal(after[k], before[k]) and after[k].dtype == before[k].dtype for k in before)
+    assert all(same_bytes(after[k], before[k]) for k in before)
     assert torch.equal(layer.stored_qweight(), before["qweight"])
+    for start, end in ((0, 64), (64, None)) if out_features > 64 else ((0, None),):  # and any block of rows
+        for name in set(before) - {"bias"}:
+            assert same_bytes(layer.stored_buffer(name, start, end), before[name][start:end])
 
 
 @needs_kernels
@@ -291,6 +361,44 @@ def test_both_copies_are_kept_when_the_inverse_is_not_exact(monkeypatch, failure
     assert_fast_matches_readable(layer.forward_fast(x), layer.forward_readable(x), x, weight)
 
 
+def not_bfloat16_exact(numbers, rows=slice(None)):
+    """float16 numbers with 9-11 significant bits (as quant.py wrote them before kernel_exact): each non-zero one
+    of `rows` nudged by one float16 unit, so that bfloat16 no longer holds it."""
+    numbers = numbers.clone()
+    bits = numbers[rows].view(torch.int16)
+    numbers[rows] = torch.where(numbers[rows] != 0, bits + 1, bits).view(torch.float16)
+    return numbers
+
+
+@needs_kernels
+@pytest.mark.parametrize("scheme,nudged", [("symmetric", "scales"), ("asymmetric", "scales"),
+                                           ("asymmetric", "zeros")])
+def test_scales_bfloat16_cannot_hold_are_kept_in_float16(scheme, nudged):
+    # A file written by an older quant.py: float16 scales (or zeros) with more bits than bfloat16 keeps. The
+    # kernel's pairs round them; the layer keeps its float16 buffers beside them (all of them: scales and zeros
+    # go together), and the readable path and saving use those, as before.
+    layer = int4_layer(112, 96, 32, scheme)
+    with torch.no_grad():
+        layer._buffers[nudged] = not_bfloat16_exact(layer._buffers[nudged], rows=slice(70, 71))  # one row only
+    before = {name: tensor.clone() for name, tensor in layer.state_dict().items()}
+    weight, resident = layer.dequantize(), layer.resident_bytes()
+    layer.prepare_fast_path()
+    assert {"scales", "zeros"} & set(layer.kernel_holds) == set() and "scales" in layer._buffers
+    assert ("zeros" in layer._buffers) == (scheme == "asymmetric")
+    assert ("qweight" in layer.kernel_holds) == (quant.int4_kernel_layout() is not None)  # the codes still go
+    codes = before["qweight"].nbytes if "qweight" in layer.kernel_holds else 0
+    assert layer.resident_bytes() == resident + layer.kernel_tensors[1].nbytes - codes + layer.kernel_tensors[0].nbytes
+    assert torch.equal(layer.dequantize(), weight)  # the float16 numbers, not the pairs' rounding of them
+    after = layer.state_dict()
+    assert list(after) == list(before) and all(same_bytes(after[k], before[k]) for k in before)
+    x = torch.randn(3, 96, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(2))
+    assert_fast_matches_readable(layer.forward_fast(x), layer.forward_readable(x), x, weight)
+    layer.to(torch.float32)  # released and rebuilt: the same again
+    assert all(same_bytes(layer.state_dict()[k], before[k]) for k in before)
+    layer(x.float())
+    assert "scales" in layer._buffers and torch.equal(layer.dequantize(), weight)
+
+
 @pytest.mark.parametrize("bits,prepared", [(8, False), (4, False), (4, True)])
 def test_readable_path_dequantizes_large_weights_a_slice_of_rows_at_a_time(monkeypatch, bits, prepared):
     layer = quant.QuantLinear.from_linear(linear_with(random_weight(176, 96, seed=3)), bits, 32)  # 2 x 64 + 48
@@ -308,6 +416,29 @@ def test_readable_path_dequantizes_large_weights_a_slice_of_rows_at_a_time(monke
             layer.codes(32, 96)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_readable_path_reuses_scratch_memory_only_without_autograd(monkeypatch, bits):
+    layer = quant.QuantLinear.from_linear(linear_with(random_weight(176, 96, seed=5)), bits, 32)
+    if quant.packed_kernels_available()[bits]:
+        layer.prepare_fast_path()
+    monkeypatch.setattr(quant, "SLICE_WEIGHTS", 64 * 96)  # three slices: 64, 64, 48 rows
+    x = torch.randn(quant.FAST_PATH_MAX_ROWS + 1, 96, generator=torch.Generator().manual_seed(3))
+    weight = layer.dequantize()
+    expected = F.linear(x, weight, layer.bias)
+    for mode in (torch.inference_mode, torch.no_grad):  # generation: the weight is dead once F.linear returns
+        with mode():
+            first = layer.forward_readable(x)
+            memory = quant.scratch("weight", 1, torch.float32, "cpu").data_ptr()
+            assert torch.equal(layer.forward_readable(x), first)
+            assert quant.scratch("weight", 1, torch.float32, "cpu").data_ptr() == memory  # reused, not new
+            assert torch.equal(layer.dequantize(reuse=True), weight)
+        torch.testing.assert_close(first, expected, rtol=1e-6, atol=1e-6)
+    # With autograd, F.linear keeps the weight for the backward pass: a fresh one per slice, and the right gradient.
+    x.requires_grad_(True)
+    layer.forward_readable(x).sum().backward()
+    torch.testing.assert_close(x.grad, weight.sum(0).expand_as(x), rtol=1e-6, atol=1e-6)
+
+
 @needs_known_layout
 def test_to_and_load_state_dict_on_a_layer_that_holds_only_the_kernel_layout():
     layer = int4_layer(80, 64)
@@ -317,7 +448,7 @@ def test_to_and_load_state_dict_on_a_layer_that_holds_only_the_kernel_layout():
     assert list(layer._buffers) == ["qweight", "scales"] and torch.equal(layer.qweight, state["qweight"])
     x = torch.randn(2, 64, dtype=torch.bfloat16)
     layer(x)
-    assert layer.kernel_layout is not None and "qweight" not in layer._buffers  # rebuilt, and dropped again
+    assert layer.kernel_layout is not None and list(layer._buffers) == []  # rebuilt; codes and scales dropped again
     other = int4_layer(80, 64)
     other.prepare_fast_path()
     other.load_state_dict(state)  # into a layer holding only the kernel layout: takes the new tensors
@@ -417,11 +548,45 @@ def test_safetensors_round_trip_into_a_meta_skeleton(tmp_path, bits, scheme):
     quant.prepare_for_loading(fresh, config)
     fresh.load_state_dict(load_file(tmp_path / "model.safetensors"), assign=True, strict=True)
     quant.finish_loading(fresh.eval())
+    if bits == 4 and quant.packed_kernels_available()[4]:  # every int4 layer keeps its scales only in the pairs
+        assert all("scales" in m.kernel_holds and "scales" not in m._buffers for m in fresh.modules()
+                   if isinstance(m, quant.QuantLinear) and m.bits == 4)
     input_ids, image = tiny_inputs(tokens=2)  # a few rows: the fast path, where it exists
     assert torch.equal(fresh(input_ids, image), model(input_ids, image))
-    assert fresh.state_dict().keys() == state.keys()
-    assert all(torch.equal(fresh.state_dict()[k], state[k]) and fresh.state_dict()[k].dtype == state[k].dtype
-               for k in state)
+    input_ids, image = tiny_inputs(tokens=quant.FAST_PATH_MAX_ROWS + 1)  # the readable path
+    assert torch.equal(fresh(input_ids, image), model(input_ids, image))
+    assert list(fresh.state_dict()) == list(state)
+    assert all(same_bytes(fresh.state_dict()[k], state[k]) for k in state)  # saved again: the very same bytes
+
+
+@pytest.mark.parametrize("scheme", ["symmetric", "asymmetric"])
+def test_old_file_whose_scales_bfloat16_cannot_hold_loads_and_saves_unchanged(tmp_path, scheme):
+    # The scales of one layer as an older quant.py wrote them (float16, not bfloat16-exact): that layer keeps its
+    # float16 copy, the others hold theirs in the kernel's pairs only; saved again, the file is the same.
+    model = tiny_model()
+    config = quant.quantize_model(model, bits=4, group_size=32, include_vision=True, scheme=scheme)
+    state = dict(model.state_dict())
+    state["llm.layers.0.1.scales"] = not_bfloat16_exact(state["llm.layers.0.1.scales"])
+    save_file(state, tmp_path / "model.safetensors")
+    with torch.device("meta"):
+        fresh = TinyImp()
+    quant.prepare_for_loading(fresh, config)
+    fresh.load_state_dict(load_file(tmp_path / "model.safetensors"), assign=True, strict=True)
+    quant.finish_loading(fresh.eval())
+    old, new = fresh.llm.layers[0][1], fresh.llm.layers[1][1]
+    if quant.packed_kernels_available()[4]:
+        assert "scales" in old._buffers and "scales" not in old.kernel_holds
+        assert "scales" not in new._buffers and "scales" in new.kernel_holds
+    for name, module in fresh.named_modules():  # every layer decodes the file's numbers, whichever it holds
+        if isinstance(module, quant.QuantLinear) and module.bits == 4:
+            zeros = state[f"{name}.zeros"] if scheme == "asymmetric" else None
+            expected = quant.dequantize_int4(state[f"{name}.qweight"], state[f"{name}.scales"], zeros, 32,
+                                             module.in_features)
+            assert torch.equal(module.dequantize(), expected)
+    assert list(fresh.state_dict()) == list(state)
+    assert all(same_bytes(fresh.state_dict()[k], state[k]) for k in state)
+    save_file(fresh.state_dict(), tmp_path / "again.safetensors")
+    assert (tmp_path / "again.safetensors").read_bytes() == (tmp_path / "model.safetensors").read_bytes()
 
 
 @pytest.mark.parametrize("bits,scheme", [(4, "symmetric"), (4, "asymmetric"), (8, "symmetric")])
@@ -433,6 +598,8 @@ def test_saved_file_is_the_same_whether_or_not_the_fast_path_was_built(tmp_path,
     dropped = bits == 4 and quant.packed_kernels_available()[4] and quant.int4_kernel_layout() is not None
     assert any(held_by_kernel) == dropped and not any(m.kernel_tensors for m in plain.modules()
                                                       if isinstance(m, quant.QuantizedModule))
+    scales_in_pairs = [m for m in prepared.modules() if isinstance(m, quant.QuantLinear) and "scales" in m.kernel_holds]
+    assert bool(scales_in_pairs) == (bits == 4 and quant.packed_kernels_available()[4])
     save_file(prepared.state_dict(), tmp_path / "prepared.safetensors")
     save_file(plain.state_dict(), tmp_path / "plain.safetensors")
     assert list(prepared.state_dict()) == list(plain.state_dict())
