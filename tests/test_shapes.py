@@ -221,3 +221,48 @@ def test_examples_folder_is_what_make_examples_draws(tmp_path, capsys):
     assert capsys.readouterr().out.count("scene shapes-examples-") == len(make_examples.WANTED) == 5
     for name in make_examples.WANTED:
         assert (tmp_path / name).read_bytes() == open(os.path.join(root, "examples", name), "rb").read(), name
+
+
+def load_tool(name):
+    import importlib.util
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(root, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_position_probe_reads_the_column_and_nothing_else():
+    """tools/probe_position.py (README, "The demo model"): position vectors that encode the column give R² ~1 at the
+    "+ position embedding" stage, ones that encode only the row give ~0 there (or below: a least-squares fit on few
+    pictures does worse than the mean on new ones), whatever the patches show."""
+    import torch
+    import imp
+    probe_position = load_tool("probe_position")
+    model = imp.Imp.from_pretrained("checkpoints/demo", with_tokenizer=False).eval()
+    cells = model.config.vision.image_size // model.config.vision.patch_size  # 8
+    direction = torch.randn(model.config.vision.hidden_size, generator=torch.Generator().manual_seed(0))
+    index = torch.arange(cells * cells)
+    with torch.no_grad():
+        for encoded, expected in ((index % cells, (0.999, 1.0)), (index // cells, (-float("inf"), 0.1))):
+            model.vision.position_embedding.weight.copy_(100 * encoded.float()[:, None] * direction)
+            results = probe_position.probe(model, num_images=64)
+            assert list(results)[:2] == ["patch embedding", "+ position embedding"]
+            assert list(results)[-1] == "connector" and len(results) == 3 + len(model.vision.layers)
+            for r_squared in results["+ position embedding"]:  # all patches, shape patches
+                assert expected[0] <= r_squared <= expected[1], (encoded[:10].tolist(), results)
+            assert results["patch embedding"][0] < 0.2  # what a patch shows says (almost) nothing about its column
+        # The probe's stages are the model's own: its last two are what SigLIP.forward and encode_images return.
+        pixel_values = torch.rand(2, 3, 112, 112, generator=torch.Generator().manual_seed(1)) * 2 - 1
+        stages = probe_position.image_path_stages(model, pixel_values)
+        torch.testing.assert_close(stages[-2][1], model.vision(pixel_values), rtol=0, atol=0)
+        torch.testing.assert_close(stages[-1][1], model.encode_images(pixel_values), rtol=0, atol=0)
+
+
+def test_position_probe_command_line(capsys):
+    probe_position = load_tool("probe_position")
+    assert probe_position.main(["--images", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "stage" in out and "+ position embedding" in out and "connector" in out
+    assert probe_position.main(["--model", "no/such/folder"]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
