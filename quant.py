@@ -412,10 +412,6 @@ class QuantizedModule(nn.Module):
                 return self.stored_buffer(name)
             raise
 
-    def stored_qweight(self):
-        """`qweight` in our on-disk format (QuantLinear rebuilds it when only the kernel's layout is held)."""
-        return self.stored_buffer("qweight")
-
     def stored_bytes(self) -> int:
         """Bytes of the tensors this layer saves (qweight, scales, zeros, bias): its share of the file."""
         buffers = sum(math.prod(shape) * dtype.itemsize for shape, dtype in self.expected_buffers().values())

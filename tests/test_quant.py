@@ -338,7 +338,7 @@ def test_fast_path_keeps_one_copy_and_the_readable_path_is_unchanged(out_feature
     after = layer.state_dict()
     assert list(after) == list(before) == ["bias", "qweight", "scales"] + ["zeros"] * (scheme == "asymmetric")
     assert all(same_bytes(after[k], before[k]) for k in before)
-    assert torch.equal(layer.stored_qweight(), before["qweight"])
+    assert torch.equal(layer.stored_buffer("qweight"), before["qweight"])
     for start, end in ((0, 64), (64, None)) if out_features > 64 else ((0, None),):  # and any block of rows
         for name in set(before) - {"bias"}:
             assert same_bytes(layer.stored_buffer(name, start, end), before[name][start:end])
@@ -452,7 +452,7 @@ def test_to_and_load_state_dict_on_a_layer_that_holds_only_the_kernel_layout():
     other = int4_layer(80, 64)
     other.prepare_fast_path()
     other.load_state_dict(state)  # into a layer holding only the kernel layout: takes the new tensors
-    assert torch.equal(other.stored_qweight(), state["qweight"]) and torch.equal(other.dequantize(), layer.dequantize())
+    assert torch.equal(other.stored_buffer("qweight"), state["qweight"]) and torch.equal(other.dequantize(), layer.dequantize())
 
 
 # -- 3. whole models, the on-disk format, loading --------------------------------------------------------------
