@@ -184,11 +184,32 @@ def test_lora_merge_gives_the_same_logits(data, base, stage2, tmp_path):
     assert (expected - imp.Imp.from_pretrained(str(base))(input_ids, pixels)).abs().max() > 1e-3  # LoRA did move it
 
 
+def test_group_by_length_pads_less_and_still_takes_every_sample_once_per_epoch():
+    generator = torch.Generator().manual_seed(0)
+    lengths = (80 + 120 * torch.rand(1003, generator=generator)).int().tolist()
+    num_steps = 1003 // 8  # one epoch; the last 3 samples are dropped
+
+    def padding(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+    plain = [train.batch_indices(step, 1003, 8, 5) for step in range(num_steps)]
+    grouped = [train.batch_indices(step, 1003, 8, 5, lengths, group=10) for step in range(num_steps)]
+    taken = sorted(i for batch in grouped for i in batch)
+    assert len(taken) == len(set(taken)) == num_steps * 8
+    assert set(taken) == set(i for batch in plain for i in batch)  # the same samples as the plain epoch
+    assert padding(grouped) < padding(plain) / 5  # ~1/9 here
+    for start in range(0, num_steps - 10, 10):  # within a megabatch the batches come in a random order
+        longest = [max(lengths[i] for i in batch) for batch in grouped[start:start + 10]]
+        assert longest != sorted(longest) and longest != sorted(longest, reverse=True)
+    assert train.batch_indices(17, 1003, 8, 5, lengths, group=10) == grouped[17]  # pure: the same batch again
+    assert train.batch_indices(num_steps + 17, 1003, 8, 5, lengths, group=10) != grouped[17]  # next epoch: another
+
+
 # -- resume and distributed --------------------------------------------------------------------------------------
 
-def test_resume_gives_the_same_losses(data, base, tmp_path, monkeypatch):
+@pytest.mark.parametrize("grouping", [[], ["--group-by-length"]], ids=["random-batches", "grouped-by-length"])
+def test_resume_gives_the_same_losses(data, base, tmp_path, monkeypatch, grouping):
     args = ["--stage", 2, "--model", base, "--data", data / "train.json", "--image-folder", data, "--batch-size", 8,
-            "--micro-batch-size", 4, "--max-steps", 6, "--lora-rank", 4, "--save-every", 3, "--lr", 1e-2]
+            "--micro-batch-size", 4, "--max-steps", 6, "--lora-rank", 4, "--save-every", 3, "--lr", 1e-2, *grouping]
     run(*args, "--out", tmp_path / "straight")  # LoRA dropout is on: resume must restore the RNG too
     real_batch_indices = train.batch_indices
 
