@@ -182,9 +182,7 @@ def make_questions(rng, scene):
         answer = "No, there is not."
     ask("exists", answer, color=color, shape=shape)
 
-    # Left/right only for two shapes of different types whose boxes do not share any column, so "on the left"
-    # can't be argued about. (The scene is sorted left to right.)
-    if count == 2 and scene[0]["shape"] != scene[1]["shape"] and scene[0]["box"][2] + GAP <= scene[1]["box"][0]:
+    if left_right_askable(scene):
         side = rng.choice(("left", "right"))
         item = scene[0] if side == "left" else scene[1]
         ask("position", f"The {item['shape']} is on the {side}.", side=side)
@@ -194,9 +192,25 @@ def make_questions(rng, scene):
     return questions
 
 
-def caption(scene):
-    """'A large red circle and a small blue triangle.' The shapes are listed left to right."""
-    parts = [f"a {item['size']} {item['color']} {item['shape']}" for item in scene]
+def left_right_askable(scene):
+    """Left/right is asked only for two shapes of different types whose boxes do not share any column, so "on the
+    left" can't be argued about. (The scene is sorted left to right.)"""
+    return (len(scene) == 2 and scene[0]["shape"] != scene[1]["shape"]
+            and scene[0]["box"][2] + GAP <= scene[1]["box"][0])
+
+
+def side_of(item, image_size=112):
+    """'on the left' or 'on the right' by the centre of the shape's box, 'in the middle' within 2 px of the centre."""
+    offset = item["x"] - image_size / 2
+    return "in the middle" if abs(offset) <= 2 else ("on the left" if offset < 0 else "on the right")
+
+
+def caption(scene, sides=False, image_size=112):
+    """'A large red circle and a small blue triangle.' The shapes are listed left to right. With `sides`, each shape
+    also says which half of the picture it is in: 'A large red circle on the left and a small blue triangle on the
+    right.'"""
+    parts = [f"a {item['size']} {item['color']} {item['shape']}" + (f" {side_of(item, image_size)}" if sides else "")
+             for item in scene]
     listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return listed[0].upper() + listed[1:] + "."
 
@@ -213,7 +227,8 @@ def _write_json(path, records):
     _write_atomic(path, json.dumps(records, indent=1, ensure_ascii=False).encode("utf-8"))
 
 
-def _make_split(out_dir, split, count, seed, image_size, progress, max_turns, layout):
+def _make_split(out_dir, split, count, seed, image_size, progress, max_turns, layout, left_right_share=0.0,
+                caption_sides=False):
     """Generate one split: write its images and return (caption records, question records)."""
     captions, records = [], []
     start = time.time()
@@ -222,6 +237,10 @@ def _make_split(out_dir, split, count, seed, image_size, progress, max_turns, la
         # name in it keeps the train and test streams disjoint.
         rng = random.Random(f"shapes-{seed}-{split}-{index}")
         image, scene = make_scene(rng, image_size, layout)
+        # --left-right-share: draw again (from the same stream) until the scene has a left/right question.
+        if left_right_share and rng.random() < left_right_share:
+            while not left_right_askable(scene):
+                image, scene = make_scene(rng, image_size, layout)
         relative = f"images/{split}_{index:06d}.png"
         buffer = io.BytesIO()
         image.save(buffer, format="PNG", optimize=False)
@@ -229,7 +248,7 @@ def _make_split(out_dir, split, count, seed, image_size, progress, max_turns, la
 
         sample_id = f"{split}_{index:06d}"
         captions.append({"id": sample_id, "image": relative, "conversations": [
-            {"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption(scene)}]})
+            {"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption(scene, caption_sides, image_size)}]})
         candidates = make_questions(rng, scene)
         num_turns = min(len(candidates), rng.randint(1, max_turns))
         shuffled = rng.sample(candidates, len(candidates))
@@ -251,11 +270,13 @@ def _make_split(out_dir, split, count, seed, image_size, progress, max_turns, la
     return captions, records
 
 
-def generate_dataset(out_dir, num_train, num_test, seed=0, image_size=112, progress=True, layout="grid", max_turns=6):
+def generate_dataset(out_dir, num_train, num_test, seed=0, image_size=112, progress=True, layout="grid", max_turns=6,
+                     left_right_share=0.0, caption_sides=False):
     """Write images/, captions.json, train.json and test.json under out_dir. Returns a summary dict."""
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     start = time.time()
-    captions, train = _make_split(out_dir, "train", num_train, seed, image_size, progress, max_turns, layout)
+    captions, train = _make_split(out_dir, "train", num_train, seed, image_size, progress, max_turns, layout,
+                                  left_right_share, caption_sides)
     _, test = _make_split(out_dir, "test", num_test, seed, image_size, progress, 1, layout)  # one question each
     _write_json(os.path.join(out_dir, "captions.json"), captions)
     _write_json(os.path.join(out_dir, "train.json"), train)
@@ -312,6 +333,16 @@ def _chain(*iterables):
         yield from iterable
 
 
+def _fraction(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:  # also rejects "nan"
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, got {text!r}")
+    return value
+
+
 def _positive_int(text):
     if not text.isdigit() or int(text) == 0:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
@@ -341,6 +372,11 @@ def main(argv=None):
                         help="grid (default): shapes on whole 14-px patch cells; free: anywhere (much harder for a tiny ViT)")
     parser.add_argument("--max-turns", type=_positive_int, default=6,
                         help="each training image gets 1 to N question turns, one per question type (default 6)")
+    parser.add_argument("--left-right-share", type=_fraction, default=0.0,
+                        help="train split only: this fraction of pictures is drawn so that it has a left/right question "
+                             "(default 0: ~13%% have one, as in the held-out split)")
+    parser.add_argument("--caption-sides", action="store_true",
+                        help="captions also name each shape's half of the picture ('... circle on the left and ...')")
     parser.add_argument("--force", action="store_true", help="write into --out even if it is not empty (files are overwritten)")
     parser.add_argument("--tokenizer-out", help="also train a byte-level BPE on the train texts and write DIR/tokenizer.json")
     parser.add_argument("--tokenizer-only", action="store_true", help="skip generation; train the tokenizer on --out's data")
@@ -369,7 +405,8 @@ def main(argv=None):
         if os.path.isdir(args.out) and os.listdir(args.out) and not args.force:
             fail(f"--out {args.out} is not empty; pass --force to overwrite")
         summary = generate_dataset(args.out, args.train, args.test, args.seed, args.image_size, layout=args.layout,
-                                   max_turns=args.max_turns)
+                                   max_turns=args.max_turns, left_right_share=args.left_right_share,
+                                   caption_sides=args.caption_sides)
         print(json.dumps(summary, indent=1))
         with open(os.path.join(args.out, "captions.json"), encoding="utf-8") as file:
             records = json.load(file)

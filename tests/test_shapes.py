@@ -116,6 +116,24 @@ def test_caption_lists_shapes_left_to_right():
     assert shapes.caption(scene[:1]) == "A large red circle."
     three = scene + [dict(shape="square", color="green", size="small", x=90)]
     assert shapes.caption(three) == "A large red circle, a small blue triangle and a small green square."
+    centred = dict(shape="square", color="green", size="small", x=57)
+    assert (shapes.caption(scene + [centred], sides=True) == "A large red circle on the left, a small blue triangle "
+            "on the left and a small green square in the middle.")  # x 50 < 56 - 2: left; 57 is within 2 px
+    assert shapes.caption(three[2:], sides=True) == "A small green square on the right."
+
+
+def test_left_right_share_adds_left_right_questions_to_the_train_split_only(tmp_path):
+    plain, boosted = tmp_path / "plain", tmp_path / "boosted"
+    shapes.generate_dataset(str(plain), 200, 20, seed=5, progress=False)
+    shapes.generate_dataset(str(boosted), 200, 20, seed=5, progress=False, left_right_share=0.5)
+
+    def share(folder):  # a left/right question, when a picture has one, is always its first turn
+        train = json.loads((folder / "train.json").read_text())
+        return sum(record["type"] == "position" for record in train) / len(train)
+    assert share(plain) < 0.25 and share(boosted) > 0.45  # ~13% and ~0.5 + 0.5 x 13%
+    assert (plain / "test.json").read_bytes() == (boosted / "test.json").read_bytes()
+    for record in json.loads((boosted / "test.json").read_text()):
+        assert (plain / record["image"]).read_bytes() == (boosted / record["image"]).read_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +223,11 @@ def test_cli_refuses_bad_input_with_one_line(tmp_path, capsys):
         shapes.main(["--out", str(tmp_path / "new"), "--max-turns", "0"])
     assert exit_info.value.code == 2 and ">= 1" in capsys.readouterr().err
 
+    for share in ("1.5", "nan", "half"):
+        with pytest.raises(SystemExit) as exit_info:
+            shapes.main(["--out", str(tmp_path / "new"), "--left-right-share", share])
+        assert exit_info.value.code == 2 and "from 0 to 1" in capsys.readouterr().err
+
     shapes.main(["--out", str(tmp_path), "--train", "20", "--test", "1", "--force", "--max-turns", "1"])
     assert all(len(r["conversations"]) == 2 for r in json.loads((tmp_path / "train.json").read_text()))
 
@@ -266,3 +289,34 @@ def test_position_probe_command_line(capsys):
     assert "stage" in out and "+ position embedding" in out and "connector" in out
     assert probe_position.main(["--model", "no/such/folder"]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_left_right_decoder_builds_what_it_says():
+    """tools/left_right_decoder.py (README, "The demo model"): its hand-made image tokens hold each patch's shape and
+    colour where the scene puts them plus a clean column ramp, and the deciding answer token is the right word."""
+    import torch
+    import imp
+    tool = load_tool("left_right_decoder")
+    tokenizer = imp.load_tokenizer("checkpoints/demo")
+    items = tool.left_right_scenes("test", 20)
+    assert all(shapes.left_right_askable(scene) for scene, _, _ in items)
+    assert {side for _, side, _ in items} == {"left", "right"}
+    tokens = tool.HandMadeImageTokens(128, column_scale=1.0)
+    scene = items[0][0]
+    made = tokens(scene)  # (64, 128)
+    columns = torch.arange(64) % 8
+    ramp = ((columns.float() - 3.5) / 3.5)[:, None] * tokens.column_direction
+    content = made - ramp  # what covers each patch, plus noise of std 0.1
+    x0, y0, x1, y1 = scene[0]["box"]
+    inside = (y0 // 14) * 8 + x0 // 14  # the first shape's top-left patch
+    expected = tokens.shape_vectors[scene[0]["shape"]] + tokens.color_vectors[scene[0]["color"]]
+    assert (content[inside] - expected).abs().max() < 0.6
+    assert (content[63 if inside != 63 else 0] - expected).abs().max() > 1  # a patch elsewhere holds something else
+    for item in items[:6]:
+        for task in tool.TASKS:
+            before, after, answer, deciding = tool.conversation(tokenizer, item, task)
+            scene, side, _ = item
+            word = tokenizer.decode([answer[deciding]]).strip()
+            assert word == ((scene[0] if side == "left" else scene[1])["shape"] if task == "compare" else side)
+    history = tool.run("side", steps=2, eval_every=1, num_train=16, num_test=10, log=lambda line: None)
+    assert [step for step, _, _ in history] == [1, 2] and all(0 <= accuracy <= 1 for _, _, accuracy in history)
