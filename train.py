@@ -284,8 +284,14 @@ def collate(samples, config: ImpConfig, device):
             images.append(imp.preprocess_image(imp.load_image(image), config.vision.image_size,
                                                config.image_aspect_ratio))
     pixel_values = torch.stack(images).to(device) if images else None
-    positions = sum(len(ids) + (image is not None) * (config.vision.num_patches - 1) for ids, _, image in samples)
+    positions = sum(spliced_length(sample, config) for sample in samples)
     return input_ids.to(device), labels.to(device), pixel_values, positions
+
+
+def spliced_length(sample, config: ImpConfig) -> int:
+    """Positions a sample takes in the language model: its <image> id becomes num_patches image tokens."""
+    ids, _, image = sample
+    return len(ids) + (image is not None) * (config.vision.num_patches - 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -631,9 +637,7 @@ def train(args):
                               "plain" if args.stage == 1 else "phi2", args.max_length, args.strict, log)
     if len(samples) < args.batch_size:
         raise DataError(f"{args.data}: {len(samples)} usable samples, fewer than one --batch-size ({args.batch_size})")
-    lengths = None
-    if args.group_by_length:  # positions after splicing: an image counts as its num_patches tokens
-        lengths = [len(ids) + (image is not None) * (model.config.vision.num_patches - 1) for ids, _, image in samples]
+    lengths = [spliced_length(sample, model.config) for sample in samples] if args.group_by_length else None
     steps_per_epoch = len(samples) // args.batch_size
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
     warmup_steps = math.ceil(args.warmup_ratio * total_steps)

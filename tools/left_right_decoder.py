@@ -90,8 +90,8 @@ def conversation(tokenizer, item, task):
     target = scene[0] if side == "left" else scene[1]
     question = (wording.format(side=side) if task == "compare"
                 else f"Is the {target['shape']} on the left or on the right?")
-    before = tokenizer.encode(imp.SYSTEM_PROMPT + " USER: ").ids
-    after = tokenizer.encode(f"\n{question} ASSISTANT:").ids
+    before, after = imp.build_prompt(question).split(imp.IMAGE_PLACEHOLDER)  # the inference prompt, cut at <image>
+    before, after = tokenizer.encode(before).ids, tokenizer.encode(after).ids
     answer = tokenizer.encode(f" The {target['shape']} is on the {side}.</s>").ids
     # The deciding token is the first one that differs from the answer with the other shape (compare) or side (side).
     other = (f" The {(scene[1] if side == 'left' else scene[0])['shape']} is on the {side}.</s>" if task == "compare"
