@@ -46,9 +46,13 @@ PARAPHRASES = {
     "count": ["How many shapes are there?", "How many objects are in the image?", "Count the shapes."],
     "exists": ["Is there a {color} {shape}?", "Does the image contain a {color} {shape}?", "Can you see a {color} {shape}?"],
     "position": ["Which shape is on the {side}?", "What shape is on the {side}?", "Which shape is further {side}?"],
+    # --position half: which half of the picture one named shape is in (a lookup, like "What color is the circle?").
+    "side": ["Is the {shape} on the left or on the right?", "Which side is the {shape} on?",
+             "Is the {shape} on the left side or the right side?"],
     "size": ["Is the {shape} large or small?", "Is the {shape} small or large?", "How big is the {shape}?"],
 }
-TYPES = tuple(PARAPHRASES)
+TYPES = tuple(kind for kind in PARAPHRASES if kind != "side")  # "side" is asked as the "position" type
+POSITION_STYLES = ("compare", "half")
 
 # Imp's "phi2" conversation template (imp.SYSTEM_PROMPT). The tokenizer is trained on it as well, so that a whole
 # prompt stays short.
@@ -143,14 +147,18 @@ def _boxes_touch(a, b):
     return not (a[2] + GAP <= b[0] or b[2] + GAP <= a[0] or a[3] + GAP <= b[1] or b[3] + GAP <= a[1])
 
 
-def make_questions(rng, scene):
-    """One question per type that can be answered unambiguously for this scene, as dicts(type, question, answer)."""
+def make_questions(rng, scene, position="compare", image_size=112):
+    """One question per type that can be answered unambiguously for this scene, as dicts(type, question, answer).
+
+    position "compare" asks which of two shapes is on the left (or right); "half" asks which half of the picture a
+    named shape is in. Both are the "position" type."""
     shape_counts = Counter(item["shape"] for item in scene)
     color_counts = Counter(item["color"] for item in scene)
     questions = []
 
-    def ask(kind, answer, **slots):
-        questions.append(dict(type=kind, question=rng.choice(PARAPHRASES[kind]).format(**slots), answer=answer))
+    def ask(kind, answer, wording=None, **slots):
+        questions.append(dict(type=kind, question=rng.choice(PARAPHRASES[wording or kind]).format(**slots),
+                              answer=answer))
 
     # "the circle" only has a meaning if there is exactly one circle; the same goes for colours.
     unique_shapes = [item for item in scene if shape_counts[item["shape"]] == 1]
@@ -182,10 +190,16 @@ def make_questions(rng, scene):
         answer = "No, there is not."
     ask("exists", answer, color=color, shape=shape)
 
-    if left_right_askable(scene):
+    if position == "compare" and left_right_askable(scene):
         side = rng.choice(("left", "right"))
         item = scene[0] if side == "left" else scene[1]
         ask("position", f"The {item['shape']} is on the {side}.", side=side)
+    if position == "half":
+        one_sided = [item for item in unique_shapes if half_of(item, image_size)]
+        if one_sided:
+            item = rng.choice(one_sided)
+            ask("position", f"The {item['shape']} is on the {half_of(item, image_size)}.", wording="side",
+                shape=item["shape"])
     if unique_shapes:
         item = rng.choice(unique_shapes)
         ask("size", f"The {item['shape']} is {item['size']}.", shape=item["shape"])
@@ -197,6 +211,13 @@ def left_right_askable(scene):
     left" can't be argued about. (The scene is sorted left to right.)"""
     return (len(scene) == 2 and scene[0]["shape"] != scene[1]["shape"]
             and scene[0]["box"][2] + GAP <= scene[1]["box"][0])
+
+
+def half_of(item, image_size=112):
+    """'left' or 'right' if the shape's box lies wholly in that half of the picture, else None (it straddles the
+    middle, and "which side is it on?" has no single answer)."""
+    x0, _, x1, _ = item["box"]
+    return "left" if x1 <= image_size / 2 else "right" if x0 >= image_size / 2 else None
 
 
 def side_of(item, image_size=112):
@@ -228,7 +249,7 @@ def _write_json(path, records):
 
 
 def _make_split(out_dir, split, count, seed, image_size, progress, max_turns, layout, left_right_share=0.0,
-                caption_sides=False):
+                caption_sides=False, position="compare"):
     """Generate one split: write its images and return (caption records, question records)."""
     captions, records = [], []
     start = time.time()
@@ -249,12 +270,14 @@ def _make_split(out_dir, split, count, seed, image_size, progress, max_turns, la
         sample_id = f"{split}_{index:06d}"
         captions.append({"id": sample_id, "image": relative, "conversations": [
             {"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption(scene, caption_sides, image_size)}]})
-        candidates = make_questions(rng, scene)
+        candidates = make_questions(rng, scene, position, image_size)
         num_turns = min(len(candidates), rng.randint(1, max_turns))
         shuffled = rng.sample(candidates, len(candidates))
-        # Left/right can be asked about only ~13% of scenes (see make_questions). Picked at random it would be
-        # ~2% of the data, too rare to learn, so whenever it is possible it goes first.
-        shuffled.sort(key=lambda qa: qa["type"] != "position")  # a stable sort: the other turns stay shuffled
+        if position == "compare":
+            # Left/right can be asked about only ~13% of scenes (see make_questions). Picked at random it would be
+            # ~2% of the data, too rare to learn, so whenever it is possible it goes first. (A "half" question can
+            # be asked about most scenes: it takes its chances with the others.)
+            shuffled.sort(key=lambda qa: qa["type"] != "position")  # a stable sort: the other turns stay shuffled
         turns = shuffled[:num_turns]
         conversations = []
         for turn, qa in enumerate(turns):
@@ -271,13 +294,14 @@ def _make_split(out_dir, split, count, seed, image_size, progress, max_turns, la
 
 
 def generate_dataset(out_dir, num_train, num_test, seed=0, image_size=112, progress=True, layout="grid", max_turns=6,
-                     left_right_share=0.0, caption_sides=False):
+                     left_right_share=0.0, caption_sides=False, position="compare"):
     """Write images/, captions.json, train.json and test.json under out_dir. Returns a summary dict."""
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     start = time.time()
     captions, train = _make_split(out_dir, "train", num_train, seed, image_size, progress, max_turns, layout,
-                                  left_right_share, caption_sides)
-    _, test = _make_split(out_dir, "test", num_test, seed, image_size, progress, 1, layout)  # one question each
+                                  left_right_share, caption_sides, position)
+    _, test = _make_split(out_dir, "test", num_test, seed, image_size, progress, 1, layout,  # one question each
+                          position=position)
     _write_json(os.path.join(out_dir, "captions.json"), captions)
     _write_json(os.path.join(out_dir, "train.json"), train)
     _write_json(os.path.join(out_dir, "test.json"), test)
@@ -375,6 +399,9 @@ def main(argv=None):
     parser.add_argument("--left-right-share", type=_fraction, default=0.0,
                         help="train split only: this fraction of pictures is drawn so that it has a left/right question "
                              "(default 0: ~13%% have one, as in the held-out split)")
+    parser.add_argument("--position", choices=POSITION_STYLES, default="compare",
+                        help="position questions: compare (default): 'Which shape is on the left?' about two shapes; "
+                             "half: 'Is the circle on the left or on the right?' about one")
     parser.add_argument("--caption-sides", action="store_true",
                         help="captions also name each shape's half of the picture ('... circle on the left and ...')")
     parser.add_argument("--force", action="store_true", help="write into --out even if it is not empty (files are overwritten)")
@@ -406,7 +433,7 @@ def main(argv=None):
             fail(f"--out {args.out} is not empty; pass --force to overwrite")
         summary = generate_dataset(args.out, args.train, args.test, args.seed, args.image_size, layout=args.layout,
                                    max_turns=args.max_turns, left_right_share=args.left_right_share,
-                                   caption_sides=args.caption_sides)
+                                   caption_sides=args.caption_sides, position=args.position)
         print(json.dumps(summary, indent=1))
         with open(os.path.join(args.out, "captions.json"), encoding="utf-8") as file:
             records = json.load(file)

@@ -84,6 +84,11 @@ def answer_from_scene(kind, question, scene):
     if kind == "shape":
         (item,) = [i for i in scene if i["color"] == named_colors[0]]  # must be exactly one
         return f"It is a {item['shape']}."
+    if kind == "position" and named_shapes:  # --position half: which half is the named shape in?
+        (item,) = [i for i in scene if i["shape"] == named_shapes[0]]
+        x0, _, x1, _ = item["box"]
+        assert x1 <= 56 or x0 >= 56  # 112-px pictures: wholly in one half
+        return f"The {item['shape']} is on the {'left' if x1 <= 56 else 'right'}."
     if kind == "position":
         side = "left" if "left" in words else "right"
         assert len(scene) == 2 and scene[0]["box"][2] < scene[1]["box"][0]
@@ -101,6 +106,26 @@ def test_answers_agree_with_the_scene():
             assert q["answer"] == answer_from_scene(q["type"], q["question"], scene), (q, scene)
             seen.add(q["type"])
     assert seen == set(shapes.TYPES)
+
+
+def test_half_position_questions_agree_with_the_scene_and_are_common(tmp_path):
+    asked = 0
+    for seed in range(500):
+        rng = random.Random(seed)
+        _, scene = shapes.make_scene(rng)
+        for q in shapes.make_questions(rng, scene, position="half"):
+            assert q["answer"] == answer_from_scene(q["type"], q["question"], scene), (q, scene)
+            if q["type"] == "position":
+                assert "shape is" not in q["question"]  # never the two-shape "Which shape is on the left?"
+                asked += 1
+    assert asked > 300  # most pictures have a unique shape wholly in one half; left/right "compare": ~13%
+    shapes.generate_dataset(str(tmp_path), 300, 100, seed=1, progress=False, position="half")
+    train, test = (json.loads((tmp_path / f"{split}.json").read_text()) for split in ("train", "test"))
+    first_turns = [record["type"] for record in train]
+    # Unlike "compare", a half question is not moved to the front: it is one turn among the others.
+    assert 0.05 < first_turns.count("position") / len(first_turns) < 0.35
+    assert 5 < sum(record["type"] == "position" for record in test) < 35
+    assert any("on the left or on the right" in turn["value"] for record in test for turn in record["conversations"])
 
 
 def test_exists_answers_are_balanced():
