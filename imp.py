@@ -553,7 +553,9 @@ def lora_state_dict(model: nn.Module) -> dict:
 
 
 def init_weights(module: nn.Module, std: float = 0.02):
-    """Initialisation for training from scratch (the demo model): the transformers default for Phi/SigLIP."""
+    """Initialisation for training from scratch (the demo model): transformers' PhiPreTrainedModel default, N(0, 0.02)
+    for every Linear and Embedding, here applied to the vision tower too. (SiglipPreTrainedModel would draw the
+    tower's position embeddings at std 1/sqrt(width), 0.088 at the demo's width: tried, no better; README.)"""
     for sub in module.modules():
         if isinstance(sub, (nn.Linear, nn.Conv2d)):
             nn.init.normal_(sub.weight, std=std)

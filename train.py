@@ -313,6 +313,9 @@ def build_model(args) -> Imp:
                            max_length=spec["max_length"])
         model = Imp(config)
         imp.init_weights(model)
+        if args.position_embedding_std:  # README, "The demo model": how loud "where" starts, next to "what"
+            with torch.no_grad():
+                model.vision.position_embedding.weight.normal_(std=args.position_embedding_std)
         model.tokenizer = tokenizer
         return model
     if args.llm or args.vision:  # stage 1 from the official microsoft/phi-2 and google/siglip folders
@@ -511,6 +514,8 @@ def parse_args(argv=None):
     add("--llm", help="start from an official microsoft/phi-2 folder (with --vision): stage 1's starting point")
     add("--vision", help="an official google/siglip folder (with --llm)")
     add("--init-config", choices=sorted(NAMED_CONFIGS), help="start from scratch with this small config (needs --tokenizer)")
+    add("--position-embedding-std", type=float, help="with --init-config: draw the vision tower's position embeddings "
+        "at this std instead of 0.02 (e.g. 1.0, so that where a patch is starts as loud as what it shows)")
     add("--tokenizer", help="folder with tokenizer.json, for --init-config")
     add("--data", help="LLaVA-format .json or .jsonl")
     add("--image-folder", help="image paths in --data are relative to this folder and may not leave it")
@@ -567,6 +572,8 @@ def parse_args(argv=None):
             parser.error(f"--{name} is required")
     if sum(bool(x) for x in (args.model, args.llm or args.vision, args.init_config)) != 1:
         parser.error("give exactly one starting point: --model DIR, --llm DIR --vision DIR, or --init-config NAME")
+    if args.position_embedding_std is not None and not (args.init_config and args.position_embedding_std > 0):
+        parser.error("--position-embedding-std needs --init-config and a positive number")
     defaults = STAGE_DEFAULTS[args.stage]
     args.epochs = defaults["epochs"] if args.epochs is None else args.epochs
     args.batch_size = args.batch_size or defaults["batch_size"]

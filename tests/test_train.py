@@ -320,6 +320,21 @@ def test_max_length_never_cuts_an_image(data, tmp_path):
     assert image is None and len(ids) == 40 and labels[-1] != imp.IGNORE_INDEX  # text may be cut
 
 
+def test_position_embedding_std_redraws_only_the_position_embeddings(data, tmp_path, capsys):
+    build = lambda *extra: train.build_model(train.parse_args(map(str, scratch_args(data, tmp_path, *extra))))
+    plain, loud = build(), build("--position-embedding-std", 1.0)
+    assert plain.vision.position_embedding.weight.std() < 0.05
+    assert 0.7 < loud.vision.position_embedding.weight.std() < 1.3  # tiny config: 4 positions x 32 values
+    assert loud.vision.patch_embedding.weight.std() < 0.05  # everything else keeps the default init
+    for argv in (["--stage", 2, "--model", tmp_path, "--data", data / "train.json", "--out", tmp_path / "o",
+                  "--position-embedding-std", 1.0],                  # not from scratch
+                 scratch_args(data, tmp_path / "o2", "--position-embedding-std", 0)):  # not positive
+        with pytest.raises(SystemExit) as exit_info:
+            run(*argv)
+        assert exit_info.value.code == 2
+        assert "--position-embedding-std needs --init-config and a positive number" in capsys.readouterr().err
+
+
 def test_out_of_disk_keeps_the_previous_checkpoint(data, tmp_path, capsys, monkeypatch):
     real_save_file, calls = train.save_file, []
 
