@@ -1,5 +1,6 @@
 """
-quant.py: weight-only int8 and int4 quantization for nanoImp. Activations stay in floating point.
+quant.py: weight-only int8 and int4 quantization for nanoImp. Activations stay in floating point (unless int8
+activations are switched on for large inputs: set_int8_activations, section 2b).
 
     python quant.py --model imp-v1-3b --bits 4 --vision --out imp-int4     # 1.91 GB: int4 symmetric, groups of 32
     python quant.py --model imp-v1-3b --bits 8 --out imp-int8              # 3.60 GB
@@ -65,6 +66,10 @@ Runtime paths of QuantLinear.forward:
               slower than a float32 F.linear), so the fast path casts the activations to bfloat16 and the result
               back: a 2^-9 relative rounding, far below the quantization error itself. Used up to
               FAST_PATH_MAX_ROWS rows (decode); for more rows dequantize + F.linear wins.
+    int8 activations (opt-in, set_int8_activations(model, True); infer.py / quant.py --eval --int8-activations,
+              bench.py --dtypes int4+a8): for more than FAST_PATH_MAX_ROWS rows, the activations are quantized
+              to int8 per row at each call and multiplied with int8 weights by torch._int_mm (VNNI): 2-3.5x faster
+              than float32 F.linear on prefill / vision shapes here, at ~1% relative error of the output.
 In memory, each weight is held once: the int8 kernel reads our int8 qweight as it is, and the int4 kernel's
 reordered copy of the codes replaces qweight (prepare_fast_path; the readable path and saving read the codes back
 out of it with codes_from_kernel_layout, after checking exactly that this gives them back). Likewise its bfloat16
@@ -378,6 +383,88 @@ def int4_kernel_layout():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# 2b. int8 activations (W8A8, opt-in): the large products of prefill and the vision tower as int8 x int8 GEMMs.
+#
+# Prefill (770 rows) and the vision tower (729 rows) are bound by arithmetic, not by memory: on a CPU without
+# native bfloat16 dot products they run in float32 at ~120-170 GFLOP/s, whatever the weights are stored in. Its
+# AVX-512 VNNI instructions (vpdpbusd) multiply 64 int8 pairs and add them into 16 int32 sums per instruction,
+# 4x the float32 lanes of one FMA, and torch._int_mm (int8 [M, K] x int8 [K, N] -> int32 [M, N]) reaches them
+# through oneDNN. Measured here (Intel Xeon, 2 threads, torch 2.13), float32 F.linear vs _int_mm:
+#     fc1     770 x 2560 -> 10240    252 ms (160 GFLOP/s)   69 ms (589 GOPS)
+#     fc2     770 x 10240 -> 2560    300 ms (135 GFLOP/s)   84 ms (483 GOPS)
+#     q_proj  770 x 2560 -> 2560      63 ms (161 GFLOP/s)   16 ms (626 GOPS)
+#     SigLIP  729 x 1152 -> 4304      43 ms (168 GFLOP/s)   11 ms (642 GOPS)
+# For that the activations must be int8 too, quantized on the fly at every call ("dynamic"), one scale per row:
+#     row_scale[m] = max|x[m]| / 127,   qx = round(x / row_scale)   (symmetric; -127..127)
+# Per row (token) because activations vary far more between tokens than along one token's features: an outlier
+# token then costs only its own precision, and the scale factors out of the row's dot products exactly,
+#     y[m, n] = sum_k x[m, k] w[n, k] ~ row_scale[m] * channel_scale[n] * sum_k qx[m, k] qw[n, k],
+# an int32 sum (|sum| <= K * 127 * 127 = 1.7e8 for K = 10240, far below 2^31), rescaled once per output.
+# Error: each factor is rounded by at most half a step, 1/254 of its row's largest value (uniform rounding: RMS
+# 1/(254 sqrt 3) = 0.23% of it); on Gaussian rows the relative error of y comes out near 1% (the tests' bound).
+# That changes numbers (slightly), hence off by default: set_int8_activations(model, True) switches it on.
+# int8 layers use their stored int8 qweight and per-row scales as they are. int4 layers have no int8 weight: each
+# slice of output rows (row_slices, as the readable path) is dequantized to float32 and requantized per output
+# row to int8 (QuantLinear.int8_weight), at every call: no second copy of the weights, at a cost measured there.
+
+
+@functools.cache
+def int8_matmul_available() -> bool:
+    """Whether torch._int_mm runs here and gives the exact int32 products (checked once, on a tiny matrix). On this
+    CPU build it takes any M, K, N (tried 1x1x1 .., odd sizes, unaligned data); on CUDA it wants M > 16 and K, N
+    multiples of 8, which is one reason the int8-activation path is used on the CPU only."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (17, 72), generator=generator, dtype=torch.int8)
+    b = torch.randint(-127, 128, (24, 72), generator=generator, dtype=torch.int8)
+    try:
+        got = torch._int_mm(a, b.t())
+        return got.dtype == torch.int32 and torch.equal(got, (a.long() @ b.long().t()).int())
+    except Exception:  # RuntimeError, NotImplementedError, AttributeError (op missing): all mean "no"
+        return False
+
+
+def set_int8_activations(model: nn.Module, enabled: bool = True) -> int:
+    """Switch the int8-activation path of every QuantLinear in `model` on (or off again); returns how many layers
+    it now applies to (0 when torch._int_mm does not work here: they then keep the readable path). It is used for
+    inputs of more than FAST_PATH_MAX_ROWS rows; decode keeps the packed kernels."""
+    layers = [module for module in model.modules() if isinstance(module, QuantLinear)]
+    for layer in layers:
+        layer.int8_activations = enabled
+    return len(layers) if enabled and int8_matmul_available() else 0
+
+
+ACTIVATION_CHUNK = 2**18  # activations quantized this many at a time: a 1 MB float32 temporary, in the L2 cache
+
+
+def quantize_activations(x2d):
+    """x [M, K] float -> (int8 [M, K] codes, float32 [M, 1] row scales), row_scale = max|row| / 127. The codes are
+    written into scratch memory (valid until the next call): they live across the slices of one layer, no longer."""
+    rows, columns = x2d.shape
+    # max|x| as max(max x, -min x): two reductions that need no |x| temporary of the activations' size
+    scale = torch.maximum(x2d.amax(dim=1), x2d.amin(dim=1).neg()).float().div_(127)[:, None]  # [M, 1]
+    scale.masked_fill_(scale == 0, 1.0)  # an all-zero row: codes 0, any scale gives it back
+    codes = scratch("a8 codes", rows * columns, torch.int8, x2d.device).view(rows, columns)
+    # x / scale, rounded, a chunk of rows at a time: the float32 quotient of a whole fc2 input (770 x 10240) would
+    # be 32 MB more at the peak of a prefill, and this way it stays in the cache between the three steps.
+    step = max(1, ACTIVATION_CHUNK // columns)
+    buffer = scratch("a8 chunk", step * columns, torch.float32, x2d.device)
+    for start in range(0, rows, step):
+        end = min(start + step, rows)
+        scaled = torch.div(x2d[start:end], scale[start:end], out=buffer[:(end - start) * columns].view(end - start, columns))
+        codes[start:end].copy_(scaled.round_())  # |x / scale| <= 127 (+ rounding ulps): no clamp needed
+    return codes, scale
+
+
+def rescale_int32_(acc, row_scale, channel_scale, bias, out):
+    """out = acc * row_scale[:, None] * channel_scale[None, :] (+ bias), in float32, in two passes over `out`
+    (a strided column slice of the layer's output is fine): int32 x float32 promotes to float32 as it multiplies."""
+    torch.mul(acc, channel_scale, out=out)
+    if bias is None:
+        return out.mul_(row_scale)
+    return torch.addcmul(bias, out, row_scale, out=out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # 3. Modules that hold the on-disk tensors as buffers, so `<module>.qweight` in a checkpoint fills `qweight`.
 
 
@@ -564,11 +651,76 @@ class QuantLinear(QuantizedModule):
         return dequantize_int4_codes(codes, self.stored_buffer("scales", start, end), zeros, self.group_size,
                                      self.in_features, out)
 
+    int8_activations = False  # the opt-in int8-activation path for large inputs (set_int8_activations)
+
     def forward(self, x):  # x: (..., K) -> (..., N)
         rows = x.numel() // self.in_features
         if rows <= FAST_PATH_MAX_ROWS and self.fast_path_supported():
             return self.forward_fast(x)
+        if self.int8_activations and self.int8_activations_supported(x):
+            return self.forward_int8_activations(x)
         return self.forward_readable(x)
+
+    def int8_weight(self, start=0, end=None):
+        """int4 only: output rows start .. end-1 requantized to int8 per row, in scratch memory (valid until the
+        next call): (codes int8 [rows, K], scales float32 [rows]), w ~ codes * scale, for _int_mm.
+        The plain way, dequantize() and then quantize_int8, took 95 ms for Imp's fc1 (2560 -> 10240), more than the
+        int8 GEMM itself (69 ms): eight passes over a float32 copy of the weight. Two things make it ~2x cheaper:
+        - the row's largest |w| follows from its groups' (scale, zero) alone: a weight decodes to (q - 8) * scale +
+          zero with q in 0..15, so |w| <= max(|zero - 8 scale|, |zero + 7 scale|) (symmetric: 8 |scale| exactly,
+          the group's extreme weight has code 0). No pass over the weight to find it.
+        - dividing the groups' scales and zeros by the row's int8 step first, dequantize_int4_codes writes the
+          weight directly in units of that step (|value| <= 127): round it and cast, and it is the int8 code.
+        Two roundings (to int4, then to the int8 grid) instead of one: the second moves a weight by at most half an
+        int8 step, 1/254 of the row's largest weight: 1/32 of the int4 step of the row's largest group."""
+        end = self.out_features if end is None else min(end, self.out_features)
+        rows, padded = end - start, padded_in_features(self.in_features, 4, self.group_size)
+        device = self.kernel_tensors[1].device if self.kernel_holds else self.scales.device
+        scales = self.stored_buffer("scales", start, end).float()  # [rows, Kp/G]
+        zeros = self.stored_buffer("zeros", start, end).float() if self.scheme == "asymmetric" else None
+        reach = 8 * scales.abs() if zeros is None else torch.maximum((zeros - 8 * scales).abs(), (zeros + 7 * scales).abs())
+        step = reach.amax(dim=1) / 127  # [rows]: the int8 step of each row
+        step.masked_fill_(step == 0, 1.0)  # an all-zero row: codes 0 with any step
+        buffer = scratch("codes", rows * padded, torch.uint8, device)
+        codes = self.codes(start, end, buffer)
+        units = dequantize_int4_codes(codes, scales / step[:, None], None if zeros is None else zeros / step[:, None],
+                                      self.group_size, self.in_features, scratch("weight", rows * padded, torch.float32, device))
+        # The int8 codes go where the int4 codes were (dead once dequantized): no third buffer of the slice's size.
+        weight_codes = buffer.view(torch.int8)[:rows * self.in_features].view(rows, self.in_features)
+        return weight_codes.copy_(units.round_()), step  # |units| <= 127 up to rounding ulps: no clamp needed
+
+    @staticmethod
+    def int32_scratch(rows, columns):  # _int_mm's int32 sums: dead once rescaled into the output
+        return scratch("a8 sums", rows * columns, torch.int32, "cpu").view(rows, columns)
+
+    def int8_activations_supported(self, x) -> bool:
+        # On the CPU only (see int8_matmul_available), and not where autograd needs a gradient through x: the
+        # rounding has none (LoRA-style training on a frozen quantized base keeps the readable path).
+        return (x.device.type == "cpu" and int8_matmul_available()
+                and not (torch.is_grad_enabled() and x.requires_grad))
+
+    def forward_int8_activations(self, x):
+        """W8A8: int8 activations (one scale per row, quantized at this call) times int8 weights (one scale per
+        output row) with torch._int_mm, rescaled to float32; see section 2b. bits=8: the stored qweight and scales
+        as they are. bits=4: a slice of output rows at a time (row_slices, as forward_readable) dequantized to
+        float32 and requantized to int8 per output row (int8_weight), all in scratch memory."""
+        x2d = x.reshape(-1, self.in_features)
+        codes, row_scale = quantize_activations(x2d)
+        out = torch.empty(x2d.shape[0], self.out_features, dtype=torch.float32, device=x.device)
+        bias = None if self.bias is None else self.bias.float()
+        scales = self.scales.float() if self.bits == 8 else None
+        # A slice of output rows at a time (as forward_readable), so that the int32 sums stay small too.
+        for start, end in row_slices(self.out_features, self.in_features):
+            if self.bits == 8:  # the stored int8 weight and its per-row scales, as they are
+                weight_codes, channel_scale = self.qweight[start:end], scales[start:end]
+            else:
+                weight_codes, channel_scale = self.int8_weight(start, end)  # int8 [rows, K], float32 [rows]
+            # _int_mm wants the weight as [K, N]: the transposed view of our row-major [N, K] (column-major, the
+            # layout oneDNN's int8 GEMM read fastest here; a contiguous [K, N] copy was no faster)
+            acc = torch._int_mm(codes, weight_codes.t(), out=self.int32_scratch(x2d.shape[0], end - start))
+            rescale_int32_(acc, row_scale, channel_scale, None if bias is None else bias[start:end],
+                           out[:, start:end])
+        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def forward_readable(self, x):
         """Dequantize, then F.linear. A float copy of the weight is never kept, and a large one is never made whole
@@ -922,12 +1074,13 @@ def load_samples(path, image_folder=None, limit=None):
 
 @torch.inference_mode()
 def evaluate(model_dir, bits=4, group_size=DEFAULT_GROUP_SIZE, include_vision=False, new_tokens=24, samples=None,
-             log=print, scheme="symmetric") -> dict:
+             log=print, scheme="symmetric", int8_activations=False) -> dict:
     """float32 model vs the same model quantized. Reports the relative weight error per layer type and, over the
     answer positions of the prompt set: how often the quantized model's greedy (top-1) token equals the float
     model's, with the float answer fed in (teacher forcing: one early difference does not shift everything
     after it), the mean KL(float || quantized) of the next-token distributions there, and the same agreement when
-    both generate freely (position by position; this runs the decode path, i.e. the packed kernels)."""
+    both generate freely (position by position; this runs the decode path, i.e. the packed kernels).
+    int8_activations: the quantized model runs its large inputs with int8 activations (set_int8_activations)."""
     import imp
     model = imp.Imp.from_pretrained(model_dir, dtype=torch.float32)
     if model.config.to_dict().get("quantization") or any(isinstance(m, QuantizedModule) for m in model.modules()):
@@ -952,6 +1105,8 @@ def evaluate(model_dir, bits=4, group_size=DEFAULT_GROUP_SIZE, include_vision=Fa
         return quantized
     settings = quantization_config(bits, group_size, include_vision, scheme=scheme)
     finish_loading(replace_modules(model, settings, quantize_and_measure))
+    if int8_activations and not set_int8_activations(model, True):
+        log("note: torch._int_mm does not work here: int8 activations not used")
 
     kl, agree, count, identical, free_agree, free_count = 0.0, 0, 0, 0, 0, 0
     for input_ids, pixel_values, full, answer, reference in references:
@@ -965,13 +1120,14 @@ def evaluate(model_dir, bits=4, group_size=DEFAULT_GROUP_SIZE, include_vision=Fa
         free_count += max(len(answer), len(generated))
         if len(samples) <= 10:
             log(f"int{bits}:    -> {model.tokenizer.decode(generated)!r}")
-    report = dict(settings=settings, kl=kl / max(1, count), top1_agreement=agree / max(1, count), positions=count,
+    report = dict(settings=settings, int8_activations=int8_activations, kl=kl / max(1, count), top1_agreement=agree / max(1, count), positions=count,
                   free_run_agreement=free_agree / max(1, free_count), identical_answers=identical,
                   weight_error={kind: sum(v) / len(v) for kind, v in sorted(errors.items())})
     log("relative weight error ||W - deq(W)|| / ||W||, mean per layer type:")
     for kind, value in report["weight_error"].items():
         log(f"  {kind:24s} {value:.4f}")
-    name = f"int{bits}" + (f" {scheme} G={group_size}" if bits == 4 else "") + (" --vision" if include_vision else "")
+    name = f"int{bits}" + (f" {scheme} G={group_size}" if bits == 4 else "") + (" --vision" if include_vision else "") \
+        + (" --int8-activations" if int8_activations else "")
     log(f"{name}: greedy tokens equal to float32's at {100 * report['top1_agreement']:.2f}% of {count} answer "
         f"positions teacher-forced, {100 * report['free_run_agreement']:.2f}% free-running; identical answers "
         f"{identical}/{len(references)}; KL {report['kl']:.2e} nats")
@@ -988,6 +1144,7 @@ def main(argv=None):
   python quant.py --model imp-v1-3b --bits 8 --out imp-int8
   python quant.py --eval --model imp-v1-3b --bits 8                        # agreement and KL vs float32
   python quant.py --eval --model checkpoints/demo --bits 4 --data data/shapes/test.json --limit 200
+  python quant.py --eval --model checkpoints/demo --bits 4 --vision --int8-activations --data data/shapes/test.json
 The output folder loads like any other: imp.Imp.from_pretrained("imp-int4"), python infer.py --model imp-int4""")
     parser.add_argument("--model", required=True, help="an Imp folder (official layout, either naming)")
     parser.add_argument("--out", help="output folder (convert mode)")
@@ -999,17 +1156,23 @@ The output folder loads like any other: imp.Imp.from_pretrained("imp-int4"), pyt
                              "(scale and zero point, 5.0 bits/weight at G=32, more accurate)")
     parser.add_argument("--vision", action="store_true", help="also quantize the vision tower and the connector")
     parser.add_argument("--eval", action="store_true", help="report fidelity vs float32 instead of converting")
+    parser.add_argument("--int8-activations", action="store_true",
+                        help="with --eval: run the quantized model's large inputs (prefill, vision) with int8 "
+                             "activations (set_int8_activations)")
     parser.add_argument("--data", help="with --eval: a LLaVA-format JSON whose questions to use (default: 5 built in)")
     parser.add_argument("--image-folder", help="with --data: image paths are relative to this (default: its folder)")
     parser.add_argument("--limit", type=int, help="with --data: only the first N records")
     args = parser.parse_args(argv)
     if not args.eval and not args.out:
         parser.error("--out is required to convert (or pass --eval)")
+    if args.int8_activations and not args.eval:
+        parser.error("--int8-activations only goes with --eval (it is a runtime setting, not stored in the file)")
     import imp
     try:
         if args.eval:
             samples = load_samples(args.data, args.image_folder, args.limit) if args.data else None
-            evaluate(args.model, args.bits, args.group_size, args.vision, samples=samples, scheme=args.scheme)
+            evaluate(args.model, args.bits, args.group_size, args.vision, samples=samples, scheme=args.scheme,
+                     int8_activations=args.int8_activations)
         else:
             convert(args.model, args.out, args.bits, args.group_size, args.vision, scheme=args.scheme)
     except (ValueError, OSError, KeyError, imp.CheckpointError) as error:

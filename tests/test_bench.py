@@ -118,3 +118,19 @@ def test_missing_model_folder():
         bench.parse_arguments(["--model", "/no/such/folder"])
     with pytest.raises(bench.BenchError, match="--quick"):
         bench.parse_arguments(["--quick", "--model", ROOT])
+
+
+@pytest.mark.skipif(not quant_available(), reason="quant.py is not importable")
+def test_int8_activation_rows(tmp_path):
+    # The opt-in rows: the same int8 / int4 models with int8 activations for prefill and the vision tower.
+    out = tmp_path / "a8.json"
+    result = run_bench("--quick", "--threads", "1", "--new-tokens", "4", "--dtypes", "int4", "int4+a8", "int8+a8",
+                       "--json", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {row["dtype"]: row for row in json.loads(out.read_text())["results"]}
+    assert list(rows) == ["int4", "int8+a8", "int4+a8"]  # in the order of the table, whatever the order asked
+    assert not rows["int4"]["int8_activations"] and rows["int4+a8"]["int8_activations"]
+    assert rows["int4+a8"]["quantization"] == rows["int4"]["quantization"] and rows["int8+a8"]["quantization"]["bits"] == 8
+    assert rows["int4+a8"]["weight_bytes"] == rows["int4"]["weight_bytes"]  # the same weights, another path
+    assert rows["int4+a8"]["prompt_tok_s"] > 0 and rows["int4+a8"]["generated_tokens"] == 4
+    assert "int4+a8 prefill" in result.stdout  # the targets name the row

@@ -139,6 +139,25 @@ def test_quantize_on_load(capsys, models, images):
     assert (code, out) == (0, "aaa\n"), err  # a +100 bias survives int8 rounding
 
 
+def test_int8_activations(capsys, models, images, monkeypatch):
+    quant = pytest.importorskip("quant")
+    if not quant.int8_matmul_available():
+        pytest.skip("torch._int_mm does not work here")
+    monkeypatch.setattr(quant, "FAST_PATH_MAX_ROWS", 4)  # this tiny prompt has ~30 rows: let them take the path
+    calls = []
+    int_mm = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda *a, **k: calls.append(a[0].shape) or int_mm(*a, **k))
+    for bits in ("int8", "int4"):
+        code, out, err = call(capsys, "--model", models["chatty"], "--quant", bits, "--int8-activations", "--stats",
+                              images / "photo.png", "What?", "--max-new-tokens", 3)
+        assert (code, out) == (0, "aaa\n"), err
+        assert calls and "int8 activations" in err.splitlines()[0]  # used, and said so in --stats
+        calls.clear()
+    code, out, err = call(capsys, "--model", models["chatty"], "--quant", "int8", images / "photo.png", "What?",
+                          "--max-new-tokens", 3)
+    assert (code, out) == (0, "aaa\n") and not calls  # off by default
+
+
 @pytest.mark.parametrize("argv, expected", [((), None), (("--quant", "int8"), torch.float16),
                                              (("--quant", "int4", "--kv-cache", "float32"), torch.float32),
                                              (("--kv-cache", "bfloat16"), torch.bfloat16)])
@@ -252,6 +271,7 @@ BAD_INPUTS = [  # (case, arguments after --model, a word the message must contai
     ("attention map in a chat", ["--attention-map", "map.png", "--chat", "photo.png"], "not --chat or --batch"),
     ("attention map, unknown format", ["--attention-map", "map.xyz", "photo.png", "What?"], "picture format"),
     ("attention map, no such folder", ["--attention-map", "nowhere/map.png", "photo.png", "What?"], "does not exist"),
+    ("int8 activations of a float model", ["--int8-activations", "photo.png", "What?"], "needs a quantized model"),
 ]
 
 
