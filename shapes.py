@@ -152,6 +152,8 @@ def make_questions(rng, scene, position="compare", image_size=112):
 
     position "compare" asks which of two shapes is on the left (or right); "half" asks which half of the picture a
     named shape is in. Both are the "position" type."""
+    if position not in POSITION_STYLES:
+        raise ValueError(f"position must be one of {POSITION_STYLES}, got {position!r}")
     shape_counts = Counter(item["shape"] for item in scene)
     color_counts = Counter(item["color"] for item in scene)
     questions = []

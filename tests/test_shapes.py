@@ -119,6 +119,8 @@ def test_half_position_questions_agree_with_the_scene_and_are_common(tmp_path):
                 assert "shape is" not in q["question"]  # never the two-shape "Which shape is on the left?"
                 asked += 1
     assert asked > 300  # most pictures have a unique shape wholly in one half; left/right "compare": ~13%
+    with pytest.raises(ValueError, match="position must be one of"):
+        shapes.make_questions(random.Random(0), scene, position="halves")
     shapes.generate_dataset(str(tmp_path), 300, 100, seed=1, progress=False, position="half")
     train, test = (json.loads((tmp_path / f"{split}.json").read_text()) for split in ("train", "test"))
     first_turns = [record["type"] for record in train]
