@@ -117,7 +117,8 @@ def parse_arguments(argv):
     parser.add_argument("--cache-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                         help="KV cache dtype (default auto: the model's float dtype, but float16 for an int8 / int4 "
                              "model computing in float32: half the memory, see imp.KVCache)")
-    parser.add_argument("--worker", choices=PRECISIONS + A8_PRECISIONS + tuple(f"hf-{d}" for d in FLOAT_DTYPES), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=PRECISIONS + A8_PRECISIONS + tuple(f"hf-{d}" for d in FLOAT_DTYPES),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads < 1 or args.new_tokens < 1:
         raise BenchError("--threads and --new-tokens must be at least 1")
@@ -259,7 +260,8 @@ def import_quant():
 
 
 def quant_settings(args, precision):  # "int4" or "int4+a8" -> bits 4
-    return dict(bits=int(precision.split("+")[0][3:]), group_size=args.group_size, include_vision=not args.no_quant_vision)
+    return dict(bits=int(precision.split("+")[0][3:]), group_size=args.group_size,
+                include_vision=not args.no_quant_vision)
 
 
 def quant_float_dtype(args) -> torch.dtype:

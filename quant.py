@@ -450,7 +450,8 @@ def quantize_activations(x2d):
     buffer = scratch("a8 chunk", step * columns, torch.float32, x2d.device)
     for start in range(0, rows, step):
         end = min(start + step, rows)
-        scaled = torch.div(x2d[start:end], scale[start:end], out=buffer[:(end - start) * columns].view(end - start, columns))
+        chunk = buffer[:(end - start) * columns].view(end - start, columns)
+        scaled = torch.div(x2d[start:end], scale[start:end], out=chunk)
         codes[start:end].copy_(scaled.round_())  # |x / scale| <= 127 (+ rounding ulps): no clamp needed
     return codes, scale
 
@@ -678,13 +679,18 @@ class QuantLinear(QuantizedModule):
         device = self.kernel_tensors[1].device if self.kernel_holds else self.scales.device
         scales = self.stored_buffer("scales", start, end).float()  # [rows, Kp/G]
         zeros = self.stored_buffer("zeros", start, end).float() if self.scheme == "asymmetric" else None
-        reach = 8 * scales.abs() if zeros is None else torch.maximum((zeros - 8 * scales).abs(), (zeros + 7 * scales).abs())
+        if zeros is None:
+            reach = 8 * scales.abs()  # [rows, Kp/G]: the largest |w| each group can decode to
+        else:
+            reach = torch.maximum((zeros - 8 * scales).abs(), (zeros + 7 * scales).abs())
         step = reach.amax(dim=1) / 127  # [rows]: the int8 step of each row
         step.masked_fill_(step == 0, 1.0)  # an all-zero row: codes 0 with any step
         buffer = scratch("codes", rows * padded, torch.uint8, device)
         codes = self.codes(start, end, buffer)
-        units = dequantize_int4_codes(codes, scales / step[:, None], None if zeros is None else zeros / step[:, None],
-                                      self.group_size, self.in_features, scratch("weight", rows * padded, torch.float32, device))
+        zeros_in_steps = None if zeros is None else zeros / step[:, None]
+        weight_out = scratch("weight", rows * padded, torch.float32, device)
+        units = dequantize_int4_codes(codes, scales / step[:, None], zeros_in_steps, self.group_size, self.in_features,
+                                      weight_out)
         # The int8 codes go where the int4 codes were (dead once dequantized): no third buffer of the slice's size.
         weight_codes = buffer.view(torch.int8)[:rows * self.in_features].view(rows, self.in_features)
         return weight_codes.copy_(units.round_()), step  # |units| <= 127 up to rounding ulps: no clamp needed
@@ -1120,7 +1126,8 @@ def evaluate(model_dir, bits=4, group_size=DEFAULT_GROUP_SIZE, include_vision=Fa
         free_count += max(len(answer), len(generated))
         if len(samples) <= 10:
             log(f"int{bits}:    -> {model.tokenizer.decode(generated)!r}")
-    report = dict(settings=settings, int8_activations=int8_activations, kl=kl / max(1, count), top1_agreement=agree / max(1, count), positions=count,
+    report = dict(settings=settings, int8_activations=int8_activations, kl=kl / max(1, count),
+                  top1_agreement=agree / max(1, count), positions=count,
                   free_run_agreement=free_agree / max(1, free_count), identical_answers=identical,
                   weight_error={kind: sum(v) / len(v) for kind, v in sorted(errors.items())})
     log("relative weight error ||W - deq(W)|| / ||W||, mean per layer type:")
