@@ -232,6 +232,48 @@ def test_bfloat16_stays_close_to_float32(folders):
     assert max_diff(full, half) < 0.05 * full.abs().max().item()
 
 
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(1, 1, 96), (96,), (1, 96)])  # a decode step's (B, T, C), and other single rows
+def test_bfloat16_single_row_fast_path_equals_f_linear(shape, bias, monkeypatch):
+    monkeypatch.setattr(imp, "bfloat16_is_emulated", lambda: True)  # take the fast path on any CPU
+    calls = []
+    monkeypatch.setattr(torch, "mv", lambda *a: calls.append("mv") or torch.ops.aten.mv(*a))
+    monkeypatch.setattr(torch, "addmv", lambda *a: calls.append("addmv") or torch.ops.aten.addmv(*a))
+    generator = torch.Generator().manual_seed(3)
+    layer = imp.Linear(96, 40, bias=bias).to(torch.bfloat16)
+    with torch.no_grad():
+        layer.weight.normal_(0, 0.5, generator=generator)
+        if bias:
+            layer.bias.normal_(0, 2.0, generator=generator)  # large enough that dropping it would show
+    x = torch.randn(shape, generator=generator).to(torch.bfloat16)
+    fast, readable = layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert calls == ["addmv" if bias else "mv"]
+    assert fast.shape == readable.shape and fast.dtype == torch.bfloat16
+    # Both sum in float32 and round to bfloat16 (8 bits): within a few 2^-8 of sum |x||w| (+ |b|) per output.
+    magnitude = x.float().abs().reshape(-1) @ layer.weight.float().abs().T + (layer.bias.float().abs() if bias else 0)
+    assert torch.all((fast.float() - readable.float()).abs().reshape(-1) <= 2 ** -7 * magnitude)
+    exact = x.double().reshape(-1) @ layer.weight.double().T + (layer.bias.double() if bias else 0)
+    assert torch.all((fast.double().reshape(-1) - exact).abs() <= 2 ** -7 * magnitude)
+
+
+def test_f_linear_where_the_fast_path_does_not_apply(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "addmv", lambda *a: calls.append("addmv") or torch.ops.aten.addmv(*a))
+    layer = imp.Linear(32, 8).to(torch.bfloat16)
+    x = torch.randn(1, 1, 32).to(torch.bfloat16)
+    monkeypatch.setattr(imp, "bfloat16_is_emulated", lambda: False)  # native bfloat16: oneDNN's product
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    monkeypatch.setattr(imp, "bfloat16_is_emulated", lambda: True)
+    two_rows = torch.randn(1, 2, 32).to(torch.bfloat16)  # a prefill: the general product
+    assert torch.equal(layer(two_rows), torch.nn.functional.linear(two_rows, layer.weight, layer.bias))
+    one_float_row = torch.randn(1, 1, 32)
+    assert torch.equal(layer.float()(one_float_row), torch.nn.functional.linear(one_float_row, layer.weight, layer.bias))
+    assert calls == []
+    assert all(isinstance(m, imp.Linear) for name, m in imp.Phi2(imp.PhiConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=50)
+        ).named_modules() if isinstance(m, torch.nn.Linear))  # every Linear of Phi-2 decodes through it
+
 # -- save / load ---------------------------------------------------------------------------------------------------
 
 def test_save_pretrained_round_trip_in_official_layout(folders, tmp_path):
