@@ -19,8 +19,7 @@ LayerNorm weights 1), and int8 / int4 layers are quantized one at a time (quant.
 whole model ever exists. Peak RSS is the high-water mark of the query itself (reset after building). int8 /
 int4 rows keep their KV cache in float16 when they compute in float32 (--cache-dtype; imp.KVCache). The opt-in
 rows int8+a8 / int4+a8 are the same models with int8 activations for inputs of more than quant.FAST_PATH_MAX_ROWS
-rows (prefill, vision tower: int8 x int8 GEMMs, quant.set_int8_activations); at decode, int8+a8 multiplies
-int8 x int8 too, int4+a8 decodes as int4 does.
+rows (prefill, vision tower: int8 x int8 GEMMs, quant.set_int8_activations); decode is the same as without.
 
 Decode is memory-bound: every new token reads all Linear weights of the language model (lm_head included, the
 embedding not; quantized ones in the packed kernel's layout, which is what it reads) plus the KV cache. A stream
@@ -51,8 +50,8 @@ import imp
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PRECISIONS = ("float32", "bfloat16", "int8", "int4")
 # Opt-in rows: the same int8 / int4 model with int8 activations for prefill and the vision tower (quant.py
-# set_int8_activations: int8 x int8 GEMMs on VNNI; int8 decode too, int4 decode unchanged). Not in the default list:
-# they change the numbers a little, and a full-size row takes minutes.
+# set_int8_activations: int8 x int8 GEMMs on VNNI; decode is unchanged). Not in the default list: they change the
+# numbers a little, and a full-size row takes minutes.
 A8_PRECISIONS = ("int8+a8", "int4+a8")
 TEXT_TOKENS = 41       # the paper's prompt: 41 text tokens around one <image> (729 image tokens at 384 px)
 NEW_TOKENS = 64

@@ -67,10 +67,9 @@ Runtime paths of QuantLinear.forward:
               back: a 2^-9 relative rounding, far below the quantization error itself. Used up to
               FAST_PATH_MAX_ROWS rows (decode); for more rows dequantize + F.linear wins.
     int8 activations (opt-in, set_int8_activations(model, True); infer.py / quant.py --eval --int8-activations,
-              bench.py --dtypes int4+a8): for more than FAST_PATH_MAX_ROWS rows (and, in int8 layers, for
-              decode rows too), the activations are quantized to int8 per row at each call and multiplied with
-              int8 weights by torch._int_mm (VNNI): 2-3.5x faster than float32 F.linear on prefill / vision
-              shapes here, ~25% faster than the int8 packed kernel for a decode row, at ~1% relative error.
+              bench.py --dtypes int4+a8): for more than FAST_PATH_MAX_ROWS rows, the activations are quantized
+              to int8 per row at each call and multiplied with int8 weights by torch._int_mm (VNNI): 2-3.5x faster
+              than float32 F.linear on prefill / vision shapes here, at ~1% relative error of the output.
 In memory, each weight is held once: the int8 kernel reads our int8 qweight as it is, and the int4 kernel's
 reordered copy of the codes replaces qweight (prepare_fast_path; the readable path and saving read the codes back
 out of it with codes_from_kernel_layout, after checking exactly that this gives them back). Likewise its bfloat16
@@ -407,11 +406,6 @@ def int4_kernel_layout():
 # int8 layers use their stored int8 qweight and per-row scales as they are. int4 layers have no int8 weight: each
 # slice of output rows (row_slices, as the readable path) is dequantized to float32 and requantized per output
 # row to int8 (QuantLinear.int8_weight), at every call: no second copy of the weights, at a cost measured there.
-# Decode (one row) is bound by reading the weight, not by arithmetic, but int8 layers take this path there too:
-# with bfloat16 activations the int8 packed kernel converts every weight to float and is itself bound by that
-# arithmetic on this CPU (its speed doubles from 1 thread to 2), while _int_mm multiplies the int8 bytes as they
-# are: Phi-2's fc1 for one row in 1.85 ms instead of 2.3-2.7 ms. llama.cpp does the same at decode (Q8_0
-# activations against Q4_0/Q8_0 weights). int4 layers keep the packed int4 kernel at decode (see QuantLinear.forward).
 
 
 @functools.cache
@@ -431,9 +425,8 @@ def int8_matmul_available() -> bool:
 
 def set_int8_activations(model: nn.Module, enabled: bool = True) -> int:
     """Switch the int8-activation path of every QuantLinear in `model` on (or off again); returns how many layers
-    it now applies to (0 when torch._int_mm does not work here: they then keep the readable path). int8 layers use
-    it for every input, decode rows included; int4 layers for inputs of more than FAST_PATH_MAX_ROWS rows (prefill,
-    vision), and the packed kernel at decode."""
+    it now applies to (0 when torch._int_mm does not work here: they then keep the readable path). It is used for
+    inputs of more than FAST_PATH_MAX_ROWS rows; decode keeps the packed kernels."""
     layers = [module for module in model.modules() if isinstance(module, QuantLinear)]
     for layer in layers:
         layer.int8_activations = enabled
@@ -663,14 +656,10 @@ class QuantLinear(QuantizedModule):
 
     def forward(self, x):  # x: (..., K) -> (..., N)
         rows = x.numel() // self.in_features
-        # With int8 activations switched on: every int8 call (a decode row too: _int_mm read the weight ~25-30%
-        # faster than the int8 packed kernel with bfloat16 activations here, 14 vs 11 GB/s on Phi-2's fc1), but
-        # int4 only for large inputs (requantizing its weight to int8 at every call costs more than a row's GEMV).
-        if self.int8_activations and (self.bits == 8 or rows > FAST_PATH_MAX_ROWS) \
-                and self.int8_activations_supported(x):
-            return self.forward_int8_activations(x)
         if rows <= FAST_PATH_MAX_ROWS and self.fast_path_supported():
             return self.forward_fast(x)
+        if self.int8_activations and self.int8_activations_supported(x):
+            return self.forward_int8_activations(x)
         return self.forward_readable(x)
 
     def int8_weight(self, start=0, end=None):
@@ -1183,8 +1172,8 @@ The output folder loads like any other: imp.Imp.from_pretrained("imp-int4"), pyt
     parser.add_argument("--vision", action="store_true", help="also quantize the vision tower and the connector")
     parser.add_argument("--eval", action="store_true", help="report fidelity vs float32 instead of converting")
     parser.add_argument("--int8-activations", action="store_true",
-                        help="with --eval: run the quantized model's large inputs (prefill, vision), and an int8 "
-                             "model's decode too, with int8 activations (set_int8_activations)")
+                        help="with --eval: run the quantized model's large inputs (prefill, vision) with int8 "
+                             "activations (set_int8_activations)")
     parser.add_argument("--data", help="with --eval: a LLaVA-format JSON whose questions to use (default: 5 built in)")
     parser.add_argument("--image-folder", help="with --data: image paths are relative to this (default: its folder)")
     parser.add_argument("--limit", type=int, help="with --data: only the first N records")
