@@ -2,6 +2,7 @@
 whole-model quantization and loading, and the errors for bad input. Small shapes only: runs in seconds on CPU."""
 import copy
 import os
+import platform
 
 import pytest
 import torch
@@ -13,6 +14,17 @@ import quant
 
 needs_kernels = pytest.mark.skipif(not all(quant.packed_kernels_available().values()),
                                    reason="torch's packed int8/int4 CPU kernels are not available here")
+
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="checked where every build of the pinned torch has the kernels: x86-64")
+def test_the_capability_probes_find_the_kernels_on_x86():
+    # Where the kernels exist (x86-64 builds of torch 2.13, CI's included), the probes must find them. A probe that
+    # breaks, e.g. an exception inside forward_fast, which the probe catches and reads as "no kernel", would turn
+    # every @needs_kernels / @needs_int_mm test into a silent skip and the readable path into the only one tested.
+    assert quant.packed_kernels_available() == {8: True, 4: True}
+    assert quant.int8_matmul_available()
 
 
 def random_weight(out_features, in_features, seed=0):
