@@ -195,6 +195,7 @@ def bfloat16_is_emulated() -> bool:
     """True where bfloat16 products are converted in software (no AVX-512 BF16 / AMX / ARM BF16): checked once."""
     return best_cpu_dtype() != torch.bfloat16
 
+
 # The fused kernel (scaled_dot_product_attention) is the fast path; `attention_reference` below is the readable one.
 # tests/test_imp.py pins them equal. Set to False to run (and step through) the readable path everywhere.
 USE_FUSED_ATTENTION = hasattr(F, "scaled_dot_product_attention")

@@ -815,8 +815,8 @@ class QuantLinear(QuantizedModule):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, weight, self.group_size, scales)
         y = y.view(*x.shape[:-1], self.out_features)  # (..., N) in the kernels' bfloat16
         bias = self._parameters.get("bias")  # not self.bias: QuantizedModule.__getattr__ is slower
-        if bias is not None and bias.dtype == x.dtype:
-            return torch.add(y, bias)  # type promotion: the sum comes out in the bias's (= x's) dtype
+        if bias is not None and bias.dtype == x.dtype and x.dtype in (torch.float32, KERNEL_DTYPE):
+            return torch.add(y, bias)  # type promotion: bfloat16 + float32 sums in (and returns) float32
         y = y.to(x.dtype)
         return y if bias is None else y + bias.to(x.dtype)
 

@@ -231,7 +231,7 @@ def assert_fast_matches_readable(fast, readable, x, weight):
                                                     (4, 128, "asymmetric")])
 @pytest.mark.parametrize("in_features", [256, 80])  # 80: not a multiple of the group size (padded)
 @pytest.mark.parametrize("rows", [1, 7, 300])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])  # float16: output back in float16
 def test_fast_path_matches_readable_path(bits, group_size, scheme, in_features, rows, dtype):
     weight = random_weight(48, in_features)
     weight[5, :32] = weight[5, :32].abs()  # a negative symmetric scale
