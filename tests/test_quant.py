@@ -16,7 +16,6 @@ needs_kernels = pytest.mark.skipif(not all(quant.packed_kernels_available().valu
                                    reason="torch's packed int8/int4 CPU kernels are not available here")
 
 
-
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
                     reason="checked where every build of the pinned torch has the kernels: x86-64")
 def test_the_capability_probes_find_the_kernels_on_x86():
