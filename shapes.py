@@ -5,11 +5,12 @@ Each image is a light background with 1 to 3 coloured shapes that never touch, e
 cells (the "grid" layout, see make_scene; `--layout free` puts them anywhere). Each question about it has one exact
 answer written as a fixed sentence, so "exact-answer accuracy" is simply string equality. The task is built for a
 tiny ViT + Phi-2-style decoder trained from scratch in minutes on a laptop CPU: 4 very different colours, only two
-sizes (about 21% and 34% of the side), no occlusion, and a vocabulary of a few dozen words. The questions still
+sizes (10 and 24 px wide in 56-px pictures), no occlusion, and a vocabulary of a few dozen words. The questions still
 come in several wordings, so the model has to read them and cannot guess from the image alone.
 
 The output is in the LLaVA format that Imp's own training scripts use:
-  captions.json  stage 1 (connector alignment): "<image>" -> one caption listing every shape, left to right
+  captions.json  stage 1 (connector alignment): "<image>" -> one caption listing every shape, left to right, with
+                 the half of the picture each is in (--no-caption-sides leaves the halves out)
   train.json     stage 2 (instruction tuning): 1 to 6 question/answer turns per image (--max-turns), one per type
   test.json      held out: images drawn from a different seed stream, one question each
 Every scene comes from its own `random.Random`, seeded by (seed, split, index), so any single sample can be
@@ -60,16 +61,21 @@ POSITION_STYLES = ("compare", "half")
 
 LAYOUTS = ("grid", "free")
 PATCH = 14  # the demo's vision patch size: the "grid" layout puts every shape on whole 14-px cells
+# The demo's picture side: 4 x 4 cells of 14 px, so 16 image tokens. Fewer tokens make each training step cheaper
+# (twice as many steps fit the demo's 20 minutes as at 112 px, 8 x 8 = 64 tokens) and leave the decoder fewer
+# positions to search; README, "The demo model", has the runs that chose it.
+IMAGE_SIZE = 56
 
 
-def make_scene(rng, image_size=112, layout="grid"):
+def make_scene(rng, image_size=IMAGE_SIZE, layout="grid"):
     """Draw one scene. Returns (PIL image, scene), where scene is a list of dicts, one per shape, sorted left to right.
 
     layout "grid" (the default, what the demo is trained on) puts each shape on a block of whole patch cells: small
-    shapes on 2 x 2 cells, large ones on 3 x 3 (at 112 px), drawn 2 px inside the block. Every patch of a circle
-    then holds the same piece of a circle wherever the circle is, so a ViT's first layer (a linear map of one
-    patch: imp.SigLIP.patch_embedding) can already tell a circle's edge from a square's corner. With "free"
-    placement a small circle straddles 4 to 9 patches at any offset, and a from-scratch ViT of the demo's size
+    shapes on 1 cell, large ones on 2 x 2 (at 56 px; 2 x 2 and 3 x 3 at 112 px), drawn 2 px inside the block.
+    Every patch of a circle then holds the same piece of a circle wherever the circle is, so a ViT's first layer (a
+    linear map of one patch: imp.SigLIP.patch_embedding) can already tell a circle's edge from a square's corner.
+    With "free" placement a small circle straddles several patches at any offset, and a from-scratch ViT of the
+    demo's size
     needs many times the demo's 20 minutes to learn shapes that way (README, "The demo model").
     """
     if layout not in LAYOUTS:
@@ -119,8 +125,8 @@ def _place_shapes(rng, image_size):
 
 def _place_on_grid(rng, image_size):
     """Pick 1 to 3 shapes and put each on a free block of patch cells. Returns None if one found no free block."""
-    cells = image_size // PATCH  # 8 at 112 px; a partial last patch (e.g. at 64 px) is never used
-    # Block sides in cells, about the "free" layout's 20% and 37% of the side: 2 and 3 cells at 112 px.
+    cells = image_size // PATCH  # 4 at 56 px, 8 at 112 px; a partial last patch (e.g. at 64 px) is never used
+    # Block sides in cells, about the "free" layout's 20% and 37% of the side: 1 and 2 cells at 56 px, 2 and 3 at 112.
     small = max(1, round(0.21 * cells))
     blocks = {"small": small, "large": max(small + 1, round(0.36 * cells))}
     inset = 2  # pixels between a block's edge and the drawing, so shapes in touching blocks stay GAP = 4 px apart
@@ -147,11 +153,12 @@ def _boxes_touch(a, b):
     return not (a[2] + GAP <= b[0] or b[2] + GAP <= a[0] or a[3] + GAP <= b[1] or b[3] + GAP <= a[1])
 
 
-def make_questions(rng, scene, position="compare", image_size=112):
+def make_questions(rng, scene, position="half", image_size=IMAGE_SIZE):
     """One question per type that can be answered unambiguously for this scene, as dicts(type, question, answer).
 
-    position "compare" asks which of two shapes is on the left (or right); "half" asks which half of the picture a
-    named shape is in. Both are the "position" type."""
+    position "half" (the demo's) asks which half of the picture a named shape is in; "compare" asks which of two
+    shapes is on the left (or right), a comparison that no demo-sized run learnt (README, "The demo model"). Both
+    are the "position" type."""
     if position not in POSITION_STYLES:
         raise ValueError(f"position must be one of {POSITION_STYLES}, got {position!r}")
     shape_counts = Counter(item["shape"] for item in scene)
@@ -215,20 +222,20 @@ def left_right_askable(scene):
             and scene[0]["box"][2] + GAP <= scene[1]["box"][0])
 
 
-def half_of(item, image_size=112):
+def half_of(item, image_size=IMAGE_SIZE):
     """'left' or 'right' if the shape's box lies wholly in that half of the picture, else None (it straddles the
     middle, and "which side is it on?" has no single answer)."""
     x0, _, x1, _ = item["box"]
     return "left" if x1 <= image_size / 2 else "right" if x0 >= image_size / 2 else None
 
 
-def side_of(item, image_size=112):
+def side_of(item, image_size=IMAGE_SIZE):
     """'on the left' or 'on the right' by the centre of the shape's box, 'in the middle' within 2 px of the centre."""
     offset = item["x"] - image_size / 2
     return "in the middle" if abs(offset) <= 2 else ("on the left" if offset < 0 else "on the right")
 
 
-def caption(scene, sides=False, image_size=112):
+def caption(scene, sides=False, image_size=IMAGE_SIZE):
     """'A large red circle and a small blue triangle.' The shapes are listed left to right. With `sides`, each shape
     also says which half of the picture it is in: 'A large red circle on the left and a small blue triangle on the
     right.'"""
@@ -251,7 +258,7 @@ def _write_json(path, records):
 
 
 def _make_split(out_dir, split, count, seed, image_size, progress, max_turns, layout, left_right_share=0.0,
-                caption_sides=False, position="compare"):
+                caption_sides=True, position="half"):
     """Generate one split: write its images and return (caption records, question records)."""
     captions, records = [], []
     start = time.time()
@@ -295,9 +302,11 @@ def _make_split(out_dir, split, count, seed, image_size, progress, max_turns, la
     return captions, records
 
 
-def generate_dataset(out_dir, num_train, num_test, seed=0, image_size=112, progress=True, layout="grid", max_turns=6,
-                     left_right_share=0.0, caption_sides=False, position="compare"):
+def generate_dataset(out_dir, num_train, num_test, seed=0, image_size=IMAGE_SIZE, progress=True, layout="grid",
+                     max_turns=6, left_right_share=0.0, caption_sides=True, position="half"):
     """Write images/, captions.json, train.json and test.json under out_dir. Returns a summary dict."""
+    if left_right_share and position != "compare":
+        raise ValueError("left_right_share adds two-shape left/right questions: it needs position 'compare'")
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     start = time.time()
     captions, train = _make_split(out_dir, "train", num_train, seed, image_size, progress, max_turns, layout,
@@ -393,19 +402,21 @@ def main(argv=None):
     parser.add_argument("--train", type=_non_negative_int, default=20000, help="number of training images (default 20000)")
     parser.add_argument("--test", type=_non_negative_int, default=500, help="number of held-out test images (default 500)")
     parser.add_argument("--seed", type=int, default=0, help="base seed; the train and test streams are derived from it")
-    parser.add_argument("--image-size", type=int, default=112, help="image side in pixels (default 112 = 8x8 patches of 14)")
+    parser.add_argument("--image-size", type=int, default=IMAGE_SIZE,
+                        help=f"image side in pixels (default {IMAGE_SIZE} = 4x4 patches of 14, the demo's; 112 = 8x8)")
     parser.add_argument("--layout", choices=LAYOUTS, default="grid",
                         help="grid (default): shapes on whole 14-px patch cells; free: anywhere (much harder for a tiny ViT)")
     parser.add_argument("--max-turns", type=_positive_int, default=6,
                         help="each training image gets 1 to N question turns, one per question type (default 6)")
     parser.add_argument("--left-right-share", type=_fraction, default=0.0,
-                        help="train split only: this fraction of pictures is drawn so that it has a left/right question "
-                             "(default 0: ~13%% have one, as in the held-out split)")
-    parser.add_argument("--position", choices=POSITION_STYLES, default="compare",
-                        help="position questions: compare (default): 'Which shape is on the left?' about two shapes; "
-                             "half: 'Is the circle on the left or on the right?' about one")
-    parser.add_argument("--caption-sides", action="store_true",
-                        help="captions also name each shape's half of the picture ('... circle on the left and ...')")
+                        help="with --position compare, train split only: this fraction of pictures is drawn so that it "
+                             "has a left/right question (default 0: ~13%% have one, as in the held-out split)")
+    parser.add_argument("--position", choices=POSITION_STYLES, default="half",
+                        help="position questions: half (default): 'Is the circle on the left or on the right?' about "
+                             "one shape; compare: 'Which shape is on the left?' about two")
+    parser.add_argument("--caption-sides", action=argparse.BooleanOptionalAction, default=True,
+                        help="captions also name each shape's half of the picture ('... circle on the left and ...'; "
+                             "default: on)")
     parser.add_argument("--force", action="store_true", help="write into --out even if it is not empty (files are overwritten)")
     parser.add_argument("--tokenizer-out", help="also train a byte-level BPE on the train texts and write DIR/tokenizer.json")
     parser.add_argument("--tokenizer-only", action="store_true", help="skip generation; train the tokenizer on --out's data")
@@ -427,6 +438,8 @@ def main(argv=None):
             with open(path, encoding="utf-8") as file:
                 records += json.load(file)
     else:
+        if args.left_right_share and args.position != "compare":
+            fail("--left-right-share adds two-shape left/right questions: it needs --position compare")
         if args.image_size < 56:
             fail(f"--image-size must be at least 56 (room for 3 shapes), got {args.image_size}")
         if os.path.exists(args.out) and not os.path.isdir(args.out):

@@ -39,12 +39,13 @@ import imp
 import visualize
 from imp import IGNORE_INDEX, CheckpointError, ImageError, Imp, ImpConfig, PhiConfig, VisionConfig
 
-# Named small configs for training from scratch (--init-config). "demo" is the model in checkpoints/demo: 112-px
-# images cut into 8 x 8 = 64 patches, a 4-layer ViT (5 layers, the last dropped by select_layer -2, as Imp drops
-# SigLIP's) and a 4-layer Phi-2 whose two 64-wide heads rotate 32 dims (Phi-2 rotates 32 of 80). "tiny" is for tests.
+# Named small configs for training from scratch (--init-config). "demo" is the model in checkpoints/demo: 56-px
+# images cut into 4 x 4 = 16 patches (shapes.IMAGE_SIZE; --image-size overrides it), a 4-layer ViT (5 layers, the
+# last dropped by select_layer -2, as Imp drops SigLIP's) and a 4-layer Phi-2 whose two 64-wide heads rotate 32 dims
+# (Phi-2 rotates 32 of 80). "tiny" is for tests.
 NAMED_CONFIGS = {
     "demo": dict(vision=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=5, num_attention_heads=4,
-                             image_size=112, patch_size=14),
+                             image_size=56, patch_size=14),
                  text=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=2,
                            rotary_dim=32, max_position_embeddings=256),
                  max_length=256),
@@ -307,7 +308,8 @@ def build_model(args) -> Imp:
         if None in ids.values():
             raise CheckpointError(f"{args.tokenizer}: the tokenizer lacks {[n for n, i in ids.items() if i is None]}")
         spec = NAMED_CONFIGS[args.init_config]
-        config = ImpConfig(vision=VisionConfig(**spec["vision"]),
+        vision = dict(spec["vision"], **({"image_size": args.image_size} if args.image_size else {}))
+        config = ImpConfig(vision=VisionConfig(**vision),
                            text=PhiConfig(vocab_size=tokenizer.get_vocab_size(), **spec["text"]),
                            image_token_index=ids["<image>"], eos_token_id=ids["</s>"], pad_token_id=ids["<|endoftext|>"],
                            max_length=spec["max_length"])
@@ -516,6 +518,8 @@ def parse_args(argv=None):
     add("--init-config", choices=sorted(NAMED_CONFIGS), help="start from scratch with this small config (needs --tokenizer)")
     add("--position-embedding-std", type=float, help="with --init-config: draw the vision tower's position embeddings "
         "at this std instead of 0.02 (e.g. 1.0, so that where a patch is starts as loud as what it shows)")
+    add("--image-size", type=int, help="with --init-config: the picture's side in pixels instead of the config's "
+        "(a multiple of the patch size, 14; e.g. 56 for 4 x 4 = 16 image tokens)")
     add("--tokenizer", help="folder with tokenizer.json, for --init-config")
     add("--data", help="LLaVA-format .json or .jsonl")
     add("--image-folder", help="image paths in --data are relative to this folder and may not leave it")
@@ -574,6 +578,10 @@ def parse_args(argv=None):
         parser.error("give exactly one starting point: --model DIR, --llm DIR --vision DIR, or --init-config NAME")
     if args.position_embedding_std is not None and not (args.init_config and args.position_embedding_std > 0):
         parser.error("--position-embedding-std needs --init-config and a positive number")
+    if args.image_size is not None:
+        patch = args.init_config and NAMED_CONFIGS[args.init_config]["vision"]["patch_size"]
+        if not (patch and args.image_size >= patch and args.image_size % patch == 0):
+            parser.error(f"--image-size needs --init-config and a multiple of its patch size ({patch or 14} px)")
     defaults = STAGE_DEFAULTS[args.stage]
     args.epochs = defaults["epochs"] if args.epochs is None else args.epochs
     args.batch_size = args.batch_size or defaults["batch_size"]

@@ -588,8 +588,8 @@ DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 @pytest.mark.skipif(not os.path.isdir(DEMO), reason="no checkpoints/demo")
 @pytest.mark.parametrize("bits", [8, 4])
 def test_demo_model_with_int8_activations_stays_close_and_generates(monkeypatch, bits):
-    # The trained demo model (real activations, not random ones), quantized with its vision tower: 64 image + ~10
-    # text rows in prefill. Its vision tower has 64 rows, which the packed kernels would take: the threshold is
+    # The trained demo model (real activations, not random ones), quantized with its vision tower: 16 image + ~10
+    # text rows in prefill. Its vision tower has 16 rows, which the packed kernels would take: the threshold is
     # lowered so that the int8-activation path runs there too, decode (1 row) stays on the packed kernels.
     import imp
     monkeypatch.setattr(quant, "FAST_PATH_MAX_ROWS", 8)

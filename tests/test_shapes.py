@@ -10,12 +10,12 @@ import pytest
 import shapes
 
 
-def scenes(count, image_size=112, start=0, layout="grid"):
+def scenes(count, image_size=shapes.IMAGE_SIZE, start=0, layout="grid", position="half"):
     """(image, scene, questions) for seeds start .. start+count-1, built exactly as the public API is meant to be used."""
     for seed in range(start, start + count):
         rng = random.Random(seed)
         image, scene = shapes.make_scene(rng, image_size, layout)
-        yield image, scene, shapes.make_questions(rng, scene)
+        yield image, scene, shapes.make_questions(rng, scene, position, image_size)
 
 
 def test_same_seed_same_sample_and_different_seed_different_sample():
@@ -30,7 +30,7 @@ def test_same_seed_same_sample_and_different_seed_different_sample():
 
 @pytest.mark.parametrize("layout", shapes.LAYOUTS)
 def test_shapes_inside_image_apart_and_drawn_where_the_scene_says(layout):
-    for image_size in (112, 64):
+    for image_size in (56, 112, 64):
         for image, scene, _ in scenes(300, image_size, layout=layout):
             assert 1 <= len(scene) <= 3 and image.size == (image_size, image_size)
             for index, item in enumerate(scene):
@@ -50,15 +50,17 @@ def test_shapes_inside_image_apart_and_drawn_where_the_scene_says(layout):
     assert max(small) * 1.4 < min(large)
 
 
-def test_grid_layout_puts_every_shape_on_whole_patch_cells():
+@pytest.mark.parametrize("image_size, cells, spread", [(56, {"small": 1, "large": 2}, 20),  # 4 x 4 cells: 16 + 9 places
+                                                       (112, {"small": 2, "large": 3}, 60)])
+def test_grid_layout_puts_every_shape_on_whole_patch_cells(image_size, cells, spread):
     """The point of the grid layout: a shape of a given kind and size looks the same, pixel for pixel, in every
     patch-aligned block it lands on, so one patch already shows which shape it belongs to."""
     looks, positions = {}, set()
-    for image, scene, _ in scenes(400):
+    for image, scene, _ in scenes(400, image_size):
         for item in scene:
             x0, y0, x1, y1 = item["box"]
             assert (x0 - 2) % shapes.PATCH == 0 and (y0 - 2) % shapes.PATCH == 0  # 2 px inside a cell's corner
-            assert item["side"] == {"small": 2, "large": 3}[item["size"]] * shapes.PATCH - 4  # 24 and 38 px at 112
+            assert item["side"] == cells[item["size"]] * shapes.PATCH - 4  # 10 and 24 px at 56; 24 and 38 at 112
             block = image.crop((x0 - 2, y0 - 2, x1 + 2, y1 + 2))
             raw = block.tobytes()  # RGB, 3 bytes per pixel; the block's corner pixel is background
             mask = bytes(raw[i:i + 3] != raw[:3] for i in range(0, len(raw), 3))  # which pixels the shape covers
@@ -66,12 +68,12 @@ def test_grid_layout_puts_every_shape_on_whole_patch_cells():
             positions.add((item["size"], x0, y0))
     assert len(looks) == 6 and all(len(masks) == 1 for masks in looks.values())  # one look per shape and size
     assert len({mask for masks in looks.values() for mask in masks}) == 6  # and the six looks all differ
-    assert len(positions) > 60  # while the shapes still go all over the grid
+    assert len(positions) > spread  # while the shapes still go all over the grid
     with pytest.raises(ValueError, match="layout"):
         shapes.make_scene(random.Random(0), 112, "diagonal")
 
 
-def answer_from_scene(kind, question, scene):
+def answer_from_scene(kind, question, scene, image_size=shapes.IMAGE_SIZE):
     """An independent oracle: read the question back and compute the expected answer from the scene."""
     words = re.findall(r"[a-z]+", question.lower())
     named_shapes = [w for w in words if w in shapes.SHAPES]
@@ -87,8 +89,9 @@ def answer_from_scene(kind, question, scene):
     if kind == "position" and named_shapes:  # --position half: which half is the named shape in?
         (item,) = [i for i in scene if i["shape"] == named_shapes[0]]
         x0, _, x1, _ = item["box"]
-        assert x1 <= 56 or x0 >= 56  # 112-px pictures: wholly in one half
-        return f"The {item['shape']} is on the {'left' if x1 <= 56 else 'right'}."
+        middle = image_size / 2
+        assert x1 <= middle or x0 >= middle  # wholly in one half
+        return f"The {item['shape']} is on the {'left' if x1 <= middle else 'right'}."
     if kind == "position":
         side = "left" if "left" in words else "right"
         assert len(scene) == 2 and scene[0]["box"][2] < scene[1]["box"][0]
@@ -98,12 +101,13 @@ def answer_from_scene(kind, question, scene):
     return f"The {item['shape']} is {item['color'] if kind == 'color' else item['size']}."
 
 
-def test_answers_agree_with_the_scene():
+@pytest.mark.parametrize("image_size, position", [(56, "half"), (56, "compare"), (112, "half"), (112, "compare")])
+def test_answers_agree_with_the_scene(image_size, position):
     seen = set()
-    for _, scene, questions in scenes(500):
+    for _, scene, questions in scenes(500, image_size, position=position):
         assert len({q["type"] for q in questions}) == len(questions)  # at most one question per type
         for q in questions:
-            assert q["answer"] == answer_from_scene(q["type"], q["question"], scene), (q, scene)
+            assert q["answer"] == answer_from_scene(q["type"], q["question"], scene, image_size), (q, scene)
             seen.add(q["type"])
     assert seen == set(shapes.TYPES)
 
@@ -144,15 +148,19 @@ def test_caption_lists_shapes_left_to_right():
     three = scene + [dict(shape="square", color="green", size="small", x=90)]
     assert shapes.caption(three) == "A large red circle, a small blue triangle and a small green square."
     centred = dict(shape="square", color="green", size="small", x=57)
-    assert (shapes.caption(scene + [centred], sides=True) == "A large red circle on the left, a small blue triangle "
-            "on the left and a small green square in the middle.")  # x 50 < 56 - 2: left; 57 is within 2 px
-    assert shapes.caption(three[2:], sides=True) == "A small green square on the right."
+    assert (shapes.caption(scene + [centred], sides=True, image_size=112) == "A large red circle on the left, a small "
+            "blue triangle on the left and a small green square in the middle.")  # x 50 < 56 - 2: left; 57 within 2 px
+    assert shapes.caption(three[2:], sides=True, image_size=112) == "A small green square on the right."
+    assert shapes.caption(scene, sides=True) == ("A large red circle on the left and a small blue triangle on the "
+                                                 "right.")  # the demo's 56-px pictures: 50 is right of the middle
 
 
 def test_left_right_share_adds_left_right_questions_to_the_train_split_only(tmp_path):
     plain, boosted = tmp_path / "plain", tmp_path / "boosted"
-    shapes.generate_dataset(str(plain), 200, 20, seed=5, progress=False)
-    shapes.generate_dataset(str(boosted), 200, 20, seed=5, progress=False, left_right_share=0.5)
+    shapes.generate_dataset(str(plain), 200, 20, seed=5, progress=False, position="compare")
+    shapes.generate_dataset(str(boosted), 200, 20, seed=5, progress=False, position="compare", left_right_share=0.5)
+    with pytest.raises(ValueError, match="compare"):  # "half" questions need no boost: most pictures have one
+        shapes.generate_dataset(str(tmp_path / "half"), 2, 1, progress=False, left_right_share=0.5)
 
     def share(folder):  # a left/right question, when a picture has one, is always its first turn
         train = json.loads((folder / "train.json").read_text())
@@ -254,6 +262,10 @@ def test_cli_refuses_bad_input_with_one_line(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             shapes.main(["--out", str(tmp_path / "new"), "--left-right-share", share])
         assert exit_info.value.code == 2 and "from 0 to 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        shapes.main(["--out", str(tmp_path / "new"), "--left-right-share", "0.5"])  # with the default --position half
+    assert exit_info.value.code == 2 and "--position compare" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "new")
 
     shapes.main(["--out", str(tmp_path), "--train", "20", "--test", "1", "--force", "--max-turns", "1"])
     assert all(len(r["conversations"]) == 2 for r in json.loads((tmp_path / "train.json").read_text()))
@@ -290,7 +302,8 @@ def test_position_probe_reads_the_column_and_nothing_else():
     import imp
     probe_position = load_tool("probe_position")
     model = imp.Imp.from_pretrained("checkpoints/demo", with_tokenizer=False).eval()
-    cells = model.config.vision.image_size // model.config.vision.patch_size  # 8
+    size = model.config.vision.image_size
+    cells = size // model.config.vision.patch_size  # 4 (56-px pictures in 14-px patches)
     direction = torch.randn(model.config.vision.hidden_size, generator=torch.Generator().manual_seed(0))
     index = torch.arange(cells * cells)
     with torch.no_grad():
@@ -303,7 +316,7 @@ def test_position_probe_reads_the_column_and_nothing_else():
                 assert expected[0] <= r_squared <= expected[1], (encoded[:10].tolist(), results)
             assert results["patch embedding"][0] < 0.2  # what a patch shows says (almost) nothing about its column
         # The probe's stages are the model's own: its last two are what SigLIP.forward and encode_images return.
-        pixel_values = torch.rand(2, 3, 112, 112, generator=torch.Generator().manual_seed(1)) * 2 - 1
+        pixel_values = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1
         stages = probe_position.image_path_stages(model, pixel_values)
         torch.testing.assert_close(stages[-2][1], model.vision(pixel_values), rtol=0, atol=0)
         torch.testing.assert_close(stages[-1][1], model.encode_images(pixel_values), rtol=0, atol=0)

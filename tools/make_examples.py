@@ -5,7 +5,7 @@ make_examples.py: redraw the five pictures in examples/ with shapes.py, from a s
     python tools/make_examples.py           (under a second)
 
 Each picture is the first scene of the stream "shapes-examples-<index>" (index 0, 1, 2, ...) that fits its
-description below, drawn exactly as shapes.py draws training images (112 px, grid layout). The training and test
+description below, drawn exactly as shapes.py draws training images (56 px, grid layout). The training and test
 splits use the streams "shapes-<seed>-train-<index>" and "shapes-<seed>-test-<index>", so these scenes are new to
 the demo model. Files are written atomically.
 """
@@ -44,7 +44,7 @@ def main(folder=os.path.join(HERE, "examples")):
     for name, wanted in WANTED.items():
         index = 0
         while True:
-            image, scene = shapes.make_scene(random.Random(f"shapes-examples-{index}"), 112)
+            image, scene = shapes.make_scene(random.Random(f"shapes-examples-{index}"), shapes.IMAGE_SIZE)
             if wanted(scene):
                 break
             index += 1

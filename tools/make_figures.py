@@ -116,7 +116,7 @@ def readme_diagram(model_path: str) -> str:
 # The pictures.
 
 
-def attention_figure(model: imp.Imp, examples, scale: int = 3) -> Image.Image:
+def attention_figure(model: imp.Imp, examples, scale: int = 6) -> Image.Image:  # 56-px pictures, shown 336 px wide
     """One row per (image, question): the picture as given, the heat map over it, and the question and answer."""
     panels = []
     for path, question in examples:

@@ -6,14 +6,15 @@ probe_position.py: how much does each stage of a model's image path know about *
     python tools/probe_position.py --model runs/m2 --images 400
 
 A linear probe: for every stage of the image path (the patch embedding, + the position embeddings, each tower layer
-Imp keeps, the connector) it fits a least-squares line from the stage's patch vectors to the patch's column (0 .. 7
-on the demo's 8 x 8 grid) on half of the pictures, and reports R² on the other half: 1.0 means the column can be read
+Imp keeps, the connector) it fits a least-squares line from the stage's patch vectors to the patch's column (0 .. 3
+on the demo's 4 x 4 grid, 0 .. 7 on the 8 x 8 grid of 112-px pictures) on half of the pictures, and reports R² on the other half: 1.0 means the column can be read
 off the vectors linearly, 0.0 means not at all. Two columns of figures: over all patches, and over the patches a
 shape covers (background patches differ only in where they are, so the first is mostly about the position vectors).
 
-This is how the README's demo section found why the demo answers left/right questions at chance: the column is
-nearly absent from the demo's image tokens. Pictures come from shapes.py (112 px, grid layout) on a seed stream of
-their own; the model must take 112-px images in 14-px patches (the demo config).
+This is how the README's demo section found why an earlier demo (112-px pictures, 64 image tokens) answered
+left/right questions at chance: the column was nearly absent from its image tokens. Pictures come from shapes.py
+(grid layout, drawn at the model's own image size) on a seed stream of their own; the model must cut its pictures
+into shapes.py's 14-px cells, as the demo configs do.
 """
 import argparse
 import os
@@ -32,14 +33,14 @@ import shapes  # noqa: E402
 def image_path_stages(model, pixel_values):
     """(name, (B, N, D) patch vectors) for each stage of Imp's image path, computed as SigLIP.forward does."""
     vision = model.vision
-    x = vision.patch_embedding(pixel_values).flatten(2).transpose(1, 2)  # (B, 64, D): what each patch shows
+    x = vision.patch_embedding(pixel_values).flatten(2).transpose(1, 2)  # (B, N, D): what each patch shows
     stages = [("patch embedding", x)]
-    x = x + vision.position_embedding.weight  # (B, 64, D): + where it is
+    x = x + vision.position_embedding.weight  # (B, N, D): + where it is
     stages.append(("+ position embedding", x))
     for index, layer in enumerate(vision.layers):
         x = layer(x)
         stages.append((f"tower layer {index}", x))
-    stages.append(("connector", model.connector(x)))  # (B, 64, C): the language model's image tokens
+    stages.append(("connector", model.connector(x)))  # (B, N, C): the language model's image tokens
     return stages
 
 
@@ -57,26 +58,26 @@ def r_squared(vectors, targets):
 def probe(model, num_images=200, seed=1):
     """{stage name: (R² over all patches, R² over shape patches)} for the column of each patch."""
     config = model.config.vision
-    if config.image_size != 112 or config.patch_size != shapes.PATCH:
-        raise ValueError(f"the probe draws 112-px shapes pictures on {shapes.PATCH}-px patches; this model takes "
+    if config.patch_size != shapes.PATCH or config.image_size % shapes.PATCH or config.image_size < 56:
+        raise ValueError(f"the probe draws shapes pictures on {shapes.PATCH}-px cells (56 px or more); this model takes "
                          f"{config.image_size}-px images in {config.patch_size}-px patches")
-    cells = config.image_size // config.patch_size  # 8
+    cells = config.image_size // config.patch_size  # 4 for the demo (56 px), 8 at 112 px
     rng = random.Random(f"probe-position-{seed}")  # a stream of its own: not the training or test pictures
-    pictures, covered = [], []  # covered: (B, 64) True where a shape overlaps the patch
+    pictures, covered = [], []  # covered: (B, N) True where a shape overlaps the patch
     for _ in range(num_images):
-        image, scene = shapes.make_scene(rng)
+        image, scene = shapes.make_scene(rng, config.image_size)
         pictures.append(imp.preprocess_image(image, config.image_size))
         mask = torch.zeros(cells, cells, dtype=torch.bool)
         for item in scene:
             x0, y0, x1, y1 = item["box"]
             mask[y0 // shapes.PATCH:(y1 - 1) // shapes.PATCH + 1, x0 // shapes.PATCH:(x1 - 1) // shapes.PATCH + 1] = True
         covered.append(mask.flatten())
-    pixel_values = torch.stack(pictures).to(model.vision.patch_embedding.weight.dtype)  # (B, 3, 112, 112)
-    covered = torch.stack(covered)  # (B, 64)
-    columns = torch.arange(cells * cells).remainder(cells).float().expand(num_images, -1)  # (B, 64): index % 8
+    pixel_values = torch.stack(pictures).to(model.vision.patch_embedding.weight.dtype)  # (B, 3, S, S)
+    covered = torch.stack(covered)  # (B, N)
+    columns = torch.arange(cells * cells).remainder(cells).float().expand(num_images, -1)  # (B, N): index % cells
     results = {}
     for name, vectors in image_path_stages(model, pixel_values):
-        flat = vectors.float().reshape(-1, vectors.shape[-1])  # (B * 64, D), picture by picture
+        flat = vectors.float().reshape(-1, vectors.shape[-1])  # (B * N, D), picture by picture
         results[name] = (r_squared(flat, columns.reshape(-1)),
                          r_squared(flat[covered.reshape(-1)], columns[covered]))
     return results
