@@ -75,8 +75,7 @@ def make_scene(rng, image_size=IMAGE_SIZE, layout="grid"):
     Every patch of a circle then holds the same piece of a circle wherever the circle is, so a ViT's first layer (a
     linear map of one patch: imp.SigLIP.patch_embedding) can already tell a circle's edge from a square's corner.
     With "free" placement a small circle straddles several patches at any offset, and a from-scratch ViT of the
-    demo's size
-    needs many times the demo's 20 minutes to learn shapes that way (README, "The demo model").
+    demo's size needs many times the demo's 20 minutes to learn shapes that way (README, "The demo model").
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
