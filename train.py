@@ -308,7 +308,9 @@ def build_model(args) -> Imp:
         if None in ids.values():
             raise CheckpointError(f"{args.tokenizer}: the tokenizer lacks {[n for n, i in ids.items() if i is None]}")
         spec = NAMED_CONFIGS[args.init_config]
-        vision = dict(spec["vision"], **({"image_size": args.image_size} if args.image_size else {}))
+        vision = dict(spec["vision"])
+        if args.image_size:  # --image-size: the same config on another grid
+            vision["image_size"] = args.image_size
         config = ImpConfig(vision=VisionConfig(**vision),
                            text=PhiConfig(vocab_size=tokenizer.get_vocab_size(), **spec["text"]),
                            image_token_index=ids["<image>"], eos_token_id=ids["</s>"], pad_token_id=ids["<|endoftext|>"],

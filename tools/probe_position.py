@@ -7,8 +7,8 @@ probe_position.py: how much does each stage of a model's image path know about *
 
 A linear probe: for every stage of the image path (the patch embedding, + the position embeddings, each tower layer
 Imp keeps, the connector) it fits a least-squares line from the stage's patch vectors to the patch's column (0 .. 3
-on the demo's 4 x 4 grid, 0 .. 7 on the 8 x 8 grid of 112-px pictures) on half of the pictures, and reports R² on the other half: 1.0 means the column can be read
-off the vectors linearly, 0.0 means not at all. Two columns of figures: over all patches, and over the patches a
+on the demo's 4 x 4 grid, 0 .. 7 on the 8 x 8 grid of 112-px pictures) on half of the pictures, and reports R² on
+the other half: 1.0 means the column can be read off the vectors linearly, 0.0 means not at all. Two columns of figures: over all patches, and over the patches a
 shape covers (background patches differ only in where they are, so the first is mostly about the position vectors).
 
 This is how the README's demo section found why an earlier demo (112-px pictures, 64 image tokens) answered
