@@ -622,14 +622,23 @@ def main(argv=None):
 
 def train(args):
     # -- processes and devices. torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain run is rank 0 of 1.
+    # Under torchrun the DDP path runs even with one process (`--nproc_per_node=1`: nccl on a single GPU, a real
+    # check of the distributed code on a one-GPU machine); a plain `python train.py` skips it.
+    distributed = "WORLD_SIZE" in os.environ
     world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and world_size > 1:
+    if device.type == "cuda" and distributed:
+        if local_rank >= torch.cuda.device_count():
+            raise DataError(f"torchrun started more processes per node than this machine has GPUs "
+                            f"({torch.cuda.device_count()}): one process per GPU, --nproc_per_node at most that")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    if world_size > 1:  # nccl moves GPU tensors directly between GPUs; gloo is the CPU implementation
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if distributed:  # nccl moves GPU tensors directly between GPUs; gloo is the CPU implementation
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)  # binds this rank to its GPU (barrier() needs to know)
+        else:
+            dist.init_process_group("gloo")
     is_main = rank == 0
     log = print if is_main else (lambda *a, **k: None)
     use_bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
@@ -667,7 +676,7 @@ def train(args):
     optimizer = torch.optim.AdamW([{"params": g["params"], "lr": g["peak_lr"]} for g in groups],
                                   weight_decay=args.weight_decay, betas=(0.9, 0.999), eps=1e-8)
     loss_module = TrainingLoss(model)
-    if world_size > 1:
+    if distributed:
         # find_unused_parameters: a micro-batch of text-only samples leaves the connector without gradients.
         text_only = any(image is None for _, _, image in samples)
         loss_module = nn.parallel.DistributedDataParallel(loss_module, device_ids=[device] if device.type == "cuda"
@@ -711,12 +720,12 @@ def train(args):
 
     def checkpoint(step):
         states = [rng_state(device)]
-        if world_size > 1:
+        if distributed:
             states = [None] * world_size
             dist.all_gather_object(states, rng_state(device))
         if is_main:
             save_checkpoint(args.out, step, model, optimizer, states, meta)
-        if world_size > 1:
+        if distributed:
             dist.barrier()
 
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 and device.type == "cuda"
@@ -737,14 +746,15 @@ def train(args):
                 model.config, device)
             # DDP all-reduces gradients in backward(); between accumulation steps that would be wasted traffic.
             last = micro == accumulation - 1
-            with (loss_module.no_sync() if world_size > 1 and not last else contextlib.nullcontext()):
+            with (loss_module.no_sync() if distributed and not last else contextlib.nullcontext()):
                 with autocast:
                     loss = loss_module(input_ids, labels, pixel_values)
                 (loss / accumulation).backward()  # the mean over micro-batches, like transformers' Trainer
             loss_sum += loss.item()
             positions += micro_positions
-        totals = torch.tensor([loss_sum / accumulation, positions], dtype=torch.float64)
-        if world_size > 1:
+        # on the device: nccl reduces GPU tensors only
+        totals = torch.tensor([loss_sum / accumulation, positions], dtype=torch.float64, device=device)
+        if distributed:
             dist.all_reduce(totals)  # every rank sees the same (global) loss, so all stop together on NaN
             totals[0] /= world_size
         step_loss = totals[0].item()
@@ -776,18 +786,20 @@ def train(args):
             checkpoint(done)
             last_saved = done
 
-    if world_size > 1:  # DDP's promise, checked: every rank holds the very same weights (rank 0's get saved)
+    if distributed:  # DDP's promise, checked: every rank holds the very same weights (rank 0's get saved)
         checksum = torch.stack([p.detach().double().sum() for p in trainable_params]).to(device)
         gathered = [torch.zeros_like(checksum) for _ in range(world_size)]
         dist.all_gather(gathered, checksum)
         log(f"parameters identical on all {world_size} ranks: {all(torch.equal(g, gathered[0]) for g in gathered)}")
+    if device.type == "cuda":  # what a GPU needs for this model, micro-batch and checkpointing setting
+        log(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 1e9:.1f} GB")
     if is_main:
         save_final(model, args, log)
         try:  # the curves are a convenience: a run that trained and saved is never failed for want of a picture
             log(f"loss curve: {visualize.plot_log(log_path)}")
         except (visualize.PictureError, OSError) as error:
             log(f"note: no loss curve drawn ({error})")
-    if world_size > 1:
+    if distributed:
         dist.barrier()
         dist.destroy_process_group()
     return model

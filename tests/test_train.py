@@ -229,21 +229,28 @@ def test_resume_gives_the_same_losses(data, base, tmp_path, monkeypatch, groupin
 
 
 def test_ddp_two_processes_equal_one(data, tmp_path):
-    common = scratch_args(data, "OUT", "--max-steps", 3, "--micro-batch-size", 2, "--threads", 1)
+    # --device cpu: gloo, also on a GPU machine (2 ranks would need 2 GPUs there)
+    common = scratch_args(data, "OUT", "--max-steps", 3, "--micro-batch-size", 2, "--threads", 1, "--device", "cpu")
     single = [str(a) for a in common]
     single[single.index("OUT")] = str(tmp_path / "single")
     train.main(single)
-    double = [str(a) for a in common]
-    double[double.index("OUT")] = str(tmp_path / "ddp")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "train.py", *double], capture_output=True, text=True, timeout=300,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "parameters identical on all 2 ranks: True" in result.stdout
-    assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), abs=1e-5)
-    one, two = load_file(tmp_path / "single" / "model.safetensors"), load_file(tmp_path / "ddp" / "model.safetensors")
-    assert max((one[name] - two[name]).abs().max().item() for name in one) < 1e-5
+    one = load_file(tmp_path / "single" / "model.safetensors")
+    # 2 processes: each takes half of every global batch. 1 process under torchrun: the same DDP code path (what
+    # `--nproc_per_node=1` runs on a one-GPU machine), which a plain run skips.
+    for processes in (2, 1):
+        out = tmp_path / f"ddp{processes}"
+        launched = [str(a) for a in common]
+        launched[launched.index("OUT")] = str(out)
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 f"--nproc_per_node={processes}", "train.py", *launched],
+                                capture_output=True, text=True, timeout=300,
+                                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"parameters identical on all {processes} ranks: True" in result.stdout
+        assert losses(out) == pytest.approx(losses(tmp_path / "single"), abs=1e-5)
+        other = load_file(out / "model.safetensors")
+        assert max((one[name] - other[name]).abs().max().item() for name in one) < 1e-5
 
 
 # -- bad input ---------------------------------------------------------------------------------------------------
@@ -378,6 +385,16 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, capsy
     fails(capsys, *scratch_args(data, out, "--max-steps", 6, "--save-every", 2), match="the loss became nan at step 4")
     assert train.latest_checkpoint(str(out))[1] == 2 and len(losses(out)) == 3
     assert not os.path.exists(out / "model.safetensors")
+
+
+def test_more_torchrun_processes_than_gpus_is_refused(data, tmp_path, capsys, monkeypatch):
+    # what torchrun --nproc_per_node=2 sets for its second process, on a machine with one GPU
+    for name, value in dict(WORLD_SIZE="2", RANK="1", LOCAL_RANK="1").items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    fails(capsys, *scratch_args(data, tmp_path / "o", "--device", "cuda"),
+          match="torchrun started more processes per node than this machine has GPUs (1)")
+    assert not os.path.exists(tmp_path / "o")
 
 
 def test_bad_input_from_the_command_line_is_one_line(data, tmp_path):
