@@ -77,10 +77,12 @@ EXAMPLES = """examples:
   python bench.py --model imp-v1-3b --dtypes int4  real weights (quantized while loading)
   python bench.py --quick --json out.json          small config, all precisions, seconds
   python bench.py --dtypes int4 int4+a8            int4, and int4 with int8 activations (prefill, vision)
+  python bench.py --dtypes int4 --llama-cpp llama.json   int4 decode against llama.cpp's Q4_0 on this machine,
+                                                   measured by tools/llama_cpp_reference.py --json llama.json
 
 JSON (--json FILE): {"machine": {...}, "results": [one object per precision with dtype, t_ve_s, prompt_tok_s,
 gen_tok_s, total_s, weight_bytes (as stored), resident_weight_bytes (in memory), peak_rss_bytes, cache_dtype,
-roofline_fraction, ...], "transformers": [...] with --compare}"""
+roofline_fraction, ...], "transformers": [...] with --compare, "llama_cpp": [...] with --llama-cpp}"""
 
 
 class BenchError(Exception):
@@ -117,6 +119,8 @@ def parse_arguments(argv):
     parser.add_argument("--cache-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                         help="KV cache dtype (default auto: the model's float dtype, but float16 for an int8 / int4 "
                              "model computing in float32: half the memory, see imp.KVCache)")
+    parser.add_argument("--llama-cpp", metavar="JSON", help="llama.cpp measured on this machine by "
+                        "tools/llama_cpp_reference.py: the int4 decode target then compares with its Q4_0 here")
     parser.add_argument("--worker", choices=PRECISIONS + A8_PRECISIONS + tuple(f"hf-{d}" for d in FLOAT_DTYPES),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -525,8 +529,31 @@ HEADER = (f"{'dtype':<9} {'T_VE s':>7} {'prompt':>8} {'gen':>8} {'total s':>8} {
           f"{'':<9} {'':>7} {'tok/s':>8} {'tok/s':>8} {'':>8} {'GB':>8} {'GB':>8} {'':>7} {'':>6} {'tok/s':>8} {'':>6}")
 
 
-def print_targets(results: dict, theirs: dict, quick: bool):
-    """The issue's targets, checked on this run's figures (full-size runs only: --quick is a smoke test)."""
+def read_llama_cpp(path) -> dict:
+    """tools/llama_cpp_reference.py's JSON -> {(format, test, depth): best tok/s}; else a one-line error."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            rows = json.load(f)
+        figures = {}
+        for r in rows:  # the better of flash attention on and off
+            key = (r["format"], r["test"], int(r["depth"]))
+            figures[key] = max(figures.get(key, 0.0), float(r["tok_s"]))
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise BenchError(f"--llama-cpp {path}: not a tools/llama_cpp_reference.py result ({error})") from None
+    if not any(key[:2] == ("Q4_0", f"tg{NEW_TOKENS}") for key in figures):
+        raise BenchError(f"--llama-cpp {path}: no Q4_0 decode (tg{NEW_TOKENS}) in it")
+    return figures
+
+
+def llama_cpp_decode(llama_cpp: dict, depth: int) -> float:
+    """llama.cpp's Q4_0 decode here, at the measured depth nearest to ours (a query decodes after 770 positions)."""
+    depths = [key[2] for key in llama_cpp if key[:2] == ("Q4_0", f"tg{NEW_TOKENS}")]
+    return llama_cpp[("Q4_0", f"tg{NEW_TOKENS}", min(depths, key=lambda d: abs(d - depth)))]
+
+
+def print_targets(results: dict, theirs: dict, quick: bool, llama_cpp: dict | None = None):
+    """The issue's targets, checked on this run's figures (full-size runs only: --quick is a smoke test).
+    With llama_cpp (measured here by tools/llama_cpp_reference.py) the int4 decode compares with it on this CPU."""
     def ok(condition):
         return "ok  " if condition else "MISS"
     lines = []
@@ -535,6 +562,11 @@ def print_targets(results: dict, theirs: dict, quick: bool):
     for r in int4s:
         name = r["dtype"]
         lines.append(f"{ok(r['total_s'] <= 29.5)} {name} query {r['total_s']:.1f} s (target <= 29.5 s)")
+        if llama_cpp:
+            here = llama_cpp_decode(llama_cpp, r["prompt_tokens"])
+            lines.append(f"{ok(r['gen_tok_s'] >= 0.6 * here)} {name} decode {r['gen_tok_s']:.2f} tok/s = "
+                         f"{r['gen_tok_s'] / here:.2f} x llama.cpp Q4_0 on this machine ({here:.2f} tok/s; "
+                         f"target >= 0.6 x)")
         low = 0.6 * LLAMA_CPP_Q4_0_GEN[0]
         lines.append(f"{ok(r['gen_tok_s'] >= low)} {name} decode {r['gen_tok_s']:.2f} tok/s (target >= 0.6 x "
                      f"llama.cpp Q4_0 = {low:.1f}-{0.6 * LLAMA_CPP_Q4_0_GEN[1]:.1f} tok/s on the reference machine)")
@@ -569,6 +601,7 @@ def run(argv) -> int:
         print(json.dumps(run_worker(args)))
         return 0
     torch.set_num_threads(args.threads)
+    llama_cpp = read_llama_cpp(args.llama_cpp) if args.llama_cpp else None  # checked before the long part
     precisions = [p for p in PRECISIONS + A8_PRECISIONS if p in args.dtypes]
     notes = []
     if any(p.startswith("int") for p in precisions):
@@ -618,12 +651,13 @@ def run(argv) -> int:
     good = {p: r for p, r in results.items() if "error" not in r}
     good_theirs = {p: r for p, r in theirs.items() if "error" not in r}
     if good:
-        print_targets(good, good_theirs, args.quick)
+        print_targets(good, good_theirs, args.quick, llama_cpp)
     for note in notes:
         print(f"note: {note}")
     if args.json:
         document = dict(machine=machine, config="quick" if args.quick else (args.model or f"imp-3b-{args.image_size}"),
-                        notes=notes, results=list(results.values()), transformers=list(theirs.values()))
+                        notes=notes, results=list(results.values()), transformers=list(theirs.values()),
+                        llama_cpp=[dict(format=k[0], test=k[1], depth=k[2], tok_s=v) for k, v in (llama_cpp or {}).items()])
         imp.write_json(args.json, document)
         print(f"wrote {args.json}")
     failed = [p for p, r in list(results.items()) + list(theirs.items()) if "error" in r]

@@ -33,10 +33,19 @@ def run_bench(*arguments):
                           capture_output=True, text=True, timeout=300)
 
 
+# What tools/llama_cpp_reference.py writes (figures made up): llama.cpp's Q4_0 decode with flash attention on / off.
+LLAMA_CPP_ROWS = [dict(format="Q4_0", test="tg64", depth=0, flash_attn=True, tok_s=90000.0),
+                  dict(format="Q4_0", test="tg64", depth=0, flash_attn=False, tok_s=80000.0),
+                  dict(format="Q4_0", test="tg64", depth=770, flash_attn=True, tok_s=3.0),
+                  dict(format="Q4_0", test="pp770", depth=0, flash_attn=True, tok_s=20.0)]
+
+
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench") / "out.json"
-    result = run_bench("--quick", "--threads", "1", "--new-tokens", "16", "--json", str(out))
+    folder = tmp_path_factory.mktemp("bench")
+    out, llama_cpp = folder / "out.json", folder / "llama_cpp.json"
+    llama_cpp.write_text(json.dumps(LLAMA_CPP_ROWS))
+    result = run_bench("--quick", "--threads", "1", "--new-tokens", "16", "--json", str(out), "--llama-cpp", str(llama_cpp))
     assert result.returncode == 0, result.stdout + result.stderr
     return json.loads(out.read_text()), result.stdout
 
@@ -96,6 +105,29 @@ def test_quick_prints_table_and_targets(quick):
     assert "memory read bandwidth" in stdout and "roofline" in stdout and "targets" in stdout
 
 
+def test_llama_cpp_measured_here_sets_the_decode_target(quick):
+    document, stdout = quick
+    assert len(document["llama_cpp"]) == 3  # one figure per (format, test, depth): the better flash-attention setting
+    if quant_available():
+        # the quick prompt is 105 tokens: the nearest measured depth is 0, where flash attention on was better
+        assert "MISS int4 decode" in stdout and "x llama.cpp Q4_0 on this machine (90000.00 tok/s; target >= 0.6 x)" in stdout
+
+
+def test_llama_cpp_reference_is_checked_before_the_benchmark(tmp_path):
+    bench = import_bench()
+    with pytest.raises(bench.BenchError, match="not a tools/llama_cpp_reference.py result"):
+        bench.read_llama_cpp(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text('[{"format": "Q4_0"}]')
+    with pytest.raises(bench.BenchError, match="not a tools/llama_cpp_reference.py result"):
+        bench.read_llama_cpp(tmp_path / "bad.json")
+    (tmp_path / "q8.json").write_text(json.dumps([dict(row, format="Q8_0") for row in LLAMA_CPP_ROWS]))
+    with pytest.raises(bench.BenchError, match="no Q4_0 decode"):
+        bench.read_llama_cpp(tmp_path / "q8.json")
+    (tmp_path / "good.json").write_text(json.dumps(LLAMA_CPP_ROWS))
+    figures = bench.read_llama_cpp(tmp_path / "good.json")
+    assert bench.llama_cpp_decode(figures, 834) == 3.0 and bench.llama_cpp_decode(figures, 100) == 90000.0
+
+
 def import_bench():
     sys.path.insert(0, ROOT)
     try:
@@ -134,3 +166,17 @@ def test_int8_activation_rows(tmp_path):
     assert rows["int4+a8"]["weight_bytes"] == rows["int4"]["weight_bytes"]  # the same weights, another path
     assert rows["int4+a8"]["prompt_tok_s"] > 0 and rows["int4+a8"]["generated_tokens"] == 4
     assert "int4+a8 prefill" in result.stdout  # the targets name the row
+
+
+def test_llama_cpp_reference_tool_without_llama_cpp(tmp_path, capsys):
+    # tools/llama_cpp_reference.py needs a llama.cpp build (not in CI): its vocabulary and its first check run here.
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    try:
+        import llama_cpp_reference as tool
+    finally:
+        sys.path.remove(os.path.join(ROOT, "tools"))
+    tokens = tool.byte_tokens()  # GPT-2's byte -> character table, which llama.cpp's BPE vocabulary expects
+    assert len(set(tokens)) == 256 and tokens[ord("a")] == "a" and tokens[ord(" ")] == "Ġ" and tokens[0] == "Ā"
+    with pytest.raises(SystemExit, match="no llama-bench in"):
+        tool.main(["--llama-cpp", str(tmp_path), "--work", str(tmp_path / "work")])
+    assert not (tmp_path / "work").exists()
