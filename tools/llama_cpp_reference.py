@@ -3,15 +3,16 @@ written as a GGUF file, quantized by llama.cpp's own llama-quantize, timed by it
 
 bench.py times nanoImp; the issue's llama.cpp figures (cpu-kernels.md) were taken on another machine (Zen 4, native
 bfloat16, 30-50 GB/s). This script gives the same figures here, so "int4 decode >= 0.6x llama.cpp Q4_0" compares
-two programs on one CPU. It is a tool, not part of nanoImp: it needs a llama.cpp build and the `gguf` package
-(both test-side, like transformers; runtime code never touches them).
+two programs on one CPU. It is a tool, not part of nanoImp: it needs a llama.cpp build and the `gguf` package (a
+reference, like transformers for bench.py --compare; nanoImp's own code never imports either).
 
     # once: build llama.cpp's two tools (any recent checkout; pip's llama-cpp-python sdist vendors one)
     cmake -S llama.cpp -B llama.cpp/build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF
     cmake --build llama.cpp/build -j --target llama-bench llama-quantize
     pip install gguf
     # then: write the f16 file (5.6 GB), quantize to Q4_0 and Q8_0, time prefill 770 and decode 64 at depth 0 and 770
-    python tools/llama_cpp_reference.py --llama-cpp llama.cpp/build/bin --work /tmp/phi2-gguf --threads 2
+    python tools/llama_cpp_reference.py --llama-cpp llama.cpp/build/bin --work /tmp/phi2-gguf --json llama.json
+    python bench.py --dtypes int4 int4+a8 --llama-cpp llama.json
 
 Each test runs with llama.cpp's flash attention on and off (its default, "auto", means on for a CPU): here, off
 decodes after 770 positions 1.5x faster (5.9 against 3.8 tok/s), on is faster from an empty cache. bench.py
@@ -48,7 +49,10 @@ def byte_tokens():
 def write_random_phi2_gguf(path, seed=0):
     """An f16 GGUF holding a random Phi-2 (std 0.02, LayerNorms 1 / 0), in the tensor names llama.cpp's phi2 loader
     reads. The vocabulary is 256 byte tokens, <|endoftext|> and padding: llama-bench feeds token ids, never text."""
-    import gguf
+    try:
+        import gguf
+    except ImportError:
+        sys.exit("llama_cpp_reference.py: error: needs the gguf package (pip install gguf)")
     rng = np.random.default_rng(seed)
     d, ff, vocab = PHI2["hidden_size"], PHI2["intermediate_size"], PHI2["vocab_size"]
     writer = gguf.GGUFWriter(path, "phi2")
