@@ -28,10 +28,16 @@ import time
 
 import numpy as np
 
-# Phi-2's shapes (microsoft/phi-2 config.json), as in imp.PhiConfig's defaults.
-PHI2 = dict(vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32, num_attention_heads=32,
-            rotary_dim=32, max_position_embeddings=2048, layer_norm_eps=1e-5)
-PROMPT, NEW_TOKENS = 770, 64  # the paper's Imp query: 729 image + 41 text tokens, and bench.py's 64 new tokens
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, HERE)  # imp.py and bench.py live one folder up
+
+import bench  # noqa: E402
+import imp  # noqa: E402
+
+PHI2 = imp.PhiConfig()  # Phi-2's shapes (microsoft/phi-2 config.json)
+# bench.py's query: 729 image + 41 text tokens (the paper's), then 64 new tokens
+PROMPT, NEW_TOKENS = imp.VisionConfig().num_patches + bench.TEXT_TOKENS, bench.NEW_TOKENS
+END_OF_TEXT = 257  # our vocabulary's one special token, after the 256 byte tokens and one merged token
 
 
 def byte_tokens():
@@ -54,28 +60,28 @@ def write_random_phi2_gguf(path, seed=0):
     except ImportError:
         sys.exit("llama_cpp_reference.py: error: needs the gguf package (pip install gguf)")
     rng = np.random.default_rng(seed)
-    d, ff, vocab = PHI2["hidden_size"], PHI2["intermediate_size"], PHI2["vocab_size"]
+    d, ff, vocab = PHI2.hidden_size, PHI2.intermediate_size, PHI2.vocab_size
     writer = gguf.GGUFWriter(path, "phi2")
-    writer.add_context_length(PHI2["max_position_embeddings"])
+    writer.add_context_length(PHI2.max_position_embeddings)
     writer.add_embedding_length(d)
     writer.add_feed_forward_length(ff)
-    writer.add_block_count(PHI2["num_hidden_layers"])
-    writer.add_head_count(PHI2["num_attention_heads"])
-    writer.add_head_count_kv(PHI2["num_attention_heads"])
-    writer.add_layer_norm_eps(PHI2["layer_norm_eps"])
-    writer.add_rope_dimension_count(PHI2["rotary_dim"])
+    writer.add_block_count(PHI2.num_hidden_layers)
+    writer.add_head_count(PHI2.num_attention_heads)
+    writer.add_head_count_kv(PHI2.num_attention_heads)
+    writer.add_layer_norm_eps(PHI2.layer_norm_eps)
+    writer.add_rope_dimension_count(PHI2.rotary_dim)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     tokens = byte_tokens() + ["Ġt", "<|endoftext|>"]
     tokens += [f"[PAD{i}]" for i in range(vocab - len(tokens))]
     types = [gguf.TokenType.NORMAL] * vocab
-    types[257] = gguf.TokenType.CONTROL
+    types[END_OF_TEXT] = gguf.TokenType.CONTROL
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(["Ġ t"])
-    writer.add_bos_token_id(257)
-    writer.add_eos_token_id(257)
+    writer.add_bos_token_id(END_OF_TEXT)
+    writer.add_eos_token_id(END_OF_TEXT)
 
     def weight(rows, cols):  # (out, in), as PyTorch stores a Linear's weight
         return (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(np.float16)
@@ -84,7 +90,7 @@ def write_random_phi2_gguf(path, seed=0):
         return np.full(n, value, np.float32) if value is not None else rng.standard_normal(n, dtype=np.float32) * 0.02
 
     writer.add_tensor("token_embd.weight", weight(vocab, d))
-    for i in range(PHI2["num_hidden_layers"]):
+    for i in range(PHI2.num_hidden_layers):
         block = f"blk.{i}"
         writer.add_tensor(f"{block}.attn_norm.weight", vector(d, 1.0))
         writer.add_tensor(f"{block}.attn_norm.bias", vector(d, 0.0))
