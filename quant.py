@@ -992,6 +992,19 @@ def relative_error(weight, quantized) -> float:
     return math.sqrt(error) / max(math.sqrt(norm), 1e-30)
 
 
+def check_output_folder(model_dir, out_dir):
+    """Refuse an output folder that is the input folder under another name (a symlink, a `..` path, a bind mount):
+    writing there would overwrite the float weights being read. Real paths and inode identity are both compared;
+    an output path that exists but is not a folder is refused before any work is done."""
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"{out_dir}: exists and is not a folder")
+    same = os.path.realpath(out_dir) == os.path.realpath(model_dir)
+    if not same and os.path.isdir(out_dir):
+        same = os.path.samefile(out_dir, model_dir)
+    if same:
+        raise ValueError(f"{out_dir}: is the input folder {model_dir}; write the quantized model to another folder")
+
+
 def convert(model_dir, out_dir, bits=4, group_size=DEFAULT_GROUP_SIZE, include_vision=False, log=print,
             scheme="symmetric") -> dict:
     """Read an Imp folder (either official layout) one tensor at a time, quantize the planned weights, and write
@@ -1004,8 +1017,7 @@ def convert(model_dir, out_dir, bits=4, group_size=DEFAULT_GROUP_SIZE, include_v
         raise ValueError(f"{model_dir}: holds a {checkpoint.layout} checkpoint, not an Imp one")
     if checkpoint.config.get("quantization"):
         raise ValueError(f"{model_dir}: is already quantized; convert the float checkpoint instead")
-    if os.path.abspath(out_dir) == os.path.abspath(model_dir):
-        raise ValueError(f"{out_dir}: the output folder must not be the input folder")
+    check_output_folder(model_dir, out_dir)
     config = imp.parse_config(checkpoint, imp.ImpConfig)  # a malformed config.json: one clear error
     settings = quantization_config(bits, group_size, include_vision, scheme=scheme)
     model = imp.build_on_meta(imp.Imp, config)  # shapes and module types only, for the plan
@@ -1192,7 +1204,7 @@ The output folder loads like any other: imp.Imp.from_pretrained("imp-int4"), pyt
             convert(args.model, args.out, args.bits, args.group_size, args.vision, scheme=args.scheme)
     except (ValueError, OSError, KeyError, imp.CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -942,4 +942,43 @@ def test_command_line_errors_are_one_line(tmp_path):
     import sys
     result = subprocess.run([sys.executable, "quant.py", "--model", str(tmp_path / "missing"), "--out", str(tmp_path)],
                             capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert result.returncode == 1 and result.stderr.count("\n") == 1 and "no such model folder" in result.stderr
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "no such model folder" in result.stderr
+
+
+def folder_digest(folder):
+    import hashlib
+    return {name: hashlib.sha256(open(os.path.join(folder, name), "rb").read()).hexdigest()
+            for name in sorted(os.listdir(folder))}
+
+
+@pytest.mark.parametrize("alias", ["symlink", "dotdot", "trailing-slash", "symlinked-parent"])
+def test_output_folder_that_is_the_input_by_another_name_is_refused(imp_folder, tmp_path, alias):
+    """Writing the int4 weights over the float ones being read would destroy the input: every spelling of the
+    same folder is refused before anything is written, with one line and exit code 2."""
+    import subprocess
+    import sys
+    before = folder_digest(imp_folder)
+    parent, name = os.path.split(imp_folder)
+    if alias == "symlink":
+        out = tmp_path / "link"
+        os.symlink(imp_folder, out)
+    elif alias == "dotdot":
+        out = os.path.join(imp_folder, "..", name)
+    elif alias == "trailing-slash":
+        out = imp_folder + os.sep + "." + os.sep
+    else:
+        os.symlink(parent, tmp_path / "parent-link")
+        out = tmp_path / "parent-link" / name
+    result = subprocess.run([sys.executable, "quant.py", "--model", imp_folder, "--out", str(out), "--bits", "4"],
+                            capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "is the input folder" in result.stderr
+    assert "Traceback" not in result.stderr and folder_digest(imp_folder) == before
+
+
+def test_output_path_that_is_a_file_is_refused_before_any_work(imp_folder, tmp_path):
+    out = tmp_path / "a-file"
+    out.write_text("keep me")
+    with pytest.raises(ValueError, match="exists and is not a folder"):
+        quant.convert(imp_folder, str(out), bits=4, log=lambda line: pytest.fail("converted anyway: " + line))
+    assert out.read_text() == "keep me"
