@@ -16,10 +16,11 @@ end-to-end figure is total = T_VE + prefill seconds + decode seconds. Model buil
 Each precision runs in a fresh subprocess (this script re-invoked with --worker), so that its peak RSS is its
 own; the model is built directly in its dtype on the meta device and filled with random numbers (std 0.02,
 LayerNorm weights 1), and int8 / int4 layers are quantized one at a time (quant.py), so no float32 copy of the
-whole model ever exists. Peak RSS is the high-water mark of the query itself (reset after building). int8 /
-int4 rows keep their KV cache in float16 when they compute in float32 (--cache-dtype; imp.KVCache). The opt-in
-rows int8+a8 / int4+a8 are the same models with int8 activations for inputs of more than quant.FAST_PATH_MAX_ROWS
-rows (prefill, vision tower: int8 x int8 GEMMs, quant.set_int8_activations); decode is the same as without.
+whole model ever exists. Every row runs with the fast layer on (kernels.enable), as infer.py does. Peak RSS is
+the high-water mark of the query itself (reset after building). int8 / int4 rows keep their KV cache in float16
+when they compute in float32 (--cache-dtype; imp.KVCache). The opt-in rows int8+a8 / int4+a8 are the same models
+with int8 activations for inputs of more than kernels.FAST_PATH_MAX_ROWS rows (prefill, vision tower: int8 x int8
+GEMMs); decode is the same as without.
 
 Decode is memory-bound: every new token reads all Linear weights of the language model (lm_head included, the
 embedding not; quantized ones in the packed kernel's layout, which is what it reads) plus the KV cache. A stream
@@ -46,11 +47,14 @@ import torch
 import torch.nn as nn
 
 import imp
+import infer
+import kernels
+import quant
 
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PRECISIONS = ("float32", "bfloat16", "int8", "int4")
-# Opt-in rows: the same int8 / int4 model with int8 activations for prefill and the vision tower (quant.py
-# set_int8_activations: int8 x int8 GEMMs on VNNI; decode is unchanged). Not in the default list: they change the
+# Opt-in rows: the same int8 / int4 model with int8 activations for prefill and the vision tower (kernels.py:
+# int8 x int8 GEMMs on VNNI; decode is unchanged). Not in the default list: they change the
 # numbers a little, and a full-size row takes minutes.
 A8_PRECISIONS = ("int8+a8", "int4+a8")
 TEXT_TOKENS = 41       # the paper's prompt: 41 text tokens around one <image> (729 image tokens at 384 px)
@@ -114,7 +118,7 @@ def parse_arguments(argv):
     parser.add_argument("--no-quant-vision", action="store_true",
                         help="keep the vision tower and connector in float for int8 / int4 (default: quantize them)")
     parser.add_argument("--quant-dtype", choices=("auto",) + tuple(FLOAT_DTYPES), default="auto",
-                        help="float dtype of int8 / int4 models (default auto: imp.best_cpu_dtype(), bfloat16 only "
+                        help="float dtype of int8 / int4 models (default auto: kernels.best_cpu_dtype(), bfloat16 only "
                              "where the CPU has native bfloat16)")
     parser.add_argument("--cache-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                         help="KV cache dtype (default auto: the model's float dtype, but float16 for an int8 / int4 "
@@ -182,7 +186,7 @@ def peak_rss_bytes() -> int:
 
 
 def is_quantized(module: nn.Module) -> bool:
-    return hasattr(module, "stored_bytes")  # quant.QuantizedModule, without importing quant.py for float runs
+    return isinstance(module, quant.QuantizedModule)
 
 
 def tensor_bytes(module: nn.Module) -> int:
@@ -204,7 +208,7 @@ def resident_weight_bytes(module: nn.Module) -> int:
     could not verify that they rebuild exactly), and a second copy of the 4-bit codes only where it could not
     verify its inverse of the kernel's layout."""
     return tensor_bytes(module) + sum(sub.resident_bytes() - sub.stored_bytes() for sub in module.modules()
-                                      if is_quantized(sub))
+                                      if isinstance(sub, kernels.PackedQuantLinear))
 
 
 def decode_bytes_per_token(llm: nn.Module, depth: int, kv_element_size: int) -> int:
@@ -215,8 +219,8 @@ def decode_bytes_per_token(llm: nn.Module, depth: int, kv_element_size: int) -> 
     for m in llm.modules():
         if isinstance(m, nn.Linear):
             linear += tensor_bytes(m)
-        elif type(m).__name__ == "QuantLinear":
-            kernel = m.kernel_tensors or ()
+        elif isinstance(m, quant.QuantLinear):
+            kernel = getattr(m, "kernel_tensors", None) or ()
             bias = m.bias.nbytes if m.bias is not None else 0
             linear += sum(t.nbytes for t in kernel) + bias if kernel else m.stored_bytes()
     config = llm.config
@@ -255,21 +259,13 @@ def materialize(module: nn.Module, generator: torch.Generator):
                 store[name] = nn.Parameter(value, requires_grad=False) if store is sub._parameters else value
 
 
-def import_quant():
-    try:
-        import quant
-        return quant
-    except ImportError as error:
-        raise BenchError(f"int8 / int4 need quant.py next to bench.py ({error})") from None
-
-
 def quant_settings(args, precision):  # "int4" or "int4+a8" -> bits 4
     return dict(bits=int(precision.split("+")[0][3:]), group_size=args.group_size,
                 include_vision=not args.no_quant_vision)
 
 
 def quant_float_dtype(args) -> torch.dtype:
-    return imp.best_cpu_dtype() if args.quant_dtype == "auto" else FLOAT_DTYPES[args.quant_dtype]
+    return kernels.best_cpu_dtype() if args.quant_dtype == "auto" else FLOAT_DTYPES[args.quant_dtype]
 
 
 def cache_dtype(args, model, float_dtype) -> torch.dtype:
@@ -277,8 +273,7 @@ def cache_dtype(args, model, float_dtype) -> torch.dtype:
     float32 / bfloat16 rows keep the model's dtype, as transformers does in --compare)."""
     if args.cache_dtype != "auto":
         return {"float16": torch.float16, **FLOAT_DTYPES}[args.cache_dtype]
-    quant = sys.modules.get("quant")  # imported only for the quantized rows
-    return (quant.default_cache_dtype(model) if quant else None) or float_dtype
+    return quant.default_cache_dtype(model) or float_dtype
 
 
 def build_random_model(config: imp.ImpConfig, dtype: torch.dtype, quantization: dict | None, seed: int = 0):
@@ -289,7 +284,6 @@ def build_random_model(config: imp.ImpConfig, dtype: torch.dtype, quantization: 
         model = imp.Imp(config)
     model.to(dtype)  # on the meta device: shapes and dtypes only
     if quantization:
-        quant = import_quant()
         settings = quant.quantization_config(quantization["bits"], quantization["group_size"],
                                              quantization["include_vision"])
 
@@ -313,11 +307,10 @@ def load_model(args, precision):
                          f"int{stored.get('bits')} only")
     dtype = FLOAT_DTYPES.get(precision) or quant_float_dtype(args)
     try:
-        model = imp.Imp.from_pretrained(args.model, dtype=dtype, with_tokenizer=False)
-    except (imp.CheckpointError, ImportError) as error:
+        model = quant.load(args.model, dtype=dtype, with_tokenizer=False)
+    except imp.CheckpointError as error:
         raise BenchError(str(error)) from None
     if precision.startswith("int") and not stored:
-        quant = import_quant()
         s = quant_settings(args, precision)
         quant.quantize_model(model, bits=s["bits"], group_size=s["group_size"], include_vision=s["include_vision"])
     return model.eval()
@@ -355,7 +348,7 @@ def run_worker(args) -> dict:
         quantization = quant_settings(args, precision) if precision.startswith("int") else None
         model = build_random_model(config, float_dtype, quantization)
     int8_activations = precision.endswith("+a8")
-    if int8_activations and not import_quant().set_int8_activations(model, True):
+    if "unavailable" in kernels.enable(model, int8_activations=int8_activations):
         raise BenchError("torch._int_mm does not work on this torch build: no int8-activation rows")
     build_seconds = time.perf_counter() - build_started
     input_ids, pixel_values = make_inputs(config, TEXT_TOKENS)
@@ -370,10 +363,10 @@ def run_worker(args) -> dict:
                             max_new_tokens=2, stop_ids=[], cache_dtype=kv_dtype))
     trim_memory()
     exact_peak = reset_peak_rss()
-    tokens = list(model.generate(input_ids, pixel_values, max_new_tokens=args.new_tokens, stop_ids=[],
-                                 cache_dtype=kv_dtype))
+    stats = {}
+    tokens = list(infer.generate_with_stats(model, input_ids, pixel_values, stats, max_new_tokens=args.new_tokens,
+                                            stop_ids=[], cache_dtype=kv_dtype))
     peak = peak_rss_bytes()
-    stats = dict(model.last_stats)
     if stats["generated_tokens"] != args.new_tokens or len(tokens) != args.new_tokens:
         raise BenchError(f"generated {len(tokens)} tokens, expected {args.new_tokens}")
 
@@ -604,19 +597,13 @@ def run(argv) -> int:
     llama_cpp = read_llama_cpp(args.llama_cpp) if args.llama_cpp else None  # checked before the long part
     precisions = [p for p in PRECISIONS + A8_PRECISIONS if p in args.dtypes]
     notes = []
-    if any(p.startswith("int") for p in precisions):
-        try:
-            import quant  # noqa: F401
-        except ImportError:
-            notes.append("quant.py is not importable: int8 / int4 skipped")
-            precisions = [p for p in precisions if not p.startswith("int")]
     config = make_config(args) if not args.model else None
     what = f"weights from {args.model}" if args.model else \
         f"{'--quick config' if args.quick else f'Imp-3B shapes, {args.image_size} px'}, random weights"
     print(f"nanoImp bench: {what}, {args.threads} threads, torch {torch.__version__}, "
-          f"best_cpu_dtype {str(imp.best_cpu_dtype()).replace('torch.', '')}", flush=True)
+          f"best_cpu_dtype {str(kernels.best_cpu_dtype()).replace('torch.', '')}", flush=True)
     machine = dict(cpu=cpu_name(), threads=args.threads, torch=torch.__version__,
-                   best_cpu_dtype=str(imp.best_cpu_dtype()).replace("torch.", ""),
+                   best_cpu_dtype=str(kernels.best_cpu_dtype()).replace("torch.", ""),
                    bandwidth_bytes_s=memory_bandwidth(0.125 if args.quick else 1.0))
     print(f"memory read bandwidth (torch.sum, {args.threads} threads): {machine['bandwidth_bytes_s'] / GB:.1f} GB/s "
           f"(each row re-measures it before and after its query and uses the better)", flush=True)

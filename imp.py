@@ -15,22 +15,26 @@ model last (like nanoGPT):
   4. Connector         Linear -> GELU -> Linear (paper section 4.1)
   5. Phi-2             the language model
   6. LoRA              low-rank adapters for stage-2 training (paper section 4.2)
-  7. Imp               splicing image features into the text, the training loss, generation, attention maps
+  7. Imp               splicing image features into the text, the training loss, prefill and decode steps
   8. preprocessing     image loading and the official image processor
   9. prompt, tokenizer the phi2 conversation template and the byte-level BPE tokenizer
- 10. checkpoint I/O    one explicit key table per official layout, streamed tensor by tensor
+ 10. asking            a question and an image in, the answer out as text
+ 11. checkpoint I/O    one explicit key table per official layout, streamed tensor by tensor
+
+This file is the readable path only: plain nn.Linear, F.gelu, one attention switch (the fused kernel or the
+written-out softmax). The CPU speed paths (packed int8/int4 kernels, bfloat16 single-row products, in-place
+activations) live in kernels.py, which the programs switch on with kernels.enable(model); every one of them is
+pinned to this file's numbers by a test.
 
 Numbers and behaviours cited as "official" come from the MILVLG/imp training code and the Hugging Face releases
 (MILVLG/imp-v1-3b, MILVLG/Imp-v1.5-3B-Phi2); see README.md for the map from the paper's sections to this code.
 """
 
-import functools
 import json
 import math
 import os
 import re
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
@@ -167,33 +171,7 @@ class ImpConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 2. Shared pieces: a Linear for decoding, attention, rotary position embedding, KV cache.
-
-
-class Linear(nn.Linear):
-    """nn.Linear (the readable path: F.linear), plus one fast path beside it, for Phi-2's decode step in bfloat16
-    on a CPU that has no native bfloat16 arithmetic (best_cpu_dtype() is float32 there).
-
-    A decode step multiplies each weight by a single row, so it is bound by how fast the weight is read. For one
-    bfloat16 row, F.linear goes to the general matrix product, which converts bfloat16 in software and read
-    Phi-2's fc1 at ~14 GB/s on this project's 2-core Xeon (AVX-512, no BF16); torch.addmv (matrix x vector) read it
-    at ~18-20 GB/s, near that machine's bandwidth (~22 GB/s): a bfloat16 decode step ran ~25% faster. Both sum in
-    float32 and return bfloat16; tests/test_imp.py pins them equal within bfloat16 rounding. On CPUs with native
-    bfloat16 (AVX-512 BF16, AMX, ARMv8.6), float32, CUDA, or more than one row, F.linear is used as it is."""
-
-    def forward(self, x):
-        if x.dtype == torch.bfloat16 and x.numel() == self.in_features and x.device.type == "cpu" \
-                and bfloat16_is_emulated():
-            vector = x.reshape(self.in_features)
-            y = torch.mv(self.weight, vector) if self.bias is None else torch.addmv(self.bias, self.weight, vector)
-            return y.view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight, self.bias)
-
-
-@functools.cache
-def bfloat16_is_emulated() -> bool:
-    """True where bfloat16 products are converted in software (no AVX-512 BF16 / AMX / ARM BF16): checked once."""
-    return best_cpu_dtype() != torch.bfloat16
+# 2. Shared pieces: attention, rotary position embedding, KV cache.
 
 
 # The fused kernel (scaled_dot_product_attention) is the fast path; `attention_reference` below is the readable one.
@@ -271,8 +249,8 @@ class KVCache:
 
     Its dtype may be narrower than the model's (Phi2.make_cache(dtype=...)): a float16 cache holds Imp-3B's 834
     positions in 0.27 GB instead of float32's 0.55 GB, and attention then runs in float16 (PhiAttention).
-    float16 keeps 11 significant bits (bfloat16 8) but only values up to 65504, so it is checked here: a key or
-    value past that raises instead of turning into inf and NaN logits.
+    float16 keeps 11 significant bits (bfloat16 8) but only values up to 65504: a key past that becomes inf, and
+    generate() stops with a clear error when the logits stop being finite.
     """
 
     def __init__(self, batch_size, num_heads, max_length, head_dim, dtype, device):
@@ -286,9 +264,6 @@ class KVCache:
             raise ValueError(f"KV cache holds {self.keys.shape[2]} positions, asked to write up to {end}")
         self.keys[:, :, start:end] = keys  # cast to the cache's dtype on the way in
         self.values[:, :, start:end] = values
-        if self.keys.dtype == torch.float16 and not (torch.isfinite(self.keys[:, :, start:end]).all()
-                                                     and torch.isfinite(self.values[:, :, start:end]).all()):
-            raise ValueError("a key or value is beyond float16's range (65504): use a bfloat16 or float32 KV cache")
         return self.keys[:, :, :end], self.values[:, :, :end]
 
 
@@ -410,24 +385,25 @@ class PhiAttention(nn.Module):
         super().__init__()
         self.config = config
         self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
-        self.q_proj = Linear(config.hidden_size, config.hidden_size)
-        self.k_proj = Linear(config.hidden_size, config.hidden_size)
-        self.v_proj = Linear(config.hidden_size, config.hidden_size)
-        self.dense = Linear(config.hidden_size, config.hidden_size)  # the output projection
-        self.probability_hook = None  # set by Imp.attention_maps: a function that receives this layer's softmax
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)  # the output projection
 
-    def forward(self, x, rotary, start: int, cache: KVCache | None):
-        """x: (B, T, C), tokens at positions start .. start+T-1; rotary: their (cos, sin) tables."""
+    def project(self, x, rotary):
+        """x (B, T, C) -> queries, keys, values (B, H, T, 80), rotary applied to queries and keys (never values)."""
         B, T, C = x.shape
         split = lambda t: t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, 80)
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
         cos, sin = rotary
-        q = apply_rotary(q, cos, sin, self.config.rotary_dim)  # rotary on queries and keys, never on values
-        k = apply_rotary(k, cos, sin, self.config.rotary_dim)
+        return apply_rotary(q, cos, sin, self.config.rotary_dim), apply_rotary(k, cos, sin, self.config.rotary_dim), v
+
+    def forward(self, x, rotary, start: int, cache: KVCache | None):
+        """x: (B, T, C), tokens at positions start .. start+T-1; rotary: their (cos, sin) tables."""
+        B, T, C = x.shape
+        q, k, v = self.project(x, rotary)
         if cache is not None:
             k, v = cache.update(start, k, v)  # (B, H, start+T, 80): the new keys appended to the earlier ones
-        if self.probability_hook is not None:  # only for looking inside (infer.py --attention-map); never in training
-            self.probability_hook(attention_probabilities(q, k, causal=True))  # (B, H, T, start+T)
         # In the cache's dtype, which may be 16-bit for a float32 model: no float32 copy of the whole cache at every
         # step (the fused kernel multiplies and sums in float32 either way), and the result is cast back.
         out = attention(q.to(k.dtype), k, v, causal=True).to(x.dtype)  # (B, H, T, 80)
@@ -437,15 +413,11 @@ class PhiAttention(nn.Module):
 class PhiMLP(nn.Module):
     def __init__(self, config: PhiConfig):
         super().__init__()
-        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x):
-        h = self.fc1(x)  # (B, T, 10240)
-        # "gelu_new" is the tanh approximation. Without autograd (generation) it runs in place: the same numbers,
-        # without a second (B, T, 10240) tensor beside fc1's output (32 MB in float32 at a 770-token prefill).
-        h = F.gelu(h, approximate="tanh") if torch.is_grad_enabled() else torch.ops.aten.gelu_(h, approximate="tanh")
-        return self.fc2(h)
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))  # Phi-2's "gelu_new" is the tanh approximation
 
 
 class PhiBlock(nn.Module):
@@ -472,7 +444,7 @@ class Phi2(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(PhiBlock(config) for _ in range(config.num_hidden_layers))
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size)  # untied from the embedding, with a bias
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)  # untied from the embedding, with a bias
         self.gradient_checkpointing = False
 
     def make_cache(self, batch_size: int, max_length: int, dtype=None) -> list:
@@ -580,22 +552,6 @@ def lora_state_dict(model: nn.Module) -> dict:
     return {name: tensor for name, tensor in model.state_dict().items() if ".lora_" in name}
 
 
-def init_weights(module: nn.Module, std: float = 0.02):
-    """Initialisation for training from scratch (the demo model): transformers' PhiPreTrainedModel default, N(0, 0.02)
-    for every Linear and Embedding, here applied to the vision tower too. (SiglipPreTrainedModel would draw the
-    tower's position embeddings at std 1/sqrt(width), 0.088 at the demo's width: tried, no better; README.)"""
-    for sub in module.modules():
-        if isinstance(sub, (nn.Linear, nn.Conv2d)):
-            nn.init.normal_(sub.weight, std=std)
-            if sub.bias is not None:
-                nn.init.zeros_(sub.bias)
-        elif isinstance(sub, nn.Embedding):
-            nn.init.normal_(sub.weight, std=std)
-        elif isinstance(sub, nn.LayerNorm):
-            nn.init.ones_(sub.weight)
-            nn.init.zeros_(sub.bias)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # 7. Imp: the vision tower, the connector and Phi-2 put together.
 
@@ -607,7 +563,15 @@ class PromptTooLongError(ValueError):
     pass
 
 
+class NotFiniteError(ValueError):
+    pass
+
+
 class Imp(nn.Module):
+    """The whole model. Its jobs: splice image features into the text (splice), score a sequence (forward), the
+    training loss (loss), and generation in the two phases the paper's Table 4 times: prefill() reads the whole
+    prompt at once, decode_step() adds one token at a time; generate() is built from the two."""
+
     def __init__(self, config: ImpConfig):
         super().__init__()
         self.config = config
@@ -615,19 +579,21 @@ class Imp(nn.Module):
         self.connector = Connector(config.vision.hidden_size, config.text.hidden_size)
         self.llm = Phi2(config.text)
         self.tokenizer = None  # a tokenizers.Tokenizer, set by from_pretrained
-        self.last_stats = {}   # timings of the last generate() call (infer.py --stats, bench.py)
-        self.last_token_ids = []  # the token ids the last generate() call yielded (infer.py --attention-map)
 
     def encode_images(self, pixel_values):
         """(n, 3, S, S) -> (n, N, C): one language-model "token" per image patch."""
         return self.connector(self.vision(pixel_values))
+
+    def is_image(self, input_ids):
+        """(B, T) bool: where the <image> placeholders are (the real id, or the official code's sentinel -200)."""
+        return (input_ids == self.config.image_token_index) | (input_ids == IMAGE_SENTINEL)
 
     def splice(self, input_ids, image_features=None, labels=None):
         """Replace each <image> id in input_ids (B, T) by its image's N feature vectors (paper section 3: the
         visual tokens are concatenated with the text tokens). Images are used in order of appearance. Rows whose
         spliced lengths differ are right-padded with zeros (and label IGNORE_INDEX), as in the official code.
         Returns embeddings (B, T', C) and labels (B, T') or None."""
-        is_image = (input_ids == self.config.image_token_index) | (input_ids == IMAGE_SENTINEL)
+        is_image = self.is_image(input_ids)
         token_embeddings = self.llm.embed_tokens(input_ids.masked_fill(is_image, 0))  # (B, T, C)
         num_images = int(is_image.sum())
         if num_images == 0:
@@ -635,34 +601,25 @@ class Imp(nn.Module):
         if image_features is None or image_features.shape[0] != num_images:
             given = 0 if image_features is None else image_features.shape[0]
             raise ValueError(f"the prompt has {num_images} <image> tokens but {given} images were given")
-        # Work on per-row views (unbind): slicing the batched tensors instead would make every slice's backward
-        # fill a whole-batch zero tensor, a cost that grows with the square of the batch size.
-        token_rows, feature_rows = token_embeddings.unbind(0), image_features.unbind(0)
-        rows, row_labels, next_image = [], [], 0
-        for b in range(input_ids.shape[0]):
-            pieces, label_pieces, previous = [], [], 0
-            for position in is_image[b].nonzero().flatten().tolist():
-                features = feature_rows[next_image].to(token_embeddings.dtype)  # (N, C)
-                pieces += [token_rows[b][previous:position], features]
-                if labels is not None:
-                    label_pieces += [labels[b, previous:position],
-                                     labels.new_full((features.shape[0],), IGNORE_INDEX)]
-                previous, next_image = position + 1, next_image + 1
-            pieces.append(token_rows[b][previous:])
-            rows.append(torch.cat(pieces))
-            if labels is not None:
-                row_labels.append(torch.cat(label_pieces + [labels[b, previous:]]))
-        longest = max(len(row) for row in rows)
-        embeddings = torch.stack([F.pad(row, (0, 0, 0, longest - len(row))) for row in rows])  # (B, T', C)
+        # Per-row views (unbind): slicing the batched tensors instead would make every slice's backward fill a
+        # whole-batch zero tensor, a cost that grows with the square of the batch size.
+        images = iter(image_features.to(token_embeddings.dtype).unbind(0))  # (N, C) each
+        rows = [splice_row(embeddings, is_image[b], images, None if labels is None else labels[b])
+                for b, embeddings in enumerate(token_embeddings.unbind(0))]
+        longest = max(len(row) for row, _ in rows)
+        embeddings = torch.stack([F.pad(row, (0, 0, 0, longest - len(row))) for row, _ in rows])  # (B, T', C)
         if labels is not None:
-            labels = torch.stack([F.pad(row, (0, longest - len(row)), value=IGNORE_INDEX) for row in row_labels])
+            labels = torch.stack([F.pad(row, (0, longest - len(row)), value=IGNORE_INDEX) for _, row in rows])
         return embeddings, labels
+
+    def embed(self, input_ids, pixel_values=None):
+        """input_ids (B, T) with <image> ids, pixel_values (num_images, 3, S, S) -> the spliced (B, T', C)."""
+        features = self.encode_images(pixel_values) if pixel_values is not None else None
+        return self.splice(input_ids, features)[0]
 
     def forward(self, input_ids, pixel_values=None):
         """input_ids (B, T) with <image> ids, pixel_values (num_images, 3, S, S) -> logits (B, T', vocab)."""
-        features = self.encode_images(pixel_values) if pixel_values is not None else None
-        embeddings, _ = self.splice(input_ids, features)
-        return self.llm(inputs_embeds=embeddings)
+        return self.llm(inputs_embeds=self.embed(input_ids, pixel_values))
 
     def loss(self, input_ids, labels, pixel_values=None):
         """Mean next-token cross-entropy over the supervised positions (labels != IGNORE_INDEX)."""
@@ -672,131 +629,70 @@ class Imp(nn.Module):
         # Position t predicts token t+1: drop the last logit and the first label.
         return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
 
-    # -- generation ------------------------------------------------------------------------------------------
+    # -- generation: prefill, then one decode step per new token -------------------------------------------------
+
+    def prefill(self, embeddings, cache) -> torch.Tensor:
+        """Phase 1 (the paper's S_prompt): the whole spliced prompt (1, T', C) in one pass, its keys and values
+        written to `cache` at positions 0 .. T'-1 -> the logits of the token that follows it (vocab,)."""
+        return self.llm(inputs_embeds=embeddings, cache=cache, last_only=True)[0, -1]
+
+    def decode_step(self, token: int, position: int, cache) -> torch.Tensor:
+        """Phase 2 (the paper's S_gen): one new token at `position`, attending to the cached ones -> the logits of
+        the token after it (vocab,)."""
+        input_ids = torch.tensor([[token]], device=self.llm.final_layernorm.weight.device)
+        return self.llm(input_ids=input_ids, start=position, cache=cache, last_only=True)[0, -1]
+
+    def stop_ids(self) -> set:
+        return {self.config.eos_token_id}
 
     @torch.inference_mode()
-    def generate(self, input_ids, pixel_values=None, max_new_tokens=256, temperature=0.0, top_k=0, top_p=1.0,
-                 seed=None, stop_ids=None, cache_dtype=None):
-        """Yield new token ids one by one for a single prompt (1, T). Greedy by default (the official setting:
-        temperature 0, num_beams 1); stops at eos ("</s>") or after max_new_tokens. Fills self.last_stats.
-        cache_dtype: of the KV cache, default the model's; torch.float16 halves a float32 model's cache (KVCache)."""
-        started = time.perf_counter()
-        features = self.encode_images(pixel_values) if pixel_values is not None else None
-        vision_done = time.perf_counter()
-        embeddings, _ = self.splice(input_ids, features)  # (1, T', C)
+    def generate(self, input_ids=None, pixel_values=None, max_new_tokens=256, temperature=0.0, top_k=0, top_p=1.0,
+                 seed=None, stop_ids=None, cache_dtype=None, inputs_embeds=None):
+        """Yield new token ids one by one for a single prompt (1, T) (or its spliced embeddings, inputs_embeds).
+        Greedy by default (the official setting: temperature 0, num_beams 1); stops at eos ("</s>") or after
+        max_new_tokens. cache_dtype: of the KV cache, default the model's (a float16 one halves a float32 model's)."""
+        embeddings = self.embed(input_ids, pixel_values) if inputs_embeds is None else inputs_embeds  # (1, T', C)
         prompt_length = embeddings.shape[1]
         if prompt_length >= self.config.max_length:
             raise PromptTooLongError(f"the prompt is {prompt_length} tokens with the image, but the model's context "
                                      f"is {self.config.max_length} tokens: shorten the question or the history")
-        max_new_tokens = min(max_new_tokens, self.config.max_length - prompt_length)
-        stop_ids = {self.config.eos_token_id} if stop_ids is None else set(stop_ids)
+        end = min(prompt_length + max_new_tokens, self.config.max_length)  # the position after the last new token
+        stop_ids = self.stop_ids() if stop_ids is None else set(stop_ids)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        stats = self.last_stats = dict(vision_seconds=vision_done - started, prompt_tokens=prompt_length,
-                                       prompt_seconds=0.0, generated_tokens=0, generate_seconds=0.0)
-        self.last_token_ids = []
-        cache = self.llm.make_cache(1, prompt_length + max_new_tokens, cache_dtype)
-        logits = self.llm(inputs_embeds=embeddings, cache=cache, last_only=True)  # the prefill: whole prompt at once
-        prompt_done = time.perf_counter()
-        stats["prompt_seconds"] = prompt_done - vision_done
-        position = prompt_length
-        for step in range(max_new_tokens):
-            token = sample_next_token(logits[0, -1], temperature, top_k, top_p, generator)
+        cache = self.llm.make_cache(1, end, cache_dtype)
+        logits = self.prefill(embeddings, cache)
+        for position in range(prompt_length, end):  # the position of the token about to be chosen
+            if not torch.isfinite(logits).all():
+                raise NotFiniteError("the model's next-token scores are not finite (NaN or inf): damaged weights, "
+                                     "or a float16 KV cache past its range (65504; use a float32 or bfloat16 one)")
+            token = sample_next_token(logits, temperature, top_k, top_p, generator)
             if token in stop_ids:
-                break
-            stats["generated_tokens"] += 1
-            stats["generate_seconds"] = time.perf_counter() - prompt_done
-            self.last_token_ids.append(token)
+                return
             yield token
-            if step == max_new_tokens - 1:  # the last token allowed: no forward pass for a successor
-                break
-            logits = self.llm(input_ids=torch.tensor([[token]], device=embeddings.device), start=position,
-                              cache=cache, last_only=True)  # decode: one token, attending to the cached ones
-            position += 1
-        stats["generate_seconds"] = time.perf_counter() - prompt_done
-
-    def prepare_inputs(self, image=None, question="", history=(), aspect=None):
-        """PIL image (or None) + question (+ earlier (question, answer) turns) -> input_ids (1, T), pixel_values."""
-        if self.tokenizer is None:
-            raise CheckpointError("this model has no tokenizer: load it from a folder with tokenizer files")
-        prompt = build_prompt(question, history, with_image=image is not None)
-        input_ids = torch.tensor([self.tokenizer.encode(prompt).ids], device=self.llm.final_layernorm.weight.device)
-        pixel_values = None
-        if image is not None:
-            size, mode = self.config.vision.image_size, aspect or self.config.image_aspect_ratio
-            pixel_values = preprocess_image(image, size, mode)[None].to(input_ids.device)  # (1, 3, S, S)
-        return input_ids, pixel_values
-
-    def stream(self, image=None, question="", history=(), aspect=None, **settings):
-        """Yield the answer as text pieces while it is generated (settings: see generate)."""
-        input_ids, pixel_values = self.prepare_inputs(image, question, history, aspect)
-        token_ids, shown = [], ""
-        for token in self.generate(input_ids, pixel_values, **settings):
-            token_ids.append(token)
-            text = self.tokenizer.decode(token_ids, skip_special_tokens=True).lstrip()
-            if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest of its bytes
-                continue
-            yield text[len(shown):]
-            shown = text
-
-    def answer(self, image=None, question="", history=(), aspect=None, **settings) -> str:
-        """The whole answer as one string, stripped (the official README decodes and .strip()s)."""
-        return "".join(self.stream(image, question, history, aspect, **settings)).strip()
-
-    # -- looking inside: attention probabilities (infer.py --attention-map) ---------------------------------------
-
-    def image_positions(self, input_ids) -> torch.Tensor:
-        """Where splice() puts the image patches, for one prompt (1, T): (num_images, N) positions in the spliced
-        sequence. The <image> id at token position p becomes patches p .. p+N-1, so every later token moves N - 1
-        to the right. Patch i of a row is the i-th patch of SigLIP's grid in row-major order."""
-        is_image = (input_ids[0] == self.config.image_token_index) | (input_ids[0] == IMAGE_SENTINEL)
-        num_patches = self.config.vision.num_patches
-        placeholders = is_image.nonzero().flatten().tolist()  # token positions of the <image> ids
-        starts = [position + i * (num_patches - 1) for i, position in enumerate(placeholders)]  # i earlier images
-        return torch.tensor([list(range(start, start + num_patches)) for start in starts],
-                            dtype=torch.long).view(-1, num_patches)  # (num_images, N)
-
-    @torch.inference_mode()
-    def attention_maps(self, input_ids, pixel_values=None, rows=None) -> torch.Tensor:
-        """The attention probabilities of every Phi-2 layer for one sequence (1, T) (a prompt, and an answer after
-        it): one forward pass without a cache, as in training. Each layer's PhiAttention hands its softmax to a
-        hook, which keeps only the query positions `rows` (a list; default all), so that Imp-3B's 32 layers x 32
-        heads x ~800 x ~800 probabilities (2.6 GB) never exist at once.
-        -> (layers, heads, len(rows), T') float32: [l, h, r, j] = how much query rows[r] takes from position j."""
-        kept = []
-        layers = [block.self_attn for block in self.llm.layers]
-        for layer in layers:
-            layer.probability_hook = lambda probabilities: kept.append(
-                probabilities[0] if rows is None else probabilities[0, :, rows])  # (H, len(rows), T')
-        try:
-            features = self.encode_images(pixel_values) if pixel_values is not None else None
-            embeddings, _ = self.splice(input_ids, features)  # (1, T', C)
-            self.llm(inputs_embeds=embeddings, last_only=True)  # the logits are not needed, only the hooks' catch
-        finally:
-            for layer in layers:
-                layer.probability_hook = None
-        return torch.stack(kept)  # (L, H, R, T')
+            if position + 1 < end:  # no forward pass for a successor that may not be generated
+                logits = self.decode_step(token, position, cache)
 
     # -- checkpoints -----------------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", with_tokenizer=True) -> "Imp":
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", with_tokenizer=True, swap_modules=None) -> "Imp":
         """An Imp folder in either official layout (current `model.*` or legacy `transformer.h.*`), or one written
-        by save_pretrained / train.py / quant.py. Weights are streamed tensor by tensor into a model built on the
-        meta device (no random init, no second copy), and cast to `dtype`."""
+        by save_pretrained / train.py. Weights are streamed tensor by tensor into a model built on the meta device
+        (no random init, no second copy), and cast to `dtype`. swap_modules(model, checkpoint): called before the
+        weights stream in, to put other modules in place where the folder stores other tensors (quant.load uses
+        it for the quantized folders quant.py writes)."""
         checkpoint = open_checkpoint(path)
         if checkpoint.layout not in ("imp", "imp-legacy"):
             raise CheckpointError(f"{path}: holds a {checkpoint.layout} checkpoint, not an Imp one (for official "
                                   "phi-2 + siglip folders use Imp.from_components(llm_folder, vision_folder))")
         config = parse_config(checkpoint, ImpConfig)
         model = build_on_meta(cls, config)
-        quantization = checkpoint.config.get("quantization")
-        if quantization:
-            import quant  # only quantized folders need quant.py
-            quant.prepare_for_loading(model, quantization)
+        if swap_modules is not None:
+            swap_modules(model, checkpoint)
+        elif "quantization" in checkpoint.config:
+            raise CheckpointError(f"{path}: holds a quantized model; load it with quant.load (infer.py does)")
         table, unused = key_table_imp(config, checkpoint.layout)
         load_weights(model, checkpoint, table, unused, dtype, device)
-        if quantization:
-            quant.finish_loading(model)
         if with_tokenizer:
             model.tokenizer = load_tokenizer(path)
         return model
@@ -835,6 +731,20 @@ class Imp(nn.Module):
             save_tokenizer(self.tokenizer, path, self.config)
 
 
+def splice_row(token_embeddings, is_image, images, labels=None):
+    """One row of Imp.splice: token_embeddings (T, C) with each position where is_image (T,) is True replaced by
+    the next (N, C) of `images`; labels (T,) likewise by N IGNORE_INDEX. -> (embeddings (T', C), labels or None)."""
+    pieces, label_pieces, previous = [], [], 0
+    for position in is_image.nonzero().flatten().tolist():
+        features = next(images)  # (N, C)
+        pieces += [token_embeddings[previous:position], features]
+        if labels is not None:
+            label_pieces += [labels[previous:position], labels.new_full((features.shape[0],), IGNORE_INDEX)]
+        previous = position + 1
+    pieces.append(token_embeddings[previous:])
+    return torch.cat(pieces), None if labels is None else torch.cat(label_pieces + [labels[previous:]])
+
+
 def sample_next_token(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None) -> int:
     """logits (vocab,) -> a token id. temperature 0: argmax (greedy). Otherwise softmax(logits / temperature),
     keeping only the top_k most likely tokens (0: all) and the smallest set whose probability reaches top_p."""
@@ -851,17 +761,6 @@ def sample_next_token(logits, temperature=0.0, top_k=0, top_p=1.0, generator=Non
         sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))  # the best token always stays
         logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
     return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
-
-
-def best_cpu_dtype() -> torch.dtype:
-    """bfloat16 where the CPU multiplies bfloat16 natively (x86 AVX-512 BF16 or AMX, ARMv8.6 BF16), else float32:
-    without native support every bfloat16 product is converted in software and runs slower than float32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(f.read().split())
-    except OSError:  # not Linux (macOS, Windows): stay with the dtype that is always fast and exact
-        return torch.float32
-    return torch.bfloat16 if flags & {"avx512_bf16", "amx_bf16", "bf16"} else torch.float32
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1024,7 +923,50 @@ def save_tokenizer(tokenizer, path, config: ImpConfig):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 10. Checkpoint I/O. One explicit key table per official layout: checkpoint key -> [(our parameter, rows)].
+# 10. Asking a question: an image and a question in, the answer out as text (what infer.py runs).
+
+
+def prepare_inputs(model: Imp, image=None, question="", history=(), aspect=None):
+    """PIL image (or None) + question (+ earlier (question, answer) turns) -> input_ids (1, T), pixel_values
+    (1, 3, S, S) or None."""
+    if model.tokenizer is None:
+        raise CheckpointError("this model has no tokenizer: load it from a folder with tokenizer files")
+    prompt = build_prompt(question, history, with_image=image is not None)
+    device = model.llm.final_layernorm.weight.device
+    input_ids = torch.tensor([model.tokenizer.encode(prompt).ids], device=device)
+    pixel_values = None
+    if image is not None:
+        size, mode = model.config.vision.image_size, aspect or model.config.image_aspect_ratio
+        pixel_values = preprocess_image(image, size, mode)[None].to(device)  # (1, 3, S, S)
+    return input_ids, pixel_values
+
+
+def text_pieces(tokenizer, token_ids):
+    """Token ids as they come (an iterator) -> the answer's text, piece by piece. Decoding the whole answer so far
+    at each step, not each token alone: a byte-level BPE token can be half of a multi-byte character."""
+    tokens, shown = [], ""
+    for token in token_ids:
+        tokens.append(token)
+        text = tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
+        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest of its bytes
+            continue
+        yield text[len(shown):]
+        shown = text
+
+
+def stream(model: Imp, image=None, question="", history=(), aspect=None, **settings):
+    """Yield the answer as text pieces while it is generated (settings: see Imp.generate)."""
+    input_ids, pixel_values = prepare_inputs(model, image, question, history, aspect)
+    yield from text_pieces(model.tokenizer, model.generate(input_ids, pixel_values, **settings))
+
+
+def answer(model: Imp, image=None, question="", history=(), aspect=None, **settings) -> str:
+    """The whole answer as one string, stripped (the official README decodes and .strip()s)."""
+    return "".join(stream(model, image, question, history, aspect, **settings)).strip()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 11. Checkpoint I/O. One explicit key table per official layout: checkpoint key -> [(our parameter, rows)].
 #     `rows` is None, or a slice of the checkpoint tensor's rows (the legacy fused Wqkv feeds three parameters).
 
 

@@ -31,6 +31,8 @@ import time
 import torch
 
 import imp
+import kernels
+import quant
 import visualize
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -163,10 +165,7 @@ def generation_settings(args) -> dict:
 def kv_cache_dtype(choice: str, model) -> torch.dtype | None:
     """--kv-cache: a dtype, or auto (quant.default_cache_dtype: float16 for a quantized model computing in float32).
     None means the model's own dtype."""
-    if choice != "auto":
-        return DTYPES[choice]
-    quant = sys.modules.get("quant")  # imported by the loader only if the model is (or was made) quantized
-    return None if quant is None else quant.default_cache_dtype(model)
+    return DTYPES[choice] if choice != "auto" else quant.default_cache_dtype(model)
 
 
 def read_question(text: str) -> str:
@@ -201,36 +200,27 @@ def resolve_model_path(args) -> str:
 
 
 def load_model(args, path):
-    """-> (model, seconds). A folder that is missing, incomplete or not an Imp model is an input error."""
+    """-> (model, seconds). A folder that is missing, incomplete or not an Imp model is an input error. The fast
+    layer (kernels.py) is switched on: packed int8/int4 kernels, bfloat16 rows, in-place activations."""
     started = time.perf_counter()
-    dtype = DTYPES[args.dtype] if args.dtype else imp.best_cpu_dtype()
-    if args.quant and os.path.isfile(os.path.join(path, "config.json")):
-        try:
-            already = json.load(open(os.path.join(path, "config.json"), encoding="utf-8")).get("quantization")
-        except (ValueError, AttributeError):
-            already = None  # from_pretrained reports a broken config.json properly
-        if already:
-            raise InputError(f"{path} is already quantized (int{already.get('bits')}): drop --quant")
+    dtype = DTYPES[args.dtype] if args.dtype else kernels.best_cpu_dtype()
     try:
-        model = imp.Imp.from_pretrained(path, dtype=dtype)
+        model = quant.load(path, dtype=dtype)  # a float folder, or one written by quant.py
     except (KeyError, TypeError, AttributeError) as error:  # config.json is JSON but lacks what an Imp config has
         raise InputError(f"{path}/config.json is not an Imp config (missing or malformed: {error})") from None
-    except ImportError as error:  # a quantized folder, and quant.py is not next to imp.py
-        raise InputError(f"{path} is quantized and loading it needs quant.py ({error})") from None
+    quantized = any(isinstance(m, quant.QuantLinear) for m in model.modules())
     if args.quant:
-        try:
-            import quant  # only --quant needs it
-        except ImportError:
-            raise InputError("--quant needs quant.py next to infer.py") from None
+        if quantized:
+            bits = next(m.bits for m in model.modules() if isinstance(m, quant.QuantLinear))
+            raise InputError(f"{path} is already quantized (int{bits}): drop --quant")
         quant.quantize_model(model, bits=int(args.quant[3:]))  # in place: Linear -> QuantLinear
-    if args.int8_activations:
-        quant = sys.modules.get("quant")  # imported by the loader or by --quant if the model is quantized
-        if quant is None or not any(isinstance(m, quant.QuantLinear) for m in model.modules()):
-            raise InputError("--int8-activations needs a quantized model: add --quant int8 or int4, or load a "
-                             "folder written by quant.py")
-        if not quant.set_int8_activations(model, True):
-            print("note: --int8-activations: torch._int_mm does not work on this torch build; the float path is "
-                  "used", file=sys.stderr)
+    elif args.int8_activations and not quantized:
+        raise InputError("--int8-activations needs a quantized model: add --quant int8 or int4, or load a "
+                         "folder written by quant.py")
+    fast = kernels.enable(model, int8_activations=args.int8_activations)
+    if args.int8_activations and "unavailable" in fast:
+        print("note: --int8-activations: torch._int_mm does not work on this torch build; the float path is "
+              "used", file=sys.stderr)
     trained_size = model.config.vision.image_size
     if args.image_size is not None and args.image_size != trained_size:
         # SigLIP learns one position embedding per patch of a trained grid (27 x 27 at 384 px); another size would
@@ -250,10 +240,37 @@ def write(text: str):
     sys.stdout.flush()  # token by token, even into a pipe
 
 
-def ask(model, image, question, args, history=()) -> str:
-    """Stream one answer to stdout and return it. Timings land in model.last_stats."""
+def generate_with_stats(model, input_ids, pixel_values, stats: dict, **settings):
+    """model.generate, timed by phase into `stats`, the figures of the paper's Table 4: vision_seconds (T_VE:
+    the tower, the connector, the splice), prompt_tokens and prompt_seconds (the prefill, until the first new
+    token), generated_tokens and generate_seconds (from the first new token to the last), and the token_ids."""
+    clock = time.perf_counter
+    started = clock()
+    with torch.inference_mode():
+        embeddings = model.embed(input_ids, pixel_values)  # (1, T', C)
+    prefill_started = first = clock()
+    stats.update(vision_seconds=prefill_started - started, prompt_tokens=embeddings.shape[1], prompt_seconds=0.0,
+                 generated_tokens=0, generate_seconds=0.0, token_ids=[])
+    for token in model.generate(inputs_embeds=embeddings, **settings):
+        if not stats["token_ids"]:
+            first = clock()
+            stats["prompt_seconds"] = first - prefill_started
+        stats["token_ids"].append(token)
+        stats["generated_tokens"] += 1
+        yield token
+    if stats["token_ids"]:
+        stats["generate_seconds"] = clock() - first
+    else:
+        stats["prompt_seconds"] = clock() - prefill_started
+
+
+def ask(model, image, question, args, history=(), stats=None) -> str:
+    """Stream one answer to stdout and return it; its timings go into `stats` (generate_with_stats)."""
+    input_ids, pixel_values = imp.prepare_inputs(model, image, question, history, aspect=args.aspect)
+    tokens = generate_with_stats(model, input_ids, pixel_values, {} if stats is None else stats,
+                                 **generation_settings(args))
     pieces = []
-    for piece in model.stream(image, question, history, aspect=args.aspect, **generation_settings(args)):
+    for piece in imp.text_pieces(model.tokenizer, tokens):
         write(piece)
         pieces.append(piece)
     write("\n")
@@ -285,23 +302,22 @@ def print_stats(stats: dict, total_seconds: float, load_seconds: float, model, a
 def run_single(model, image, question, args, load_seconds):
     if args.explain:
         explain_before(model, image, question, args)
-    started = time.perf_counter()  # after --explain's own walk through the vision tower: T_total is one question
-    ask(model, image, question, args)
+    started, stats = time.perf_counter(), {}  # after --explain's own walk through the tower: T_total is one question
+    ask(model, image, question, args, stats=stats)
     total_seconds = time.perf_counter() - started
     if args.explain:
-        explain_after(model, args)
+        explain_after(model, stats, args)
     if args.stats:
-        print_stats(model.last_stats, total_seconds, load_seconds, model, args)
+        print_stats(stats, total_seconds, load_seconds, model, args)
     if args.attention_map:
-        save_attention_map(model, image, question, args)
+        save_attention_map(model, image, question, stats["token_ids"], args)
     return EXIT_OK
 
 
-def save_attention_map(model, image, question, args):
+def save_attention_map(model, image, question, answer_ids, args):
     """--attention-map: one more forward pass over the prompt and the answer just given, with the attention
     probabilities kept (visualize.answer_attention), drawn over the image at its own size."""
-    input_ids, pixel_values = model.prepare_inputs(image, question, aspect=args.aspect)
-    answer_ids = model.last_token_ids
+    input_ids, pixel_values = imp.prepare_inputs(model, image, question, aspect=args.aspect)
     grid, share = visualize.answer_attention(model, input_ids, pixel_values, answer_ids)
     aspect = args.aspect or model.config.image_aspect_ratio
     try:
@@ -361,8 +377,8 @@ def explain_before(model, image, question, args):
     print("[answer   ] (Imp.generate runs the whole pipeline again, timed for real:)", file=sys.stderr)
 
 
-def explain_after(model, args):
-    stats, text = model.last_stats, model.config.text
+def explain_after(model, stats, args):
+    text = model.config.text
     say = lambda step, line: print(f"[{step}] {line}", file=sys.stderr)
     say("decoder  ", f"Phi-2, {text.num_hidden_layers} layers of {text.hidden_size} dims: prefill of "
                     f"{stats['prompt_tokens']} positions at once -> KV cache + logits (1, 1, {text.vocab_size}) "
@@ -519,11 +535,13 @@ def answer_record(model, question, base, args, model_name) -> dict:
     started = time.perf_counter()
     try:
         image = read_image(resolve_image(question["image"], base)) if "image" in question else None
-        text = model.answer(image, question["text"].strip(), aspect=args.aspect, **settings)
-    except (imp.ImageError, imp.PromptTooLongError) as error:
+        input_ids, pixel_values = imp.prepare_inputs(model, image, question["text"].strip(), aspect=args.aspect)
+        stats = {}
+        tokens = generate_with_stats(model, input_ids, pixel_values, stats, **settings)
+        text = "".join(imp.text_pieces(model.tokenizer, tokens)).strip()
+    except (imp.ImageError, imp.PromptTooLongError, imp.NotFiniteError) as error:
         print(f"error: question {question['question_id']!r}: {error}", file=sys.stderr)
         return dict(record, error=str(error))
-    stats = model.last_stats
     return dict(record, text=text, prompt_tokens=stats["prompt_tokens"],
                 generated_tokens=stats["generated_tokens"], vision_seconds=round(stats["vision_seconds"], 4),
                 prompt_seconds=round(stats["prompt_seconds"], 4), generate_seconds=round(stats["generate_seconds"], 4),
@@ -608,7 +626,8 @@ def run(argv) -> int:
 def main(argv=None) -> int:
     try:
         return run(argv)
-    except (InputError, imp.ImageError, imp.CheckpointError, imp.PromptTooLongError, visualize.PictureError) as error:
+    except (InputError, imp.ImageError, imp.CheckpointError, imp.PromptTooLongError, imp.NotFiniteError,
+            visualize.PictureError) as error:
         print(f"infer.py: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:  # Ctrl-C: what was streamed stays on screen; end its line and say why it stopped

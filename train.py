@@ -299,6 +299,22 @@ def spliced_length(sample, config: ImpConfig) -> int:
 # Model: where it starts, and which of its parameters learn at which rate.
 
 
+def init_weights(module: nn.Module, std: float = 0.02):
+    """Initialisation for training from scratch (the demo model): transformers' PhiPreTrainedModel default, N(0, 0.02)
+    for every Linear and Embedding, here applied to the vision tower too. (SiglipPreTrainedModel would draw the
+    tower's position embeddings at std 1/sqrt(width), 0.088 at the demo's width: tried, no better; README.)"""
+    for sub in module.modules():
+        if isinstance(sub, (nn.Linear, nn.Conv2d)):
+            nn.init.normal_(sub.weight, std=std)
+            if sub.bias is not None:
+                nn.init.zeros_(sub.bias)
+        elif isinstance(sub, nn.Embedding):
+            nn.init.normal_(sub.weight, std=std)
+        elif isinstance(sub, nn.LayerNorm):
+            nn.init.ones_(sub.weight)
+            nn.init.zeros_(sub.bias)
+
+
 def build_model(args) -> Imp:
     if args.init_config:  # from scratch: a small named config sized to the given tokenizer
         if not args.tokenizer:
@@ -316,7 +332,7 @@ def build_model(args) -> Imp:
                            image_token_index=ids["<image>"], eos_token_id=ids["</s>"], pad_token_id=ids["<|endoftext|>"],
                            max_length=spec["max_length"])
         model = Imp(config)
-        imp.init_weights(model)
+        init_weights(model)
         if args.position_embedding_std:  # README, "The demo model": how loud "where" starts, next to "what"
             with torch.no_grad():
                 model.vision.position_embedding.weight.normal_(std=args.position_embedding_std)
@@ -457,7 +473,7 @@ def evaluate(model: Imp, records, image_folder, limit=None, log=print) -> dict:
         question = turns[0]["value"].replace(imp.IMAGE_PLACEHOLDER, "").strip()
         expected = next((t["value"].strip() for t in turns if t["from"] == "gpt"), "")
         image = imp.load_image(resolve_image(record["image"], image_folder, where)) if record.get("image") else None
-        predicted = model.answer(image, question, max_new_tokens=48)
+        predicted = imp.answer(model, image, question, max_new_tokens=48)
         kind = record.get("type", "all")
         results[kind][0] += predicted == expected
         results[kind][1] += 1

@@ -46,7 +46,7 @@ def answer_attention(model: imp.Imp, input_ids, pixel_values, answer_ids) -> tup
     patches in SigLIP's row-major order), grid[r, c] = mean over layers, heads and answer rows of the probability
     given to patch (r, c); share = grid.sum(), the fraction of the answer's attention that went to the image.
     """
-    image_columns = model.image_positions(input_ids)  # (num_images, N) positions in the spliced sequence
+    image_columns = image_positions(model, input_ids)  # (num_images, N) positions in the spliced sequence
     if image_columns.shape[0] != 1:
         raise PictureError(f"an attention map needs a prompt with exactly one image (this one has "
                            f"{image_columns.shape[0]})")
@@ -58,11 +58,45 @@ def answer_attention(model: imp.Imp, input_ids, pixel_values, answer_ids) -> tup
     rows = list(range(prompt_length - 1, prompt_length - 1 + max(len(answer_ids), 1)))
     answer = torch.tensor([list(answer_ids)], dtype=input_ids.dtype, device=input_ids.device).view(1, -1)
     sequence = torch.cat([input_ids, answer], dim=1)  # (1, T + A): prompt and answer, one forward pass
-    probabilities = model.attention_maps(sequence, pixel_values, rows)  # (L, H, R, T + A - 1 + N)
+    probabilities = attention_maps(model, sequence, pixel_values, rows)  # (L, H, R, T + A - 1 + N)
     on_image = probabilities[..., image_columns]  # (L, H, R, N): the columns of the image patches only
     per_patch = on_image.mean(dim=(0, 1, 2))  # (N,)
     side = model.config.vision.image_size // model.config.vision.patch_size
     return per_patch.view(side, side).cpu(), per_patch.sum().item()
+
+
+def image_positions(model: imp.Imp, input_ids) -> torch.Tensor:
+    """Where Imp.splice puts the image patches, for one prompt (1, T): (num_images, N) positions in the spliced
+    sequence. The <image> id at token position p becomes patches p .. p+N-1, so every later token moves N - 1
+    to the right. Patch i of a row is the i-th patch of SigLIP's grid in row-major order."""
+    num_patches = model.config.vision.num_patches
+    placeholders = model.is_image(input_ids[0]).nonzero().flatten().tolist()  # token positions of the <image> ids
+    starts = [position + i * (num_patches - 1) for i, position in enumerate(placeholders)]  # i earlier images
+    return torch.tensor([list(range(start, start + num_patches)) for start in starts],
+                        dtype=torch.long).view(-1, num_patches)  # (num_images, N)
+
+
+@torch.inference_mode()
+def attention_maps(model: imp.Imp, input_ids, pixel_values=None, rows=None) -> torch.Tensor:
+    """The attention probabilities of every Phi-2 layer for one sequence (1, T) (a prompt, and an answer after
+    it): one forward pass without a cache, as in training. A forward hook on each layer's attention recomputes its
+    queries and keys from the layer's input (PhiAttention.project) and keeps the softmax of the query positions
+    `rows` only (a list; default all), so that Imp-3B's 32 layers x 32 heads x ~800 x ~800 probabilities (2.6 GB)
+    never exist at once.
+    -> (layers, heads, len(rows), T') float32: [l, h, r, j] = how much query rows[r] takes from position j."""
+    kept = []
+
+    def keep(attention, inputs, output):  # inputs: PhiAttention.forward's (x, rotary, start, cache)
+        q, k, _ = attention.project(inputs[0], inputs[1])
+        probabilities = imp.attention_probabilities(q, k, causal=True)[0]  # (H, T', T')
+        kept.append(probabilities if rows is None else probabilities[:, rows])
+    hooks = [block.self_attn.register_forward_hook(keep) for block in model.llm.layers]
+    try:
+        model.llm(inputs_embeds=model.embed(input_ids, pixel_values), last_only=True)  # only the hooks' catch counts
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.stack(kept)  # (L, H, R, T')
 
 
 def heat_colours() -> list:

@@ -17,16 +17,6 @@ FIELDS = {"dtype": str, "t_ve_s": float, "prompt_tok_s": float, "gen_tok_s": flo
           "cache_dtype": str}
 
 
-def quant_available():
-    try:
-        sys.path.insert(0, ROOT)
-        import quant  # noqa: F401
-        return True
-    except ImportError:
-        return False
-    finally:
-        sys.path.remove(ROOT)
-
 
 def run_bench(*arguments):
     return subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), *arguments], cwd=ROOT,
@@ -54,10 +44,7 @@ def test_quick_json_schema(quick):
     document, _ = quick
     assert document["machine"]["bandwidth_bytes_s"] > 0
     rows = {row["dtype"]: row for row in document["results"]}
-    expected = ["float32", "bfloat16", "int8", "int4"] if quant_available() else ["float32", "bfloat16"]
-    assert list(rows) == expected
-    if not quant_available():
-        assert any("quant.py" in note for note in document["notes"])
+    assert list(rows) == ["float32", "bfloat16", "int8", "int4"]
     for row in rows.values():
         for field, kind in FIELDS.items():
             assert isinstance(row[field], kind), (row["dtype"], field, row.get(field))
@@ -73,17 +60,14 @@ def test_quick_weight_bytes_order(quick):
     size = {row["dtype"]: row["weight_bytes"] for row in document["results"]}
     assert size["bfloat16"] < size["float32"]
     assert size["bfloat16"] * 2 == pytest.approx(size["float32"], rel=0.01)
-    if quant_available():
-        assert size["int4"] < size["int8"] < size["bfloat16"]
+    assert size["int4"] < size["int8"] < size["bfloat16"]
 
 
 def test_quick_quantized_rows_hold_their_weights_once_and_a_16_bit_cache(quick):
-    if not quant_available():
-        pytest.skip("quant.py is not importable")
     sys.path.insert(0, ROOT)
     try:
-        import quant
-        layout_known = quant.packed_kernels_available()[4] and quant.int4_kernel_layout() is not None
+        import kernels
+        layout_known = kernels.packed_kernels_available()[4] and kernels.int4_kernel_layout() is not None
     finally:
         sys.path.remove(ROOT)
     rows = {row["dtype"]: row for row in quick[0]["results"]}
@@ -108,9 +92,8 @@ def test_quick_prints_table_and_targets(quick):
 def test_llama_cpp_measured_here_sets_the_decode_target(quick):
     document, stdout = quick
     assert len(document["llama_cpp"]) == 3  # one figure per (format, test, depth): the better flash-attention setting
-    if quant_available():
-        # the quick prompt is 105 tokens: the nearest measured depth is 0, where flash attention on was better
-        assert "MISS int4 decode" in stdout and "x llama.cpp Q4_0 on this machine (90000.00 tok/s; target >= 0.6 x)" in stdout
+    # the quick prompt is 105 tokens: the nearest measured depth is 0, where flash attention on was better
+    assert "MISS int4 decode" in stdout and "x llama.cpp Q4_0 on this machine (90000.00 tok/s; target >= 0.6 x)" in stdout
 
 
 def test_llama_cpp_reference_is_checked_before_the_benchmark(tmp_path):
@@ -152,7 +135,6 @@ def test_missing_model_folder():
         bench.parse_arguments(["--quick", "--model", ROOT])
 
 
-@pytest.mark.skipif(not quant_available(), reason="quant.py is not importable")
 def test_int8_activation_rows(tmp_path):
     # The opt-in rows: the same int8 / int4 models with int8 activations for prefill and the vision tower.
     out = tmp_path / "a8.json"

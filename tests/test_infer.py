@@ -20,6 +20,7 @@ from PIL import Image
 
 import imp
 import infer
+import kernels
 import reference as ref
 
 INFER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "infer.py")
@@ -105,18 +106,20 @@ def test_both_official_layouts(capsys, models, images, layout):
 
 def test_text_only_question(capsys, models, monkeypatch):
     seen = []
-    original = imp.Imp.stream
-    monkeypatch.setattr(imp.Imp, "stream", lambda self, image, *rest, **kw: seen.append(image) or
-                        original(self, image, *rest, **kw))
+    original = imp.prepare_inputs
+    monkeypatch.setattr(imp, "prepare_inputs", lambda model, image, *rest, **kw: seen.append(image) or
+                        original(model, image, *rest, **kw))
     code, out, err = call(capsys, "--model", models["chatty"], "--text", "Say something.", "--max-new-tokens", 4)
     assert (code, out, seen) == (0, "aaaa\n", [None])
 
 
 def test_options_reach_the_model(capsys, models, images, monkeypatch):
     seen = {}
-    original = imp.Imp.stream
-    monkeypatch.setattr(imp.Imp, "stream", lambda self, *a, **kw: seen.update(kw, dtype=self.llm.lm_head.weight.dtype)
-                        or original(self, *a, **kw))
+    prepare, generate = imp.prepare_inputs, imp.Imp.generate
+    monkeypatch.setattr(imp, "prepare_inputs", lambda model, *a, **kw: seen.update(kw) or prepare(model, *a, **kw))
+    monkeypatch.setattr(imp.Imp, "generate", lambda self, *a, **kw: seen.update(
+        {k: v for k, v in kw.items() if k != "inputs_embeds"}, dtype=self.llm.lm_head.weight.dtype)
+        or generate(self, *a, **kw))
     code, _, err = call(capsys, "--model", models["random"], "--dtype", "bfloat16", "--aspect", "pad", "--temperature",
                         0.8, "--top-p", 0.9, "--top-k", 5, "--seed", 1, "--threads", 1, "--image-size", 56,
                         images / "photo.png", "What?", "--max-new-tokens", 4)
@@ -133,17 +136,15 @@ def test_sampling_with_a_seed_repeats(capsys, models, images):
 
 
 def test_quantize_on_load(capsys, models, images):
-    pytest.importorskip("quant")
     code, out, err = call(capsys, "--model", models["chatty"], "--quant", "int8", images / "photo.png", "What?",
                           "--max-new-tokens", 3)
     assert (code, out) == (0, "aaa\n"), err  # a +100 bias survives int8 rounding
 
 
 def test_int8_activations(capsys, models, images, monkeypatch):
-    quant = pytest.importorskip("quant")
-    if not quant.int8_matmul_available():
+    if not kernels.int8_matmul_available():
         pytest.skip("torch._int_mm does not work here")
-    monkeypatch.setattr(quant, "FAST_PATH_MAX_ROWS", 4)  # this tiny prompt has ~30 rows: let them take the path
+    monkeypatch.setattr(kernels, "FAST_PATH_MAX_ROWS", 4)  # this tiny prompt has ~30 rows: let them take the path
     calls = []
     int_mm = torch._int_mm
     monkeypatch.setattr(torch, "_int_mm", lambda *a, **k: calls.append(a[0].shape) or int_mm(*a, **k))
@@ -163,7 +164,6 @@ def test_int8_activations(capsys, models, images, monkeypatch):
                                              (("--kv-cache", "bfloat16"), torch.bfloat16)])
 def test_kv_cache_dtype(capsys, models, images, monkeypatch, argv, expected):
     """auto: a 16-bit cache for a quantized float32 model (half the cache's memory), the model's own otherwise."""
-    pytest.importorskip("quant")
     seen = {}
     original = imp.Imp.generate
     monkeypatch.setattr(imp.Imp, "generate", lambda self, *a, **kw: seen.update(kw) or original(self, *a, **kw))
@@ -354,10 +354,10 @@ def test_chat_over_piped_stdin(models, images):
 
 def test_chat_keeps_history_in_the_template(capsys, models, images, monkeypatch):
     calls = []
-    original = imp.Imp.stream
-    monkeypatch.setattr(imp.Imp, "stream", lambda self, image, question, history, **kw:
+    original = imp.prepare_inputs
+    monkeypatch.setattr(imp, "prepare_inputs", lambda model, image, question, history, **kw:
                         calls.append((image is not None, question, list(history))) or
-                        original(self, image, question, history, **kw))
+                        original(model, image, question, history, **kw))
     monkeypatch.setattr(sys, "stdin", __import__("io").StringIO("One\nTwo\n/reset\nThree\n/image\nFour\n"))
     code, out, err = call(capsys, "--model", models["chatty"], "--chat", images / "photo.png", "--max-new-tokens", 2)
     assert code == 0, err

@@ -10,9 +10,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+import kernels
 import quant
 
-needs_kernels = pytest.mark.skipif(not all(quant.packed_kernels_available().values()),
+needs_kernels = pytest.mark.skipif(not all(kernels.packed_kernels_available().values()),
                                    reason="torch's packed int8/int4 CPU kernels are not available here")
 
 
@@ -22,8 +23,8 @@ def test_the_capability_probes_find_the_kernels_on_x86():
     # Where the kernels exist (x86-64 builds of torch 2.13, CI's included), the probes must find them. A probe that
     # breaks, e.g. an exception inside forward_fast, which the probe catches and reads as "no kernel", would turn
     # every @needs_kernels / @needs_int_mm test into a silent skip and the readable path into the only one tested.
-    assert quant.packed_kernels_available() == {8: True, 4: True}
-    assert quant.int8_matmul_available()
+    assert kernels.packed_kernels_available() == {8: True, 4: True}
+    assert kernels.int8_matmul_available()
 
 
 def random_weight(out_features, in_features, seed=0):
@@ -33,6 +34,13 @@ def random_weight(out_features, in_features, seed=0):
     weight[1] = 0.0     # an all-zero row (and all-zero groups): must not divide by zero
     weight[2, :128] = -0.01  # constant groups (for every group size): scale 0
     return weight
+
+
+def enable_fast(model):
+    """What a program does after loading: check the quantized buffers (quant.py), then switch the fast layer on."""
+    quant.finish_loading(model)
+    kernels.enable(model)
+    return model
 
 
 def same_bytes(a, b):
@@ -46,9 +54,10 @@ def same_bytes(a, b):
 
 def test_int8_round_trip_error_is_at_most_half_a_step():
     weight = random_weight(40, 100)
-    qweight, scales = quant.quantize_int8(weight)
+    qweight, scales, reported = quant.quantize_int8(weight)
     assert qweight.dtype == torch.int8 and scales.dtype == torch.float16 and qweight.abs().max() <= 127
     error = (quant.dequantize_int8(qweight, scales) - weight).abs()
+    assert torch.equal(reported, error.amax(dim=1))  # the error it says it made is the error it made, per row
     # round() is off by at most half a step; the float16 scale can make 127 * scale fall short of absmax by
     # 2^-11 relative, i.e. 127 * 2^-11 = 0.06 more steps at the clamped extreme.
     step = scales.float()[:, None]
@@ -105,7 +114,7 @@ def test_int4_asymmetric_round_trip_error_is_at_most_half_a_step(group_size):
 
 def test_relative_errors_are_the_expected_size():
     weight = random_weight(32, 256, seed=1)
-    error8 = (quant.dequantize_int8(*quant.quantize_int8(weight)) - weight).norm() / weight.norm()
+    error8 = (quant.dequantize_int8(*quant.quantize_int8(weight)[:2]) - weight).norm() / weight.norm()
     qweight, scales = quant.quantize_int4(weight, 32)
     symmetric = (quant.dequantize_int4(qweight, scales, None, 32, 256) - weight).norm() / weight.norm()
     asymmetric = (quant.dequantize_int4(*quant.quantize_int4(weight, 32, "asymmetric"), 32, 256) - weight).norm()
@@ -177,10 +186,10 @@ def test_rounding_the_scales_to_bfloat16_loosens_no_error_bound(scheme):
 @pytest.mark.parametrize("bits,scheme", [(8, "symmetric"), (4, "symmetric"), (4, "asymmetric")])
 def test_quantizing_in_slices_of_rows_gives_the_same_tensors(monkeypatch, bits, scheme):
     weight = random_weight(200, 80, seed=2)
-    whole = quant.quantize_int8(weight) if bits == 8 else quant.quantize_int4(weight, 32, scheme)
+    whole = quant.quantize_int8(weight)[:2] if bits == 8 else quant.quantize_int4(weight, 32, scheme)
     monkeypatch.setattr(quant, "SLICE_WEIGHTS", 64 * 80)  # slices of 64 rows: 64, 64, 64, 8
     assert quant.row_slices(200, 80) == [(0, 64), (64, 128), (128, 192), (192, 200)]
-    layer = quant.QuantLinear.from_linear(linear_with(weight), bits, 32, scheme)
+    layer = kernels.PackedQuantLinear.from_linear(linear_with(weight), bits, 32, scheme)
     assert all(torch.equal(layer._buffers[name], tensor) for name, tensor in zip(layer.expected_buffers(), whole))
     expected = ((layer.dequantize() - weight).norm() / weight.norm()).item()
     assert quant.relative_error(weight, layer) == pytest.approx(expected, rel=1e-5)
@@ -195,7 +204,7 @@ def test_pack_unpack_nibble_order_and_round_trip():
 
 def test_in_features_not_a_multiple_of_the_group_is_padded_and_dropped_again():
     weight = random_weight(16, 80)  # 80 = 2.5 groups of 32 -> padded to 96
-    layer = quant.QuantLinear.from_linear(linear_with(weight), bits=4, group_size=32, scheme="asymmetric")
+    layer = kernels.PackedQuantLinear.from_linear(linear_with(weight), bits=4, group_size=32, scheme="asymmetric")
     assert layer.qweight.shape == (16, 48) and layer.scales.shape == layer.zeros.shape == (16, 3)
     assert layer.dequantize().shape == (16, 80)
     assert (layer.dequantize() - weight).abs().max() <= layer.scales.float().max() * 0.51 + 1e-6
@@ -234,23 +243,23 @@ def assert_fast_matches_readable(fast, readable, x, weight):
 def test_fast_path_matches_readable_path(bits, group_size, scheme, in_features, rows, dtype):
     weight = random_weight(48, in_features)
     weight[5, :32] = weight[5, :32].abs()  # a negative symmetric scale
-    layer = quant.QuantLinear.from_linear(linear_with(weight), bits, group_size, scheme).to(dtype)
+    layer = kernels.PackedQuantLinear.from_linear(linear_with(weight), bits, group_size, scheme).to(dtype)
     x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows)).to(dtype)
     assert_fast_matches_readable(layer.forward_fast(x), layer.forward_readable(x), x, layer.dequantize())
 
 
 @needs_kernels
 def test_forward_picks_the_path_by_number_of_rows_and_keeps_leading_dims():
-    layer = quant.QuantLinear.from_linear(linear_with(random_weight(32, 64)), 4, 32)
+    layer = kernels.PackedQuantLinear.from_linear(linear_with(random_weight(32, 64)), 4, 32)
     small = torch.randn(1, 1, 64)  # decode: one row
-    large = torch.randn(2, quant.FAST_PATH_MAX_ROWS, 64)  # prefill: more rows than the threshold
+    large = torch.randn(2, kernels.FAST_PATH_MAX_ROWS, 64)  # prefill: more rows than the threshold
     assert torch.equal(layer(small), layer.forward_fast(small)) and layer(small).shape == (1, 1, 32)
     assert torch.equal(layer(large), layer.forward_readable(large)) and layer(large).shape == large.shape[:2] + (32,)
 
 
 def test_readable_fallback_when_kernels_are_missing(monkeypatch):
-    layer = quant.QuantLinear.from_linear(linear_with(random_weight(32, 64)), 4, 32)
-    monkeypatch.setattr(quant, "packed_kernels_available", lambda: {4: False, 8: False})
+    layer = kernels.PackedQuantLinear.from_linear(linear_with(random_weight(32, 64)), 4, 32)
+    monkeypatch.setattr(kernels, "packed_kernels_available", lambda: {4: False, 8: False})
     x = torch.randn(1, 64)
     assert not layer.fast_path_supported() and torch.equal(layer(x), layer.forward_readable(x))
 
@@ -258,7 +267,7 @@ def test_readable_fallback_when_kernels_are_missing(monkeypatch):
 @pytest.mark.parametrize("bits,out_features,in_features", [(4, 24, 64), (8, 32, 100)])
 def test_shapes_the_kernels_cannot_take_use_the_readable_path(bits, out_features, in_features):
     # int4: N must be a multiple of 16; int8: K must be (else the kernel returns NaN or crashes).
-    layer = quant.QuantLinear.from_linear(linear_with(random_weight(out_features, in_features)), bits, 32)
+    layer = kernels.PackedQuantLinear.from_linear(linear_with(random_weight(out_features, in_features)), bits, 32)
     assert not layer.fast_path_supported()
     x = torch.randn(5, in_features)
     assert torch.equal(layer(x), layer.forward_readable(x))
@@ -269,7 +278,7 @@ def test_shapes_the_kernels_cannot_take_use_the_readable_path(bits, out_features
 def test_fast_path_survives_misaligned_tensors(bits):
     # The int8 kernel crashes on data that is not 16/32-byte aligned: a slice of a bigger tensor, or a tensor
     # that safetensors' load_file returns as a view into the file's bytes. The layer must copy such inputs.
-    layer = quant.QuantLinear.from_linear(linear_with(random_weight(32, 64)), bits, 32)
+    layer = kernels.PackedQuantLinear.from_linear(linear_with(random_weight(32, 64)), bits, 32)
     storage = torch.empty(64 * 32 + 3, dtype=layer.qweight.dtype)
     layer.qweight = storage[3:3 + layer.qweight.numel()].view(layer.qweight.shape).copy_(layer.qweight)
     layer.release_kernel_tensors()  # none built yet; would be rebuilt from the new qweight
@@ -280,7 +289,7 @@ def test_fast_path_survives_misaligned_tensors(bits):
 
 # -- 2b. the int4 kernel's layout: the only copy of the codes once the fast path is built ----------------------
 
-needs_known_layout = pytest.mark.skipif(not quant.packed_kernels_available()[4] or not quant.int4_kernel_layout(),
+needs_known_layout = pytest.mark.skipif(not kernels.packed_kernels_available()[4] or not kernels.int4_kernel_layout(),
                                         reason="no int4 kernel, or its layout is unknown here (layers keep both)")
 
 
@@ -288,13 +297,13 @@ needs_known_layout = pytest.mark.skipif(not quant.packed_kernels_available()[4] 
 @pytest.mark.parametrize("out_features", [16, 48, 64, 80, 112, 176, 4304])  # 4304: SigLIP's fc1, 67 x 64 + 16
 @pytest.mark.parametrize("padded", [32, 96, 2560])
 def test_kernel_layout_inverse_recovers_the_codes(out_features, padded):
-    if quant.int4_kernel_layout() is None:
+    if kernels.int4_kernel_layout() is None:
         pytest.skip("the int4 converter's layout is none of INT4_KERNEL_LAYOUTS here: layers keep both copies")
     q = torch.randint(0, 16, (out_features, padded), generator=torch.Generator().manual_seed(out_features),
                       dtype=torch.int32)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-    layout = quant.INT4_KERNEL_LAYOUTS[quant.int4_kernel_layout()]
-    assert torch.equal(quant.codes_from_kernel_layout(packed, out_features, layout), q.to(torch.uint8))
+    layout = kernels.INT4_KERNEL_LAYOUTS[kernels.int4_kernel_layout()]
+    assert torch.equal(kernels.codes_from_kernel_layout(packed, out_features, layout), q.to(torch.uint8))
     assert not torch.equal(packed, quant.pack_int4(q))  # really another order than ours (else this proves little)
 
 
@@ -303,7 +312,7 @@ def test_kernel_layouts_of_other_instruction_sets_are_recognised():
     # converter writes the "pairs" order (AVX2 would give "avx2", AVX-512 "avx512").
     import subprocess
     import sys
-    code = "import quant; print(quant.int4_kernel_layout(), quant.packed_kernels_available()[4])"
+    code = "import kernels; print(kernels.int4_kernel_layout(), kernels.packed_kernels_available()[4])"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                             env=dict(os.environ, ATEN_CPU_CAPABILITY="default"),
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -314,7 +323,7 @@ def test_kernel_layouts_of_other_instruction_sets_are_recognised():
 
 def int4_layer(out_features, in_features, group_size=32, scheme="symmetric"):
     weight = random_weight(out_features, in_features, seed=out_features)
-    return quant.QuantLinear.from_linear(linear_with(weight), 4, group_size, scheme)
+    return kernels.PackedQuantLinear.from_linear(linear_with(weight), 4, group_size, scheme)
 
 
 @needs_known_layout
@@ -327,12 +336,12 @@ def test_fast_path_keeps_one_copy_and_the_readable_path_is_unchanged(out_feature
     layer = int4_layer(out_features, in_features, group_size, scheme)
     before = {name: tensor.clone() for name, tensor in layer.state_dict().items()}
     weight = layer.dequantize()
-    x = torch.randn(quant.FAST_PATH_MAX_ROWS + 3, in_features, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(kernels.FAST_PATH_MAX_ROWS + 3, in_features, generator=torch.Generator().manual_seed(0))
     readable = layer.forward_readable(x)
     resident = layer.resident_bytes()
 
     layer.prepare_fast_path()
-    assert "qweight" not in layer._buffers and layer.kernel_layout == quant.int4_kernel_layout()
+    assert "qweight" not in layer._buffers and layer.kernel_layout == kernels.int4_kernel_layout()
     # quantize_int4's scales (and zeros) are exact in bfloat16: held only in the kernel's pairs too
     assert not {"scales", "zeros"} & set(layer._buffers) and set(layer.kernel_holds) == set(before) - {"bias"}
     packed, scales_and_zeros = layer.kernel_tensors  # the codes in the kernel's order: as many bytes as qweight
@@ -359,10 +368,10 @@ def test_fast_path_keeps_one_copy_and_the_readable_path_is_unchanged(out_feature
 @pytest.mark.parametrize("failure", ["inverse differs", "layout unknown"])
 def test_both_copies_are_kept_when_the_inverse_is_not_exact(monkeypatch, failure):
     if failure == "inverse differs":  # e.g. a future torch changes the order for some shapes
-        original = quant.codes_from_kernel_layout
-        monkeypatch.setattr(quant, "codes_from_kernel_layout", lambda *args: original(*args).flip(0))
+        original = kernels.codes_from_kernel_layout
+        monkeypatch.setattr(kernels, "codes_from_kernel_layout", lambda *args: original(*args).flip(0))
     else:
-        monkeypatch.setattr(quant, "int4_kernel_layout", lambda: None)
+        monkeypatch.setattr(kernels, "int4_kernel_layout", lambda: None)
     layer = int4_layer(112, 96, 32, "asymmetric")
     qweight, weight = layer.qweight.clone(), layer.dequantize()
     layer.prepare_fast_path()
@@ -396,7 +405,7 @@ def test_scales_bfloat16_cannot_hold_are_kept_in_float16(scheme, nudged):
     layer.prepare_fast_path()
     assert {"scales", "zeros"} & set(layer.kernel_holds) == set() and "scales" in layer._buffers
     assert ("zeros" in layer._buffers) == (scheme == "asymmetric")
-    assert ("qweight" in layer.kernel_holds) == (quant.int4_kernel_layout() is not None)  # the codes still go
+    assert ("qweight" in layer.kernel_holds) == (kernels.int4_kernel_layout() is not None)  # the codes still go
     codes = before["qweight"].nbytes if "qweight" in layer.kernel_holds else 0
     assert layer.resident_bytes() == resident + layer.kernel_tensors[1].nbytes - codes + layer.kernel_tensors[0].nbytes
     assert torch.equal(layer.dequantize(), weight)  # the float16 numbers, not the pairs' rounding of them
@@ -412,36 +421,36 @@ def test_scales_bfloat16_cannot_hold_are_kept_in_float16(scheme, nudged):
 
 @pytest.mark.parametrize("bits,prepared", [(8, False), (4, False), (4, True)])
 def test_readable_path_dequantizes_large_weights_a_slice_of_rows_at_a_time(monkeypatch, bits, prepared):
-    layer = quant.QuantLinear.from_linear(linear_with(random_weight(176, 96, seed=3)), bits, 32)  # 2 x 64 + 48
-    if prepared and quant.packed_kernels_available()[4]:
+    layer = kernels.PackedQuantLinear.from_linear(linear_with(random_weight(176, 96, seed=3)), bits, 32)  # 2 x 64 + 48
+    if prepared and kernels.packed_kernels_available()[4]:
         layer.prepare_fast_path()
     weight = layer.dequantize()
     assert torch.equal(torch.cat([layer.dequantize(0, 64), layer.dequantize(64, 128), layer.dequantize(128)]), weight)
-    x = torch.randn(quant.FAST_PATH_MAX_ROWS + 1, 96, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(kernels.FAST_PATH_MAX_ROWS + 1, 96, generator=torch.Generator().manual_seed(1))
     whole = layer.forward_readable(x)  # 176 x 96 weights: one slice
     monkeypatch.setattr(quant, "SLICE_WEIGHTS", 64 * 96)  # now slices of 64 rows: 64, 64, 48
     torch.testing.assert_close(layer.forward_readable(x), whole, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(whole, F.linear(x, weight, layer.bias), rtol=1e-6, atol=1e-6)
-    if layer.kernel_layout is not None:  # the kernel's layout is read in whole blocks of rows
+    if layer.kernel_layout is not None:  # the kernel's layout is read in whole blocks of rows (64 or 32 here)
         with pytest.raises(ValueError, match="whole blocks"):
-            layer.codes(32, 96)
+            layer.codes(16, 96)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_readable_path_reuses_scratch_memory_only_without_autograd(monkeypatch, bits):
-    layer = quant.QuantLinear.from_linear(linear_with(random_weight(176, 96, seed=5)), bits, 32)
-    if quant.packed_kernels_available()[bits]:
+    layer = kernels.PackedQuantLinear.from_linear(linear_with(random_weight(176, 96, seed=5)), bits, 32)
+    if kernels.packed_kernels_available()[bits]:
         layer.prepare_fast_path()
     monkeypatch.setattr(quant, "SLICE_WEIGHTS", 64 * 96)  # three slices: 64, 64, 48 rows
-    x = torch.randn(quant.FAST_PATH_MAX_ROWS + 1, 96, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(kernels.FAST_PATH_MAX_ROWS + 1, 96, generator=torch.Generator().manual_seed(3))
     weight = layer.dequantize()
     expected = F.linear(x, weight, layer.bias)
     for mode in (torch.inference_mode, torch.no_grad):  # generation: the weight is dead once F.linear returns
         with mode():
             first = layer.forward_readable(x)
-            memory = quant.scratch("weight", 1, torch.float32, "cpu").data_ptr()
+            memory = kernels.scratch("weight", 1, torch.float32, "cpu").data_ptr()
             assert torch.equal(layer.forward_readable(x), first)
-            assert quant.scratch("weight", 1, torch.float32, "cpu").data_ptr() == memory  # reused, not new
+            assert kernels.scratch("weight", 1, torch.float32, "cpu").data_ptr() == memory  # reused, not new
             assert torch.equal(layer.dequantize(reuse=True), weight)
         torch.testing.assert_close(first, expected, rtol=1e-6, atol=1e-6)
     # With autograd, F.linear keeps the weight for the backward pass: a fresh one per slice, and the right gradient.
@@ -468,7 +477,7 @@ def test_to_and_load_state_dict_on_a_layer_that_holds_only_the_kernel_layout():
 
 # -- 2c. int8 activations (W8A8, opt-in): int8 x int8 products for large inputs -------------------------------------
 
-needs_int_mm = pytest.mark.skipif(not quant.int8_matmul_available(), reason="torch._int_mm does not work here")
+needs_int_mm = pytest.mark.skipif(not kernels.int8_matmul_available(), reason="torch._int_mm does not work here")
 
 
 def int8_activation_error_bound(layer, x):
@@ -500,8 +509,8 @@ def test_int8_activations_agree_with_the_readable_path(bits, group_size, scheme,
     # relative RMS error must stay below 2e-2, and no output may pass the worst case above.
     weight = random_weight(48, in_features)
     weight[5, :32] = weight[5, :32].abs()  # a negative symmetric scale
-    layer = quant.QuantLinear.from_linear(linear_with(weight, bias), bits, group_size, scheme)
-    quant.finish_loading(layer)  # as loaded: int4 codes and scales may live only in the kernel's layout
+    layer = kernels.PackedQuantLinear.from_linear(linear_with(weight, bias), bits, group_size, scheme)
+    enable_fast(layer)  # as loaded: int4 codes and scales may live only in the kernel's layout
     x = torch.randn(3, 50, in_features, generator=torch.Generator().manual_seed(in_features))  # 150 rows
     readable, a8 = layer.forward_readable(x), layer.forward_int8_activations(x)
     assert a8.shape == readable.shape == (3, 50, 48) and a8.dtype == x.dtype
@@ -515,7 +524,7 @@ def test_int8_activations_agree_with_the_readable_path(bits, group_size, scheme,
 def test_int8_activations_scale_each_row_by_itself(bits):
     # Tokens differ in size by orders of magnitude (outlier tokens): with one scale per row each row keeps its own
     # ~1% precision. One scale for the whole input would round the small rows to zero.
-    layer = quant.QuantLinear.from_linear(linear_with(random_weight(64, 128)), bits, 32)
+    layer = kernels.PackedQuantLinear.from_linear(linear_with(random_weight(64, 128)), bits, 32)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(100, 128, generator=generator) * torch.logspace(-3, 3, 100)[:, None]
     readable, a8 = layer.forward_readable(x), layer.forward_int8_activations(x)
@@ -530,8 +539,8 @@ def test_int4_weights_requantized_to_int8_per_row(scheme):
     # int8_weight: codes * step gives the int4 layer's own weight back within half an int8 step, and the step is
     # that of quantize_int8 (max|row| / 127; symmetric: exactly 8 |scale| / 127 of the row's largest group scale).
     weight = random_weight(128, 96)
-    layer = quant.QuantLinear.from_linear(linear_with(weight), 4, 32, scheme)
-    quant.finish_loading(layer)
+    layer = kernels.PackedQuantLinear.from_linear(linear_with(weight), 4, 32, scheme)
+    enable_fast(layer)
     dequantized = layer.dequantize()
     codes, step = layer.int8_weight(64, 128)
     codes, step = codes.clone(), step.clone()  # scratch memory: copied before the next call reuses it
@@ -553,15 +562,15 @@ def test_the_switch_chooses_the_path(monkeypatch):
     calls = []
     int_mm = torch._int_mm
     monkeypatch.setattr(torch, "_int_mm", lambda *a, **k: calls.append(a[0].shape) or int_mm(*a, **k))
-    model = nn.Sequential(quant.QuantLinear.from_linear(linear_with(random_weight(64, 96)), 4, 32),
-                          nn.GELU(), quant.QuantLinear.from_linear(linear_with(random_weight(32, 64)), 8, 32))
-    quant.finish_loading(model)
-    large = torch.randn(2, quant.FAST_PATH_MAX_ROWS, 96)  # 128 rows: prefill-sized
+    model = nn.Sequential(kernels.PackedQuantLinear.from_linear(linear_with(random_weight(64, 96)), 4, 32),
+                          nn.GELU(), kernels.PackedQuantLinear.from_linear(linear_with(random_weight(32, 64)), 8, 32))
+    enable_fast(model)
+    large = torch.randn(2, kernels.FAST_PATH_MAX_ROWS, 96)  # 128 rows: prefill-sized
     small = torch.randn(1, 1, 96)  # decode
     with torch.no_grad():
         off = model(large)
         assert calls == [] and torch.equal(off, model[2].forward_readable(F.gelu(model[0].forward_readable(large))))
-        assert quant.set_int8_activations(model, True) == 2
+        assert kernels.set_int8_activations(model, True) == 2
         on = model(large)
         assert len(calls) == 2 and calls[0] == (128, 96) and calls[1] == (128, 64)  # one slice each
         assert torch.equal(on, model[2].forward_int8_activations(F.gelu(model[0].forward_int8_activations(large))))
@@ -569,14 +578,14 @@ def test_the_switch_chooses_the_path(monkeypatch):
         calls.clear()
         model(small)  # decode keeps the packed kernels (or the readable path where they are missing)
         assert calls == []
-        assert quant.set_int8_activations(model, False) == 0
+        assert kernels.set_int8_activations(model, False) == 0
         assert torch.equal(model(large), off) and calls == []
-    quant.set_int8_activations(model, True)
+    kernels.set_int8_activations(model, True)
     x = large.clone().requires_grad_()
     model(x).sum().backward()  # a gradient through x: the readable path (rounding has none)
     assert calls == [] and x.grad is not None
-    monkeypatch.setattr(quant, "int8_matmul_available", lambda: False)  # a torch without a working _int_mm
-    assert quant.set_int8_activations(model, True) == 0
+    monkeypatch.setattr(kernels, "int8_matmul_available", lambda: False)  # a torch without a working _int_mm
+    assert kernels.set_int8_activations(model, True) == 0
     with torch.no_grad():
         assert torch.equal(model(large), off) and calls == []
 
@@ -592,9 +601,10 @@ def test_demo_model_with_int8_activations_stays_close_and_generates(monkeypatch,
     # text rows in prefill. Its vision tower has 16 rows, which the packed kernels would take: the threshold is
     # lowered so that the int8-activation path runs there too, decode (1 row) stays on the packed kernels.
     import imp
-    monkeypatch.setattr(quant, "FAST_PATH_MAX_ROWS", 8)
+    monkeypatch.setattr(kernels, "FAST_PATH_MAX_ROWS", 8)
     model = imp.Imp.from_pretrained(DEMO, dtype=torch.float32)
     quant.quantize_model(model, bits=bits, include_vision=True)
+    kernels.enable(model)
     examples = os.path.join(os.path.dirname(DEMO), "..", "examples")  # tracked, unlike data/shapes
     questions = [(imp.load_image(os.path.join(examples, name)), q) for name, q in
                  [("three_triangles.png", "Is there a yellow triangle?"), ("one_circle.png", "What color is the circle?"),
@@ -604,12 +614,12 @@ def test_demo_model_with_int8_activations_stays_close_and_generates(monkeypatch,
     monkeypatch.setattr(torch, "_int_mm", lambda *a, **k: calls.append(1) or int_mm(*a, **k))
     with torch.inference_mode():
         for image, question in questions:
-            input_ids, pixel_values = model.prepare_inputs(image, question)
-            quant.set_int8_activations(model, False)
+            input_ids, pixel_values = imp.prepare_inputs(model, image, question)
+            kernels.set_int8_activations(model, False)
             readable = model(input_ids, pixel_values)[0]
             answer = list(model.generate(input_ids, pixel_values, max_new_tokens=12))
             assert calls == []
-            assert quant.set_int8_activations(model, True) > 0
+            assert kernels.set_int8_activations(model, True) > 0
             a8 = model(input_ids, pixel_values)[0]
             assert len(calls) > 0
             # The logits of every prompt position: relative RMS difference below 2% (measured 0.40-0.48%), the same
@@ -691,7 +701,7 @@ def test_quantized_model_equals_the_model_with_dequantized_weights(bits):
             if isinstance(module, quant.QuantizedModule):
                 target = reference.get_submodule(name)
                 target.weight.copy_(module.dequantize() if isinstance(module, quant.QuantLinear) else module.weight)
-    rows = quant.FAST_PATH_MAX_ROWS + 1  # more rows than the threshold: the readable path everywhere
+    rows = kernels.FAST_PATH_MAX_ROWS + 1  # more rows than the threshold: the readable path everywhere
     input_ids, image = tiny_inputs(tokens=rows, patches=rows)
     torch.testing.assert_close(quantized(input_ids, image), reference(input_ids, image), rtol=1e-5, atol=1e-5)
     # ... and it really is quantized: far from the float model at 4 bits, close at 8.
@@ -703,6 +713,7 @@ def test_quantized_model_equals_the_model_with_dequantized_weights(bits):
 def test_safetensors_round_trip_into_a_meta_skeleton(tmp_path, bits, scheme):
     model = tiny_model()
     config = quant.quantize_model(model, bits=bits, group_size=64, include_vision=True, scheme=scheme)
+    kernels.enable(model)
     state = model.state_dict()
     # Only the on-disk format is saved: no kernel layouts, float16 scales, uint8 nibbles.
     qweight_dtype = torch.uint8 if bits == 4 else torch.int8
@@ -715,13 +726,13 @@ def test_safetensors_round_trip_into_a_meta_skeleton(tmp_path, bits, scheme):
         fresh = TinyImp()
     quant.prepare_for_loading(fresh, config)
     fresh.load_state_dict(load_file(tmp_path / "model.safetensors"), assign=True, strict=True)
-    quant.finish_loading(fresh.eval())
-    if bits == 4 and quant.packed_kernels_available()[4]:  # every int4 layer keeps its scales only in the pairs
+    enable_fast(fresh.eval())
+    if bits == 4 and kernels.packed_kernels_available()[4]:  # every int4 layer keeps its scales only in the pairs
         assert all("scales" in m.kernel_holds and "scales" not in m._buffers for m in fresh.modules()
                    if isinstance(m, quant.QuantLinear) and m.bits == 4)
     input_ids, image = tiny_inputs(tokens=2)  # a few rows: the fast path, where it exists
     assert torch.equal(fresh(input_ids, image), model(input_ids, image))
-    input_ids, image = tiny_inputs(tokens=quant.FAST_PATH_MAX_ROWS + 1)  # the readable path
+    input_ids, image = tiny_inputs(tokens=kernels.FAST_PATH_MAX_ROWS + 1)  # the readable path
     assert torch.equal(fresh(input_ids, image), model(input_ids, image))
     assert list(fresh.state_dict()) == list(state)
     assert all(same_bytes(fresh.state_dict()[k], state[k]) for k in state)  # saved again: the very same bytes
@@ -740,9 +751,9 @@ def test_old_file_whose_scales_bfloat16_cannot_hold_loads_and_saves_unchanged(tm
         fresh = TinyImp()
     quant.prepare_for_loading(fresh, config)
     fresh.load_state_dict(load_file(tmp_path / "model.safetensors"), assign=True, strict=True)
-    quant.finish_loading(fresh.eval())
+    enable_fast(fresh.eval())
     old, new = fresh.llm.layers[0][1], fresh.llm.layers[1][1]
-    if quant.packed_kernels_available()[4]:
+    if kernels.packed_kernels_available()[4]:
         assert "scales" in old._buffers and "scales" not in old.kernel_holds
         assert "scales" not in new._buffers and "scales" in new.kernel_holds
     for name, module in fresh.named_modules():  # every layer decodes the file's numbers, whichever it holds
@@ -760,14 +771,14 @@ def test_old_file_whose_scales_bfloat16_cannot_hold_loads_and_saves_unchanged(tm
 @pytest.mark.parametrize("bits,scheme", [(4, "symmetric"), (4, "asymmetric"), (8, "symmetric")])
 def test_saved_file_is_the_same_whether_or_not_the_fast_path_was_built(tmp_path, bits, scheme):
     prepared, plain = tiny_model(), tiny_model()
-    config = quant.quantize_model(prepared, bits, 32, include_vision=True, scheme=scheme)  # builds the fast path
+    config = quant.quantize_model(prepared, bits, 32, include_vision=True, scheme=scheme)
+    kernels.enable(prepared)  # builds the fast path
     quant.replace_modules(plain, config, lambda name, module, b: quant.quantize_module(module, b, 32, scheme))
     held_by_kernel = [m.kernel_layout is not None for m in prepared.modules() if isinstance(m, quant.QuantLinear)]
-    dropped = bits == 4 and quant.packed_kernels_available()[4] and quant.int4_kernel_layout() is not None
-    assert any(held_by_kernel) == dropped and not any(m.kernel_tensors for m in plain.modules()
-                                                      if isinstance(m, quant.QuantizedModule))
+    dropped = bits == 4 and kernels.packed_kernels_available()[4] and kernels.int4_kernel_layout() is not None
+    assert any(held_by_kernel) == dropped and not any(isinstance(m, kernels.PackedQuantLinear) for m in plain.modules())
     scales_in_pairs = [m for m in prepared.modules() if isinstance(m, quant.QuantLinear) and "scales" in m.kernel_holds]
-    assert bool(scales_in_pairs) == (bits == 4 and quant.packed_kernels_available()[4])
+    assert bool(scales_in_pairs) == (bits == 4 and kernels.packed_kernels_available()[4])
     save_file(prepared.state_dict(), tmp_path / "prepared.safetensors")
     save_file(plain.state_dict(), tmp_path / "plain.safetensors")
     assert list(prepared.state_dict()) == list(plain.state_dict())
@@ -775,7 +786,7 @@ def test_saved_file_is_the_same_whether_or_not_the_fast_path_was_built(tmp_path,
 
 
 def test_to_bfloat16_keeps_the_stored_format():
-    layer = quant.QuantLinear.from_linear(linear_with(random_weight(32, 64)), 4, 32, "asymmetric").to(torch.bfloat16)
+    layer = kernels.PackedQuantLinear.from_linear(linear_with(random_weight(32, 64)), 4, 32, "asymmetric").to(torch.bfloat16)
     assert layer.scales.dtype == layer.zeros.dtype == torch.float16 and layer.bias.dtype == torch.bfloat16
     x = torch.randn(40, 64, dtype=torch.bfloat16)
     assert layer(x).dtype == torch.bfloat16
@@ -826,7 +837,7 @@ def test_mismatched_tensors_raise_clear_errors(key, bad):
     module_name, attribute = key.rsplit(".", 1)
     skeleton.get_submodule(module_name)._buffers[attribute] = bad
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        quant.finish_loading(skeleton)
+        enable_fast(skeleton)
 
 
 @pytest.mark.parametrize("written,read", [("asymmetric", "symmetric"), ("symmetric", "asymmetric")])
@@ -841,7 +852,7 @@ def test_checkpoint_with_another_scheme_is_refused(written, read):
         skeleton = quant.prepare_for_loading(tiny_model(), config)  # a loader that assigns buffers directly
         skeleton.llm.layers[0][1]._buffers["zeros"] = model.llm.layers[0][1].zeros
         with pytest.raises(ValueError, match=r"llm\.layers\.0\.1\.zeros: unexpected"):
-            quant.finish_loading(skeleton)
+            enable_fast(skeleton)
     else:  # the config says asymmetric, the file has no zero points
         with pytest.raises(RuntimeError, match=r"Missing key.*llm\.layers\.0\.1\.zeros"):
             quant.prepare_for_loading(tiny_model(), config).load_state_dict(model.state_dict())
@@ -849,7 +860,7 @@ def test_checkpoint_with_another_scheme_is_refused(written, read):
             skeleton = quant.prepare_for_loading(TinyImp(), config)
         skeleton.load_state_dict(model.state_dict(), strict=False, assign=True)
         with pytest.raises(ValueError, match=r"llm\.layers\.0\.1\.zeros: never loaded"):
-            quant.finish_loading(skeleton)
+            enable_fast(skeleton)
 
 
 def test_checkpoint_with_another_group_size_is_refused():
@@ -865,7 +876,7 @@ def test_unloaded_meta_buffers_are_reported():
         skeleton = TinyImp()
     quant.prepare_for_loading(skeleton, quant.quantization_config())
     with pytest.raises(ValueError, match="never loaded"):
-        quant.finish_loading(skeleton)
+        enable_fast(skeleton)
 
 
 # -- 5. the command line on a tiny Imp folder (the official legacy layout: fused Wqkv, split while converting) -----
@@ -891,7 +902,7 @@ def test_converted_folder_loads_and_equals_quantize_model(imp_folder, tmp_path, 
     expected = imp.Imp.from_pretrained(imp_folder)
     config = quant.quantize_model(expected, bits, group_size, include_vision=vision, scheme=scheme)
     assert json.load(open(out / "config.json"))["quantization"] == config
-    loaded = imp.Imp.from_pretrained(str(out))  # the streaming converter == quantize_model, bit for bit
+    loaded = quant.load(str(out))  # the streaming converter == quantize_model, bit for bit
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(1, 300, (1, 12), generator=generator)
     input_ids[0, 3] = expected.config.image_token_index
@@ -919,14 +930,14 @@ def test_folder_whose_config_and_tensors_disagree_is_refused(imp_folder, tmp_pat
     config["quantization"]["scheme"] = "symmetric"  # but every int4 layer still has its `zeros`
     json.dump(config, open(out / "config.json", "w"))
     with pytest.raises(imp.CheckpointError, match=r"unknown tensors: model\.layers\.0\.\S*\.zeros"):
-        imp.Imp.from_pretrained(str(out))
+        quant.load(str(out))
     config["quantization"]["scheme"] = "asymmetric"
     json.dump(config, open(out / "config.json", "w"))
     tensors = load_file(out / "model.safetensors")
     tensors["model.layers.0.mlp.fc1.scales"] = tensors["model.layers.0.mlp.fc1.scales"].float()  # corrupt dtype
     save_file(tensors, out / "model.safetensors")
     with pytest.raises(ValueError, match=r"fc1\.scales: expected float16 .* got float32"):
-        imp.Imp.from_pretrained(str(out))
+        quant.load(str(out))
 
 
 def test_eval_reports_fidelity(imp_folder):

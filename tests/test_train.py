@@ -434,7 +434,7 @@ def test_demo_model_answers_fresh_questions(tmp_path):
     for record in records[:10]:
         image = imp.load_image(str(tmp_path / record["image"]))
         question = record["conversations"][0]["value"].replace(IMAGE_TAG, "").strip()
-        assert re.fullmatch(ANSWER_FORMS[record["type"]], model.answer(image, question)), question
+        assert re.fullmatch(ANSWER_FORMS[record["type"]], imp.answer(model, image, question)), question
     results = train.evaluate(model, records, str(tmp_path), log=lambda *a: None)
     correct, total = results["overall"]
     assert total == 40 and correct / total >= DEMO_FLOOR

@@ -36,7 +36,7 @@ def rotate(vectors, positions, rotary_dim=32, theta=10000.0):
 def test_heat_map_equals_a_hand_computation(official):
     phi, siglip, mm, model = official
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 70, 3), dtype=np.uint8))
-    input_ids, pixel_values = model.prepare_inputs(image, "What is in the picture?")  # system text, <image>, question
+    input_ids, pixel_values = imp.prepare_inputs(model, image, "What is in the picture?")  # system text, <image>, question
     answer = [17, 101, 5, 230, 64]
     grid, share = visualize.answer_attention(model, input_ids, pixel_values, answer)
 
@@ -81,11 +81,11 @@ def test_heat_map_equals_a_hand_computation(official):
 
 def test_an_empty_answer_maps_the_row_that_chose_to_stop(official):
     model = official[3]
-    ids, pixels = model.prepare_inputs(Image.new("RGB", (30, 30), "blue"), "What?")
+    ids, pixels = imp.prepare_inputs(model, Image.new("RGB", (30, 30), "blue"), "What?")
     grid, share = visualize.answer_attention(model, ids, pixels, [])
-    columns = model.image_positions(ids)[0]
+    columns = visualize.image_positions(model, ids)[0]
     last_prompt_row = ids.shape[1] - 1 + len(columns) - 1
-    expected = model.attention_maps(ids, pixels, [last_prompt_row])[..., columns].mean(dim=(0, 1, 2))
+    expected = visualize.attention_maps(model, ids, pixels, [last_prompt_row])[..., columns].mean(dim=(0, 1, 2))
     assert torch.allclose(grid.flatten(), expected) and share == pytest.approx(expected.sum().item())
 
 
@@ -95,31 +95,31 @@ def test_image_positions_are_where_splice_puts_the_patches(official):
     ids = torch.tensor([[5, 6, ref.IMAGE_TOKEN, 7, 8, 9, ref.IMAGE_TOKEN, 10]])
     features = torch.randn(2, patches, width, generator=torch.Generator().manual_seed(0))
     embeddings, _ = model.splice(ids, features)
-    positions = model.image_positions(ids)
+    positions = visualize.image_positions(model, ids)
     assert positions.tolist() == [list(range(2, 2 + patches)), list(range(5 + patches, 5 + 2 * patches))]
     for image in range(2):
         assert torch.equal(embeddings[0, positions[image]], features[image])
     text = [p for p in range(embeddings.shape[1]) if p not in set(positions.flatten().tolist())]
     assert torch.equal(embeddings[0, text], model.llm.embed_tokens(torch.tensor([5, 6, 7, 8, 9, 10])))
-    assert model.image_positions(torch.tensor([[5, 6, 7]])).shape == (0, patches)
+    assert visualize.image_positions(model, torch.tensor([[5, 6, 7]])).shape == (0, patches)
 
 
 def test_heat_map_needs_exactly_one_image(official):
     model = official[3]
-    ids = model.prepare_inputs(None, "Hello?")[0]
+    ids = imp.prepare_inputs(model, None, "Hello?")[0]
     with pytest.raises(visualize.PictureError, match="exactly one image"):
         visualize.answer_attention(model, ids, None, [5])
 
 
 def test_attention_hooks_are_removed_and_change_nothing(official):
     model = official[3]
-    ids, pixels = model.prepare_inputs(Image.new("RGB", (30, 30), "red"), "What?")
+    ids, pixels = imp.prepare_inputs(model, Image.new("RGB", (30, 30), "red"), "What?")
     before = model(ids, pixels)
-    maps = model.attention_maps(ids, pixels)
+    maps = visualize.attention_maps(model, ids, pixels)
     assert maps.shape == (2, 2, before.shape[1], before.shape[1])
     assert torch.allclose(maps.sum(-1), torch.ones(maps.shape[:-1]))  # every row of a softmax sums to 1
     assert torch.equal(maps, maps.tril())  # causal: no query attends to a later position
-    assert all(block.self_attn.probability_hook is None for block in model.llm.layers)
+    assert all(not block.self_attn._forward_hooks for block in model.llm.layers)  # the hooks are removed again
     assert torch.equal(model(ids, pixels), before)
 
 

@@ -139,7 +139,7 @@ def run(task="compare", steps=1500, column_scale=1.0, batch_size=16, lr=1e-3, ev
     torch.manual_seed(seed)
     spec = train.NAMED_CONFIGS["demo"]["text"]
     model = imp.Phi2(imp.PhiConfig(vocab_size=tokenizer.get_vocab_size(), **spec))
-    imp.init_weights(model)
+    train.init_weights(model)
     image_tokens = HandMadeImageTokens(model.config.hidden_size, column_scale, seed)
     train_items, test_items = left_right_scenes("train", num_train), left_right_scenes("test", num_test)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)

@@ -121,9 +121,10 @@ def attention_figure(model: imp.Imp, examples, scale: int = 6) -> Image.Image:  
     panels = []
     for path, question in examples:
         image = imp.load_image(os.path.join(HERE, path))
-        answer = model.answer(image, question)
-        input_ids, pixel_values = model.prepare_inputs(image, question)
-        grid, share = visualize.answer_attention(model, input_ids, pixel_values, model.last_token_ids)
+        input_ids, pixel_values = imp.prepare_inputs(model, image, question)
+        answer_ids = list(model.generate(input_ids, pixel_values))
+        answer = model.tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
+        grid, share = visualize.answer_attention(model, input_ids, pixel_values, answer_ids)
         overlay = visualize.heat_map_picture(image, grid, model.config.image_aspect_ratio)
         panels.append((path, image, overlay, question, answer, share, grid.shape[0]))
     cell = max(max(image.size) for _, image, *_ in panels) * scale

@@ -1,0 +1,561 @@
+"""
+kernels.py: the fast layer. Every CPU speed path of nanoImp, beside the readable model (imp.py, quant.py), which
+it never changes the meaning of. A program switches it on with one call:
+
+    model = quant.load("imp-int4")      # or imp.Imp.from_pretrained(...)
+    kernels.enable(model)               # int8_activations=True: also int8 x int8 products for large inputs
+
+Without that call everything works, the readable way, slower. What enable() does, each chosen by a capability
+check made once, and each pinned to the readable path by a test (tests/test_kernels.py, tests/test_quant.py):
+  1. Phi-2's MLP computes its GELU in place when autograd is off (one (T, 10240) tensor fewer at prefill).
+  2. On CPUs without native bfloat16, a bfloat16 decode step multiplies each weight by its single row with
+     torch.addmv (matrix x vector), which reads the weight faster than F.linear's general product there.
+  3. QuantLinear layers become PackedQuantLinear: torch's packed int8 / int4 CPU kernels for decode (up to
+     FAST_PATH_MAX_ROWS rows), the weight held once in the kernel's own layout; large inputs dequantized a slice
+     of rows at a time into reused scratch memory; optionally int8 activations (W8A8) for prefill and vision.
+Measurements behind these choices are in docs/benchmarks.md and docs/quantization.md.
+"""
+
+import functools
+import threading
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import imp
+import quant
+from quant import padded_in_features, pack_int4, unpack_int4
+
+KERNEL_DTYPE = torch.bfloat16  # the activation dtype the packed kernels are fast with
+# Up to this many rows (tokens) the packed kernels beat dequantize + F.linear: they cost ~2 ms per row of Phi-2's
+# fc1, dequantizing 100-300 ms per call whatever the rows, so they cross near 130 (int8) and 250 (int4) rows.
+# Decode has 1 row, an image prompt ~770: 64 keeps a margin on both sides.
+FAST_PATH_MAX_ROWS = 64
+ACTIVATION_CHUNK = 2**18  # int8 activations: quantized this many at a time, a 1 MB float32 temporary (L2 cache)
+
+
+def enable(model: nn.Module, int8_activations: bool = False) -> str:
+    """Switch every fast path that works on this machine on, in place; returns one line saying which."""
+    said = []
+    for module in model.modules():
+        if type(module) is imp.PhiMLP:
+            module.__class__ = InPlaceGeluMLP  # the same tensors, another forward
+    if bfloat16_is_emulated():
+        for name, module in model.named_modules():
+            if type(module) is nn.Linear and not name.startswith(("vision", "connector")):
+                module.__class__ = RowVectorLinear
+        said.append("bfloat16 rows by addmv")
+    packed = [m for m in model.modules() if isinstance(m, quant.QuantLinear)]
+    for layer in packed:
+        if not isinstance(layer, PackedQuantLinear):
+            layer.__class__ = PackedQuantLinear
+        if layer.fast_path_supported():
+            layer.prepare_fast_path()
+    quant.give_back_freed_memory()  # the qweight buffers the int4 kernel layouts replaced
+    if packed:
+        kinds = [bits for bits, ok in packed_kernels_available().items() if ok]
+        said.append(f"packed int{'/int'.join(map(str, kinds))} kernels" if kinds else "no packed kernels here")
+    if int8_activations:
+        count = set_int8_activations(model, True)
+        said.append(f"int8 activations in {count} layers" if count else "int8 activations unavailable here")
+    return ", ".join(said) or "nothing to speed up"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1-2. Float models: in-place GELU, bfloat16 single rows.
+
+
+@functools.cache
+def best_cpu_dtype() -> torch.dtype:
+    """bfloat16 where the CPU multiplies bfloat16 natively (x86 AVX-512 BF16 or AMX, ARMv8.6 BF16), else float32:
+    without native support every bfloat16 product is converted in software and runs slower than float32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:  # not Linux (macOS, Windows): stay with the dtype that is always fast and exact
+        return torch.float32
+    return torch.bfloat16 if flags & {"avx512_bf16", "amx_bf16", "bf16"} else torch.float32
+
+
+def bfloat16_is_emulated() -> bool:
+    """True where bfloat16 products are converted in software (no AVX-512 BF16 / AMX / ARM BF16)."""
+    return best_cpu_dtype() != torch.bfloat16
+
+
+class InPlaceGeluMLP(imp.PhiMLP):
+    """imp.PhiMLP whose GELU overwrites fc1's output when autograd is off (generation): the same numbers, without
+    a second (B, T, 10240) tensor beside it (32 MB in float32 at a 770-token prefill). Training keeps F.gelu."""
+
+    def forward(self, x):
+        if torch.is_grad_enabled():
+            return super().forward(x)
+        return self.fc2(torch.ops.aten.gelu_(self.fc1(x), approximate="tanh"))
+
+
+class RowVectorLinear(nn.Linear):
+    """nn.Linear whose single bfloat16 row (a decode step) goes through torch.addmv on CPUs without native
+    bfloat16: F.linear sends it to the general product, which converts bfloat16 in software, while the
+    matrix-vector kernel reads the weight near the memory's speed. Both sum in float32; anything else is F.linear."""
+
+    def forward(self, x):
+        if x.dtype == torch.bfloat16 and x.numel() == self.in_features and x.device.type == "cpu":
+            vector = x.reshape(self.in_features)
+            y = torch.mv(self.weight, vector) if self.bias is None else torch.addmv(self.bias, self.weight, vector)
+            return y.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight, self.bias)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3a. Scratch memory and alignment.
+
+_scratch = threading.local()  # per thread: {(purpose, dtype, device, inference mode): a flat tensor}
+
+
+def scratch(purpose, numel, dtype, device):
+    """A flat tensor of `numel` elements that is the same memory at every call with the same purpose, dtype and
+    device (from the same thread; grown when too small): for a temporary that is dead before the next call.
+    Dequantizing every weight of a prefill into fresh 6-32 MB tensors goes through malloc, whose freed blocks glibc
+    keeps and cannot always reuse for the next size: that raised a query's peak memory by 0.06-0.19 GB."""
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    # (one made in inference mode cannot be written outside it: a separate one for each)
+    key = (purpose, dtype, torch.device(device), torch.is_inference_mode_enabled())
+    if key not in buffers or buffers[key].numel() < numel:
+        buffers.pop(key, None)  # the old one is freed before the larger one is made
+        buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffers[key][:numel]
+
+
+def aligned(tensor):
+    """`tensor`, or a contiguous copy of it if its data does not start on a 64-byte boundary. The int8 kernel
+    crashes (torch 2.13) on weights or activations that are not 16 / 32-byte aligned, which a view into a
+    safetensors file or a slice of a larger tensor can be. Fresh tensors are 64-aligned."""
+    if tensor.is_contiguous() and tensor.data_ptr() % 64 == 0:
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
+def dequantize_int8(qweight, scales, out=None):
+    """quant.dequantize_int8, written into `out` if given: int8 * float32 promotes to float32 in one pass."""
+    return torch.mul(qweight, scales.float()[:, None], out=None if out is None else out.view(qweight.shape))
+
+
+def dequantize_int4_codes(q, scales, zeros, group_size, in_features, out=None):
+    """quant.dequantize_int4 from the unpacked codes q [N, Kp], written into `out` (N * Kp float32) if given,
+    as q * scale + (zero - 8 * scale): one fused pass over the big tensor, in place on the codes cast to float32."""
+    out_features, padded = q.shape
+    groups = q.view(out_features, padded // group_size, group_size)  # [N, Kp/G, G]
+    scales = scales.float()[..., None]  # [N, Kp/G, 1]
+    offset = -8 * scales if zeros is None else zeros.float()[..., None] - 8 * scales
+    weight = groups.to(torch.float32) if out is None else out.view(groups.shape).copy_(groups)
+    torch.addcmul(offset, weight, scales, out=weight)
+    return weight.view(out_features, padded)[:, :in_features]  # [N, K], padding dropped
+
+
+def same_bits(a, b):
+    """a and b hold the same float16 numbers, bit for bit (-0.0 is not 0.0 here: a file keeps the sign)."""
+    return a.shape == b.shape and torch.equal(a.to(quant.SCALE_DTYPE).view(torch.int16), b.view(torch.int16))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3b. The packed CPU kernels: private ATen ops whose signatures have changed between torch releases, so they are
+#     tried once on a tiny matrix and compared with the readable path; any failure means "use the readable path".
+
+
+@functools.cache
+def packed_kernels_available() -> dict:
+    """{8: bool, 4: bool}: which packed kernels run here and give the right numbers (e.g. none on some builds)."""
+    generator = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(16, 64, generator=generator), torch.randn(2, 64, generator=generator).to(KERNEL_DTYPE)
+    available = {}
+    for bits in quant.SUPPORTED_BITS:
+        try:  # asymmetric: non-zero zero points, so that the check covers both halves of the (scale, zero) pairs
+            layer = PackedQuantLinear.from_linear(nn.Linear(64, 16, bias=False), bits, 32, scheme="asymmetric")
+            with torch.no_grad():
+                layer.load_quantized(weight)
+            got, want = layer.forward_fast(x).float(), layer.forward_readable(x).float()
+            available[bits] = bool(torch.allclose(got, want, rtol=0.05, atol=0.05))
+        except Exception:  # RuntimeError, NotImplementedError, AttributeError (op missing): all mean "no"
+            available[bits] = False
+    return available
+
+
+# The int4 kernel's weight layout, and its inverse. torch's converter (_convert_weight_to_int4pack_for_cpu) takes
+# the codes as int32 [N, K] and returns uint8 [N, K/2]: as many bytes as our qweight, in another order. Keeping
+# both would hold every int4 weight twice (~1.46 GB for Imp-3B), so once the kernel's copy exists it is the only
+# one: the readable path and saving read the codes back out of it with codes_from_kernel_layout below.
+# The order is private and depends on the CPU's vector width (aten/src/ATen/native/cpu/int4mm_kernel.cpp in
+# torch 2.13, confirmed by converting known codes): the N rows are cut into blocks of B rows, each block stored
+# column by column, [K, B/2] bytes per block, two rows per byte:
+#     "halves": byte j of a column holds row j in its low nibble and row j + B/2 in its high one
+#     "pairs":  byte j holds rows 2j (low) and 2j + 1 (high); the last block, when N is not a multiple of B
+#               (16, 32 or 48 rows), is always stored like this, and so is every block without vector units.
+# Since that is an observation, not an interface, int4_kernel_layout() checks it once per process on random
+# codes, and prepare_fast_path checks it again on each real layer; if either check fails, the layer keeps our
+# qweight beside the kernel's copy: more memory, never a wrong weight.
+INT4_KERNEL_LAYOUTS = {"avx512": (64, "halves"), "avx2": (32, "halves"), "scalar": (32, "pairs")}
+
+
+def codes_from_kernel_layout(packed, out_features, layout, out=None):
+    """The kernel's uint8 [N, Kp/2] -> our codes [N, Kp] (uint8, 0..15), for layout = (B, "halves" or "pairs");
+    written into `out` (N * Kp uint8 elements) if given."""
+    block, order = layout
+    padded = packed.shape[1] * 2  # Kp
+    flat = packed.reshape(-1)
+    codes = torch.empty(out_features, padded, dtype=torch.uint8) if out is None else out.view(out_features, padded)
+    full_rows = out_features // block * block
+
+    def unpack_block(tiles, rows, order):  # tiles [..., Kp, R/2] bytes -> rows [..., R, Kp] codes
+        size = rows.shape[-2]
+        low_rows, high_rows = (rows[..., :size // 2, :], rows[..., size // 2:, :]) if order == "halves" else \
+                              (rows[..., 0::2, :], rows[..., 1::2, :])
+        pairs = tiles.transpose(-1, -2).contiguous()  # [..., R/2, Kp]: one byte per pair of rows, along K
+        torch.bitwise_and(pairs, 0x0F, out=low_rows)  # written in place through the strided views of `codes`
+        torch.bitwise_right_shift(pairs, 4, out=high_rows)
+
+    if full_rows:  # all full blocks at once: [N/B, Kp, B/2] bytes -> [N/B, B, Kp] codes
+        tiles = flat[:full_rows * padded // 2].view(-1, padded, block // 2)
+        unpack_block(tiles, codes[:full_rows].view(-1, block, padded), order)
+    if full_rows < out_features:  # the partial last block: pairs
+        unpack_block(flat[full_rows * padded // 2:].view(padded, -1), codes[full_rows:], "pairs")
+    return codes
+
+
+@functools.cache
+def int4_kernel_layout():
+    """The INT4_KERNEL_LAYOUTS name whose inverse undoes torch's int4 converter here, exactly, or None."""
+    generator = torch.Generator().manual_seed(0)
+    # Every number of rows 16 .. 160 (multiples of 16: what the kernel takes): full blocks of 32 and 64 and every
+    # partial last block; K = 96, three groups of 32, not a power of two.
+    probes = [torch.randint(0, 16, (rows, 96), generator=generator, dtype=torch.int32) for rows in range(16, 161, 16)]
+    try:
+        converted = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1) for q in probes]
+    except Exception:  # no converter in this build (see packed_kernels_available)
+        return None
+    for name, layout in INT4_KERNEL_LAYOUTS.items():
+        if all(p.dtype == torch.uint8 and tuple(p.shape) == (q.shape[0], q.shape[1] // 2)
+               and torch.equal(codes_from_kernel_layout(p, q.shape[0], layout), q.to(torch.uint8))
+               for p, q in zip(converted, probes)):
+            return name
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3c. int8 activations (W8A8, opt-in): the large products of prefill and the vision tower as int8 x int8 GEMMs.
+#
+# Prefill (770 rows) and the vision tower (729 rows) are bound by arithmetic, not by memory: on a CPU without
+# native bfloat16 they run in float32, whatever the weights are stored in. VNNI instructions multiply 4x as many
+# int8 pairs per instruction as float32 FMAs, and torch._int_mm (int8 [M, K] x int8 [K, N] -> int32 [M, N])
+# reaches them. For that the activations must be int8 too, quantized at every call, one scale per row (token):
+#     row_scale[m] = max|x[m]| / 127,   qx = round(x / row_scale)
+# Tokens differ in size by orders of magnitude, and a row's scale factors out of its dot products exactly:
+#     y[m, n] ~ row_scale[m] * channel_scale[n] * sum_k qx[m, k] qw[n, k]      (an int32 sum, far below 2^31)
+# Each factor is rounded by at most half a step; on Gaussian rows the output moves by about 1% (the tests' bound).
+# int8 layers use their stored weight; int4 layers requantize a slice of rows to int8 at each call (int8_weight).
+
+
+@functools.cache
+def int8_matmul_available() -> bool:
+    """Whether torch._int_mm runs here and gives the exact int32 products (checked once, on a tiny matrix)."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (17, 72), generator=generator, dtype=torch.int8)
+    b = torch.randint(-127, 128, (24, 72), generator=generator, dtype=torch.int8)
+    try:
+        got = torch._int_mm(a, b.t())
+        return got.dtype == torch.int32 and torch.equal(got, (a.long() @ b.long().t()).int())
+    except Exception:  # RuntimeError, NotImplementedError, AttributeError (op missing): all mean "no"
+        return False
+
+
+def set_int8_activations(model: nn.Module, enabled: bool = True) -> int:
+    """Switch the int8-activation path of every quantized Linear in `model` on (or off again); returns how many
+    layers it now applies to (0 when torch._int_mm does not work here). Used for inputs of more than
+    FAST_PATH_MAX_ROWS rows; decode keeps the packed kernels."""
+    layers = [module for module in model.modules() if isinstance(module, quant.QuantLinear)]
+    for layer in layers:
+        if not isinstance(layer, PackedQuantLinear):
+            layer.__class__ = PackedQuantLinear
+        layer.int8_activations = enabled
+    return len(layers) if enabled and int8_matmul_available() else 0
+
+
+def quantize_activations(x2d):
+    """x [M, K] float -> (int8 [M, K] codes, float32 [M, 1] row scales), row_scale = max|row| / 127. The codes are
+    written into scratch memory (valid until the next call): they live across the slices of one layer, no longer."""
+    rows, columns = x2d.shape
+    # max|x| as max(max x, -min x): two reductions that need no |x| temporary of the activations' size
+    scale = torch.maximum(x2d.amax(dim=1), x2d.amin(dim=1).neg()).float().div_(127)[:, None]  # [M, 1]
+    scale.masked_fill_(scale == 0, 1.0)  # an all-zero row: codes 0, any scale gives it back
+    codes = scratch("a8 codes", rows * columns, torch.int8, x2d.device).view(rows, columns)
+    # x / scale, rounded, a chunk of rows at a time: no float32 quotient of the whole input at the prefill's peak.
+    step = max(1, ACTIVATION_CHUNK // columns)
+    buffer = scratch("a8 chunk", step * columns, torch.float32, x2d.device)
+    for start in range(0, rows, step):
+        end = min(start + step, rows)
+        chunk = buffer[:(end - start) * columns].view(end - start, columns)
+        scaled = torch.div(x2d[start:end], scale[start:end], out=chunk)
+        codes[start:end].copy_(scaled.round_())  # |x / scale| <= 127 (+ rounding ulps): no clamp needed
+    return codes, scale
+
+
+def rescale_int32_(acc, row_scale, channel_scale, bias, out):
+    """out = acc * row_scale[:, None] * channel_scale[None, :] (+ bias), in float32, in two passes over `out`
+    (a strided column slice of the layer's output is fine): int32 x float32 promotes to float32 as it multiplies."""
+    torch.mul(acc, channel_scale, out=out)
+    if bias is None:
+        return out.mul_(row_scale)
+    return torch.addcmul(bias, out, row_scale, out=out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3d. PackedQuantLinear: quant.QuantLinear with the fast paths. Same buffers, same file format, same numbers
+#     within the kernels' bfloat16 rounding of the activations.
+
+
+class PackedQuantLinear(quant.QuantLinear):
+    """Decode (<= FAST_PATH_MAX_ROWS rows) through the packed kernels; larger inputs dequantized a slice of rows at
+    a time into scratch memory (or with int8 activations); the int4 codes and scales held once, in the kernel's
+    layout, when that layout is verified to give them back exactly."""
+
+    kernel_tensors = None  # the packed kernels' private layout, built by prepare_fast_path, never saved
+    kernel_layout = None   # an INT4_KERNEL_LAYOUTS name when the codes live only in kernel_tensors[0]
+    kernel_holds = ()      # the buffers whose only copy is in kernel_tensors (dropped from _buffers)
+    int8_activations = False  # the opt-in W8A8 path for large inputs (set_int8_activations)
+
+    def forward(self, x):  # x: (..., K) -> (..., N)
+        rows = x.numel() // self.in_features
+        if rows <= FAST_PATH_MAX_ROWS and self.fast_path_supported():
+            return self.forward_fast(x)
+        if self.int8_activations and self.int8_activations_supported(x):
+            return self.forward_int8_activations(x)
+        return self.forward_readable(x)
+
+    # -- the stored tensors, wherever they are held ----------------------------------------------------------
+
+    def __getattr__(self, name):
+        # `layer.scales` etc. still read as the stored tensor when only the kernel's copy is held: rebuilt (a new
+        # tensor at each access; writing to it changes nothing). Checked only after the usual lookup fails.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in self.__dict__.get("kernel_holds", ()):
+                return self.stored_buffer(name)
+            raise
+
+    def codes(self, start=0, end=None, out=None):
+        """int4 only: the codes of output rows start .. end-1, [rows, Kp] uint8 0..15, unpacked from qweight or read
+        back out of the kernel's layout where that holds the only copy (into `out`, if given)."""
+        end = self.out_features if end is None else min(end, self.out_features)
+        if self.kernel_layout is None:
+            return unpack_int4(self.qweight[start:end])
+        layout = INT4_KERNEL_LAYOUTS[self.kernel_layout]
+        block = layout[0]
+        if start % block or (end % block and end != self.out_features):
+            raise ValueError(f"rows {start}..{end}: the kernel layout is read in whole blocks of {block} rows")
+        # Rows start .. end of the kernel's [N, Kp/2] tensor are exactly the blocks of those output rows.
+        return codes_from_kernel_layout(self.kernel_tensors[0][start:end], end - start, layout, out)
+
+    def stored_buffer(self, name, start=0, end=None):
+        """Buffer `name` (qweight, scales, zeros) of the stored format, output rows start .. end-1 (default all)."""
+        if name not in self.kernel_holds:
+            return self._buffers[name] if start == 0 and end is None else self._buffers[name][start:end]
+        if name == "qweight":
+            return pack_int4(self.codes(start, end))
+        # The kernel's [Kp/G, N, 2] bfloat16 (scale, zero) pairs: prepare_fast_path checked that these give the
+        # float16 numbers back bit for bit.
+        pairs = self.kernel_tensors[1][:, start:end, 0 if name == "scales" else 1]  # [Kp/G, rows]
+        return pairs.to(quant.SCALE_DTYPE).t().contiguous()  # [rows, Kp/G]
+
+    def dequantize(self, start=0, end=None, reuse=False):
+        """quant.QuantLinear.dequantize from wherever the tensors are held. With `reuse`, the result (and the int4
+        codes on the way) lives in scratch() memory that the next such call overwrites."""
+        rows = (min(end, self.out_features) if end is not None else self.out_features) - start
+        padded = padded_in_features(self.in_features, self.bits, self.group_size)
+        device = self.kernel_tensors[1].device if self.kernel_holds else self.scales.device
+        out = scratch("weight", rows * padded, torch.float32, device) if reuse else None
+        if self.bits == 8:
+            return dequantize_int8(self.qweight[start:end], self.scales[start:end], out)
+        codes = self.codes(start, end, scratch("codes", rows * padded, torch.uint8, device) if reuse else None)
+        zeros = self.stored_buffer("zeros", start, end) if self.scheme == "asymmetric" else None
+        return dequantize_int4_codes(codes, self.stored_buffer("scales", start, end), zeros, self.group_size,
+                                     self.in_features, out)
+
+    def resident_bytes(self) -> int:
+        """Bytes this layer holds in memory: its buffers, bias and kernel layouts, each storage counted once."""
+        tensors = [*self._parameters.values(), *self._buffers.values(), *(self.kernel_tensors or ())]
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None}
+        return sum(storages.values())
+
+    def release_kernel_tensors(self):
+        """Forget the kernels' layout (prepare_fast_path builds it again when needed). If it held the only copy of
+        the int4 codes or scales, they first go back into their buffers, in the registered order."""
+        if self.kernel_holds:
+            buffers = {name: self.stored_buffer(name) for name in self.expected_buffers()
+                       if name in self._buffers or name in self.kernel_holds}
+            buffers.update(self._buffers)  # anything else (check_buffers names it) after them
+            self._buffers.clear()
+            self._buffers.update(buffers)
+        self.kernel_tensors, self.kernel_layout, self.kernel_holds = None, None, ()
+
+    def load_quantized(self, weight):
+        self.kernel_tensors, self.kernel_layout, self.kernel_holds = None, None, ()  # built from the old weight
+        super().load_quantized(weight)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self.release_kernel_tensors()  # the buffers take the new tensors; the kernel layout is rebuilt from them
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # bias, then the buffers held
+        if self.kernel_holds:  # codes or scales held only in the kernel's layout: saved in the stored format,
+            for name in self.expected_buffers():  # every buffer in its registered order: the same keys, same order
+                key = prefix + name
+                destination[key] = destination.pop(key) if name not in self.kernel_holds else self.stored_buffer(name)
+
+    def _apply(self, fn, recurse=True):
+        self.release_kernel_tensors()  # built for this device: rebuilt (by prepare_fast_path) after the move
+        return super()._apply(fn, recurse)
+
+    # -- the paths --------------------------------------------------------------------------------------------
+
+    def forward_readable(self, x):
+        """Dequantize, then F.linear, a slice of output rows at a time (quant.SLICE_WEIGHTS weights): fc1 at a
+        770-token prefill holds four 26 MB slices in turn instead of 105 MB at once. Without autograd each slice
+        lives in scratch memory and its product goes straight into its columns of one output."""
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        slices = quant.row_slices(self.out_features, self.in_features)
+        reuse = not torch.is_grad_enabled()  # with autograd, F.linear may keep the weight for the backward pass
+        if len(slices) == 1:
+            return F.linear(x, self.dequantize(reuse=reuse).to(x.dtype), bias)
+        if not reuse:  # autograd does not go through out= ops: the slices' products, then one torch.cat of them
+            return torch.cat([F.linear(x, self.dequantize(start, end).to(x.dtype),
+                                       None if bias is None else bias[start:end]) for start, end in slices], dim=-1)
+        x2d, out = x.reshape(-1, self.in_features), None
+        for start, end in slices:
+            weight = self.dequantize(start, end, reuse).to(x.dtype).t()
+            out = x.new_empty(x2d.shape[0], self.out_features) if out is None else out
+            if bias is None:
+                torch.mm(x2d, weight, out=out[:, start:end])
+            else:
+                torch.addmm(bias[start:end], x2d, weight, out=out[:, start:end])
+            del weight
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def fast_path_supported(self) -> bool:
+        # Shape limits, measured on torch 2.13 (every Linear of Imp meets them): the int4 kernel refuses N that is
+        # not a multiple of 16, and the int8 kernel returns NaN or crashes when K is not a multiple of 16.
+        scales = self.kernel_tensors[1] if "scales" in self.kernel_holds else self.scales
+        return (scales.device.type == "cpu" and packed_kernels_available()[self.bits]
+                and self.in_features % 16 == 0 and (self.bits == 8 or self.out_features % 16 == 0))
+
+    def prepare_fast_path(self):
+        """Build the kernels' private layout from the stored buffers, once.
+        int8: the kernel reads our int8 [N, K] weight as it is: one copy, shared.
+        int4: the converter reorders the codes. When codes_from_kernel_layout undoes that order exactly on this very
+        layer, the kernel's copy becomes the only one and `qweight` is dropped (0.5 bytes per weight). The kernel
+        wants bfloat16 (scale, zero) pairs; quant.kernel_exact made every scale and zero a number both float16 and
+        bfloat16 hold, so when the pairs give the float16 buffers back bit for bit, those are dropped too. A file
+        whose scales bfloat16 does not hold (an older quant.py) keeps them beside the pairs."""
+        if self.kernel_tensors is not None:
+            return self.kernel_tensors
+        if self.bits == 8:  # scales must have the activations' dtype
+            self.qweight = aligned(self.qweight)  # same values, so the stored format is unchanged
+            self.kernel_tensors = (self.qweight, self.scales.to(KERNEL_DTYPE))
+            return self.kernel_tensors
+        codes = unpack_int4(self.qweight)  # [N, Kp] uint8: the converter takes int32 codes, not packed bytes
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)  # innerKTiles: unused
+        # The kernel decodes (q - 8) * scale + zero from [Kp/G, N, 2] (scale, zero) pairs; symmetric: zero = 0.
+        zeros = self.zeros if self.scheme == "asymmetric" else torch.zeros_like(self.scales)
+        scales_and_zeros = torch.stack((self.scales, zeros), dim=-1).transpose(0, 1)  # [Kp/G, N, 2]
+        self.kernel_tensors = (packed, scales_and_zeros.contiguous().to(KERNEL_DTYPE))
+        layout = int4_kernel_layout()
+        if layout and torch.equal(codes_from_kernel_layout(packed, self.out_features, INT4_KERNEL_LAYOUTS[layout]),
+                                  codes):
+            del self._buffers["qweight"]
+            self.kernel_layout, self.kernel_holds = layout, ("qweight",)
+        del codes
+        pairs = self.kernel_tensors[1]
+        if all(same_bits(pairs[..., index].t(), self._buffers[name])
+               for index, name in enumerate(("scales", "zeros")) if name in self._buffers):
+            for name in ("scales", "zeros"):
+                if name in self._buffers:
+                    del self._buffers[name]
+                    self.kernel_holds += (name,)
+        return self.kernel_tensors
+
+    def forward_fast(self, x):  # only where fast_path_supported(); forward() checks
+        # A decode step calls this ~190 times for Imp-3B, so every operation counts (~5 us each): no pad that pads
+        # nothing, and the bias add also casts the output back (bfloat16 + float32 -> float32), in one operation.
+        weight, scales = self.kernel_tensors or self.prepare_fast_path()  # built once, then reused
+        x2d = aligned(x.reshape(-1, self.in_features).to(KERNEL_DTYPE))  # (M, K): the kernels take 2-D inputs only
+        if self.bits == 8:
+            y = torch._weight_int8pack_mm(x2d, weight, scales)
+        else:
+            padding = padded_in_features(self.in_features, 4, self.group_size) - self.in_features
+            if padding:
+                x2d = F.pad(x2d, (0, padding))
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, weight, self.group_size, scales)
+        y = y.view(*x.shape[:-1], self.out_features)  # (..., N) in the kernels' bfloat16
+        bias = self._parameters.get("bias")  # not self.bias: __getattr__ above is slower
+        if bias is not None and bias.dtype == x.dtype and x.dtype in (torch.float32, KERNEL_DTYPE):
+            return torch.add(y, bias)  # type promotion: bfloat16 + float32 sums in (and returns) float32
+        y = y.to(x.dtype)
+        return y if bias is None else y + bias.to(x.dtype)
+
+    def int8_activations_supported(self, x) -> bool:
+        # On the CPU only, and not where autograd needs a gradient through x: the rounding has none.
+        return (x.device.type == "cpu" and int8_matmul_available()
+                and not (torch.is_grad_enabled() and x.requires_grad))
+
+    def int8_weight(self, start=0, end=None):
+        """int4 only: output rows start .. end-1 requantized to int8 per row, in scratch memory (valid until the
+        next call): (codes int8 [rows, K], scales float32 [rows]), w ~ codes * scale, for _int_mm. About 2x cheaper
+        than dequantize() then quant.quantize_int8:
+        - the row's largest |w| follows from its groups' (scale, zero) alone: |w| <= max(|zero - 8 scale|,
+          |zero + 7 scale|) (symmetric: 8 |scale|). No pass over the weight to find it.
+        - dividing the scales and zeros by the row's int8 step first, dequantize_int4_codes writes the weight in
+          units of that step (|value| <= 127): round it and cast, and it is the int8 code.
+        The second rounding moves a weight by at most half an int8 step: 1/32 of the int4 step of the row's
+        largest group."""
+        end = self.out_features if end is None else min(end, self.out_features)
+        rows, padded = end - start, padded_in_features(self.in_features, 4, self.group_size)
+        device = self.kernel_tensors[1].device if self.kernel_holds else self.scales.device
+        scales = self.stored_buffer("scales", start, end).float()  # [rows, Kp/G]
+        zeros = self.stored_buffer("zeros", start, end).float() if self.scheme == "asymmetric" else None
+        reach = 8 * scales.abs() if zeros is None else torch.maximum((zeros - 8 * scales).abs(),
+                                                                      (zeros + 7 * scales).abs())
+        step = reach.amax(dim=1) / 127  # [rows]: the int8 step of each row
+        step.masked_fill_(step == 0, 1.0)  # an all-zero row: codes 0 with any step
+        buffer = scratch("codes", rows * padded, torch.uint8, device)
+        codes = self.codes(start, end, buffer)
+        zeros_in_steps = None if zeros is None else zeros / step[:, None]
+        units = dequantize_int4_codes(codes, scales / step[:, None], zeros_in_steps, self.group_size,
+                                      self.in_features, scratch("weight", rows * padded, torch.float32, device))
+        # The int8 codes go where the int4 codes were (dead once dequantized): no third buffer of the slice's size.
+        weight_codes = buffer.view(torch.int8)[:rows * self.in_features].view(rows, self.in_features)
+        return weight_codes.copy_(units.round_()), step  # |units| <= 127 up to rounding ulps: no clamp needed
+
+    def forward_int8_activations(self, x):
+        """W8A8: int8 activations (one scale per row, quantized at this call) times int8 weights (one scale per
+        output row) with torch._int_mm, rescaled to float32, a slice of output rows at a time."""
+        x2d = x.reshape(-1, self.in_features)
+        codes, row_scale = quantize_activations(x2d)
+        out = torch.empty(x2d.shape[0], self.out_features, dtype=torch.float32, device=x.device)
+        bias = None if self.bias is None else self.bias.float()
+        scales = self.scales.float() if self.bits == 8 else None
+        for start, end in quant.row_slices(self.out_features, self.in_features):
+            if self.bits == 8:  # the stored int8 weight and its per-row scales, as they are
+                weight_codes, channel_scale = self.qweight[start:end], scales[start:end]
+            else:
+                weight_codes, channel_scale = self.int8_weight(start, end)  # int8 [rows, K], float32 [rows]
+            # _int_mm wants the weight as [K, N]: the transposed view of our row-major [N, K] (column-major, the
+            # layout oneDNN's int8 GEMM reads fastest; a contiguous [K, N] copy was no faster)
+            sums = scratch("a8 sums", x2d.shape[0] * (end - start), torch.int32, "cpu").view(x2d.shape[0], end - start)
+            acc = torch._int_mm(codes, weight_codes.t(), out=sums)
+            rescale_int32_(acc, row_scale, channel_scale, None if bias is None else bias[start:end], out[:, start:end])
+        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self):
+        held = f", codes held in the {self.kernel_layout} kernel layout only" if self.kernel_layout else ""
+        held += ", scales held in the kernel's bfloat16 pairs only" if "scales" in self.kernel_holds else ""
+        return super().extra_repr() + held
