@@ -28,6 +28,7 @@ import shutil
 import sys
 import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -506,8 +507,31 @@ def merge_adapters(args):
 # The command line and the loop.
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, as every nanoImp program: not argparse's usage block
+        fail(f"{message} (see --help)")
+
+
+def stage_defaults(argv) -> dict:
+    """The defaults that depend on --stage (and --full): the official recipe for that stage. Read from the command
+    line before it is parsed whole, so that argparse fills them like any other default."""
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--stage", type=int, choices=(1, 2))
+    early.add_argument("--full", action="store_true")
+    early.add_argument("--lr", type=float)
+    known, _ = early.parse_known_args(argv)
+    if known.stage is None:
+        return {}
+    defaults = dict(STAGE_DEFAULTS[known.stage])
+    if known.full and known.stage == 2:
+        defaults["lr"] = FULL_FINETUNE_LR
+    if known.stage == 1:  # stage 1 trains the connector alone: at --lr (given or default) unless told otherwise
+        defaults["connector_lr"] = known.lr if known.lr is not None else defaults["lr"]
+    return defaults
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         description="Train Imp: stage 1 (connector) and stage 2 (LoRA or full instruction tuning); evaluate; merge.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""examples:
   # the official recipe: stage 1 from phi-2 + siglip, then stage 2 with LoRA (torchrun for several GPUs)
@@ -578,7 +602,13 @@ def parse_args(argv=None):
     add("--merge", metavar="ADAPTERS", help="merge an adapters/ folder into the base --model, write --out")
     add("--plot-log", metavar="LOG", help="draw the loss and lr curves of a log.jsonl into loss.png beside it "
                                           "(or --out FILE.png), e.g. --plot-log runs/m2/log.jsonl")
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)  # read twice: stage_defaults, then parse_args
+    parser.set_defaults(**stage_defaults(argv))
+    return check_args(parser, parser.parse_args(argv))
+
+
+def check_args(parser, args):
+    """What argparse cannot check alone: which options go together, for each of the program's modes."""
     if args.plot_log:
         return args
     if args.evaluate:
@@ -600,13 +630,6 @@ def parse_args(argv=None):
         patch = args.init_config and NAMED_CONFIGS[args.init_config]["vision"]["patch_size"]
         if not (patch and args.image_size >= patch and args.image_size % patch == 0):
             parser.error(f"--image-size needs --init-config and a multiple of its patch size ({patch or 14} px)")
-    defaults = STAGE_DEFAULTS[args.stage]
-    args.epochs = defaults["epochs"] if args.epochs is None else args.epochs
-    args.batch_size = args.batch_size or defaults["batch_size"]
-    if args.lr is None:
-        args.lr = FULL_FINETUNE_LR if args.full and args.stage == 2 else defaults["lr"]
-    if args.connector_lr is None:
-        args.connector_lr = args.lr if args.stage == 1 else defaults["connector_lr"]
     for name in ("batch_size", "micro_batch_size", "max_length", "lora_rank"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -636,10 +659,22 @@ def main(argv=None):
         raise
 
 
-def train(args):
-    # -- processes and devices. torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain run is rank 0 of 1.
-    # Under torchrun the DDP path runs even with one process (`--nproc_per_node=1`: nccl on a single GPU, a real
-    # check of the distributed code on a one-GPU machine); a plain `python train.py` skips it.
+@dataclass
+class Processes:
+    """Where this process trains: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain run is rank 0 of 1."""
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    distributed: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def start_processes(args) -> Processes:
+    """Under torchrun the DDP path runs even with one process (`--nproc_per_node=1`: nccl on a single GPU, a real
+    check of the distributed code on a one-GPU machine); a plain `python train.py` skips it."""
     distributed = "WORLD_SIZE" in os.environ
     world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -655,21 +690,88 @@ def train(args):
             dist.init_process_group("nccl", device_id=device)  # binds this rank to its GPU (barrier() needs to know)
         else:
             dist.init_process_group("gloo")
-    is_main = rank == 0
-    log = print if is_main else (lambda *a, **k: None)
-    use_bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
-    checkpointing = device.type == "cuda" if args.gradient_checkpointing is None else args.gradient_checkpointing
-    accumulation, remainder = divmod(args.batch_size, args.micro_batch_size * world_size)
-    if remainder or accumulation == 0:
-        raise DataError(f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size "
-                        f"{args.micro_batch_size} x {world_size} processes")
+    return Processes(device, rank, world_size, distributed)
+
+
+def check_run_folder(args):
+    """-> the checkpoint to resume from, or None. A finished or interrupted run is never overwritten by accident."""
     resume_from = latest_checkpoint(args.out) if os.path.isdir(args.out) else None
     if args.resume and resume_from is None:
         raise DataError(f"--resume: no checkpoint in {args.out}/checkpoints")
     if not args.resume and resume_from is not None:
         raise DataError(f"{args.out} already holds a training run; pass --resume to continue it, or use another --out")
+    return resume_from
 
-    # -- model and data
+
+def resume(folder, model, optimizer, meta, processes) -> None:
+    """Put back what save_checkpoint kept: the trainable weights, AdamW's moments and this rank's RNG."""
+    with open(os.path.join(folder, "meta.json"), encoding="utf-8") as f:
+        saved = json.load(f)
+    saved.setdefault("group_by_length", False)  # checkpoints written before the option existed
+    changed = [k for k in ("stage", "batch_size", "seed", "total_steps", "samples", "group_by_length")
+               if saved.get(k) != meta[k]]
+    if changed:
+        raise DataError(f"--resume: {', '.join(changed)} differ from the interrupted run; resume with its arguments")
+    weights = load_file(os.path.join(folder, "trainable.safetensors"))
+    missing = set(trainable_state(model)) ^ set(weights)
+    if missing:
+        raise CheckpointError(f"{folder}: the checkpoint's trainable tensors do not match this model ({len(missing)})")
+    model.load_state_dict({n: t.to(processes.device) for n, t in weights.items()}, strict=False)
+    state = torch.load(os.path.join(folder, "state.pt"), weights_only=True, map_location="cpu")
+    optimizer.load_state_dict(state["optimizer"])
+    mine = state["rng"][processes.rank] if processes.rank < len(state["rng"]) else state["rng"][0]
+    torch.set_rng_state(mine["cpu"])
+    if processes.device.type == "cuda" and mine["cuda"] is not None:
+        torch.cuda.set_rng_state(mine["cuda"], processes.device)
+
+
+def start_log(args, start_step) -> str:
+    """log.jsonl: one line per step. On --resume the lines of steps after the checkpoint are dropped (redone)."""
+    log_path = os.path.join(args.out, "log.jsonl")
+    os.makedirs(args.out, exist_ok=True)
+    kept = []
+    if args.resume and os.path.exists(log_path):
+        with open(log_path, encoding="utf-8") as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
+    with open(log_path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(log_path + ".tmp", log_path)
+    return log_path
+
+
+def accumulate_gradients(loss_module, micro_batches, count, autocast=contextlib.nullcontext, no_sync=None):
+    """One optimizer step's gradients from `count` micro-batches (an iterable of collate()'s tuples, made one at a
+    time): each loss is divided by `count` before its backward(), so the gradients add up to those of the mean over
+    the micro-batches (like transformers' Trainer and nanoGPT). no_sync: DDP's context manager, which skips the
+    gradient all-reduce on all but the last micro-batch. Returns (the mean loss, the positions trained on)."""
+    total, positions = 0.0, 0
+    for index, (input_ids, labels, pixel_values, batch_positions) in enumerate(micro_batches):
+        last = index == count - 1
+        with (no_sync() if no_sync is not None and not last else contextlib.nullcontext()):
+            with autocast():
+                loss = loss_module(input_ids, labels, pixel_values)
+            (loss / count).backward()
+        total, positions = total + loss.item(), positions + batch_positions
+    return total / count, positions
+
+
+def log_step(log_path, step, total_steps, loss, positions, optimizer, args, timing, steps_per_epoch):
+    """One line in log.jsonl for every step; one progress line on stdout every --log-every steps."""
+    seconds, elapsed, eta = timing
+    record = dict(step=step, loss=round(loss, 6), lr=optimizer.param_groups[-1]["lr"],
+                  samples_per_second=round(args.batch_size / seconds, 2),
+                  tokens_per_second=round(positions / seconds, 1), elapsed=round(elapsed, 2),
+                  epoch=round(step / steps_per_epoch, 4))
+    with open(log_path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+    if step % args.log_every == 0 or step == total_steps:
+        print(f"step {step}/{total_steps} | loss {loss:.4f} | lr {record['lr']:.2e} | "
+              f"{record['samples_per_second']:.1f} samples/s | {record['tokens_per_second']:.0f} tokens/s | "
+              f"ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
+
+
+def model_and_data(args, device, checkpointing, log):
+    """The model on its device, its AdamW groups (what this stage trains), and the tokenized samples."""
     torch.manual_seed(args.seed)  # the same init on every rank (DDP also broadcasts rank 0's weights)
     model = build_model(args)
     groups = parameter_groups(model, args)
@@ -679,98 +781,65 @@ def train(args):
                               "plain" if args.stage == 1 else "phi2", args.max_length, args.strict, log)
     if len(samples) < args.batch_size:
         raise DataError(f"{args.data}: {len(samples)} usable samples, fewer than one --batch-size ({args.batch_size})")
+    return model, groups, samples
+
+
+def train(args):
+    processes = start_processes(args)
+    device, rank, world_size = processes.device, processes.rank, processes.world_size
+    log = print if processes.is_main else (lambda *a, **k: None)
+    use_bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
+    checkpointing = device.type == "cuda" if args.gradient_checkpointing is None else args.gradient_checkpointing
+    accumulation, remainder = divmod(args.batch_size, args.micro_batch_size * world_size)
+    if remainder or accumulation == 0:
+        raise DataError(f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size "
+                        f"{args.micro_batch_size} x {world_size} processes")
+    resume_from = check_run_folder(args)
+    model, groups, samples = model_and_data(args, device, checkpointing, log)
     lengths = [spliced_length(sample, model.config) for sample in samples] if args.group_by_length else None
     steps_per_epoch = len(samples) // args.batch_size
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
     warmup_steps = math.ceil(args.warmup_ratio * total_steps)
-    trainable = sum(p.numel() for g in groups for p in g["params"])
+    trainable = [p for g in groups for p in g["params"]]
     log(f"{len(samples)} samples, {total_steps} steps of {args.batch_size} ({world_size} process(es) x "
-        f"{accumulation} micro-batches of {args.micro_batch_size}), {trainable / 1e6:.2f}M of "
+        f"{accumulation} micro-batches of {args.micro_batch_size}), {sum(p.numel() for p in trainable) / 1e6:.2f}M of "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters trained, device {device}"
         f"{', bf16 autocast' if use_bf16 else ''}{', gradient checkpointing' if checkpointing else ''}")
 
+    # -- optimizer, distributed wrapper, resume
     optimizer = torch.optim.AdamW([{"params": g["params"], "lr": g["peak_lr"]} for g in groups],
                                   weight_decay=args.weight_decay, betas=(0.9, 0.999), eps=1e-8)
     loss_module = TrainingLoss(model)
-    if distributed:
+    if processes.distributed:
         # find_unused_parameters: a micro-batch of text-only samples leaves the connector without gradients.
         text_only = any(image is None for _, _, image in samples)
         loss_module = nn.parallel.DistributedDataParallel(loss_module, device_ids=[device] if device.type == "cuda"
                                                           else None, find_unused_parameters=text_only)
     torch.manual_seed(args.seed + rank)  # dropout masks differ per rank, as they would on separate GPUs
-
-    start_step = 0
     meta = dict(stage=args.stage, batch_size=args.batch_size, seed=args.seed, total_steps=total_steps,
                 samples=len(samples), data=os.path.abspath(args.data), group_by_length=args.group_by_length)
+    start_step = resume_from[1] if args.resume else 0
     if args.resume:
-        folder, start_step = resume_from
-        with open(os.path.join(folder, "meta.json"), encoding="utf-8") as f:
-            saved = json.load(f)
-        saved.setdefault("group_by_length", False)  # checkpoints written before the option existed
-        changed = [k for k in ("stage", "batch_size", "seed", "total_steps", "samples", "group_by_length")
-                   if saved.get(k) != meta[k]]
-        if changed:
-            raise DataError(f"--resume: {', '.join(changed)} differ from the interrupted run; resume with its arguments")
-        weights = load_file(os.path.join(folder, "trainable.safetensors"))
-        missing = set(trainable_state(model)) ^ set(weights)
-        if missing:
-            raise CheckpointError(f"{folder}: the checkpoint's trainable tensors do not match this model ({len(missing)})")
-        model.load_state_dict({n: t.to(device) for n, t in weights.items()}, strict=False)
-        state = torch.load(os.path.join(folder, "state.pt"), weights_only=True, map_location="cpu")
-        optimizer.load_state_dict(state["optimizer"])
-        mine = state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0]
-        torch.set_rng_state(mine["cpu"])
-        if device.type == "cuda" and mine["cuda"] is not None:
-            torch.cuda.set_rng_state(mine["cuda"], device)
-        log(f"resumed from {folder} at step {start_step}")
-    log_path = os.path.join(args.out, "log.jsonl")
-    if is_main:
-        os.makedirs(args.out, exist_ok=True)
-        kept = []
-        if args.resume and os.path.exists(log_path):  # drop lines of steps after the checkpoint: they are redone
-            with open(log_path, encoding="utf-8") as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
-        with open(log_path + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        os.replace(log_path + ".tmp", log_path)
-
-    def checkpoint(step):
-        states = [rng_state(device)]
-        if distributed:
-            states = [None] * world_size
-            dist.all_gather_object(states, rng_state(device))
-        if is_main:
-            save_checkpoint(args.out, step, model, optimizer, states, meta)
-        if distributed:
-            dist.barrier()
-
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 and device.type == "cuda"
-                else contextlib.nullcontext())
+        resume(resume_from[0], model, optimizer, meta, processes)
+        log(f"resumed from {resume_from[0]} at step {start_step}")
+    log_path = start_log(args, start_step) if processes.is_main else None
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 and device.type == "cuda" \
+        else contextlib.nullcontext
+    no_sync = loss_module.no_sync if processes.distributed else None
     per_rank = args.batch_size // world_size
-    trainable_params = [p for g in groups for p in g["params"]]
+
+    # -- the loop: one optimizer step per global batch
     last_saved, started = start_step if args.resume else None, time.time()
     for step in range(start_step, total_steps):
         step_started = time.time()
         for group, spec in zip(optimizer.param_groups, groups):
             group["lr"] = get_lr(step, total_steps, warmup_steps, spec["peak_lr"])
-        batch = batch_indices(step, len(samples), args.batch_size, args.seed, lengths)
-        mine = batch[rank * per_rank:(rank + 1) * per_rank]
-        loss_sum, positions = 0.0, 0
-        for micro in range(accumulation):
-            input_ids, labels, pixel_values, micro_positions = collate(
-                [samples[i] for i in mine[micro * args.micro_batch_size:(micro + 1) * args.micro_batch_size]],
-                model.config, device)
-            # DDP all-reduces gradients in backward(); between accumulation steps that would be wasted traffic.
-            last = micro == accumulation - 1
-            with (loss_module.no_sync() if distributed and not last else contextlib.nullcontext()):
-                with autocast:
-                    loss = loss_module(input_ids, labels, pixel_values)
-                (loss / accumulation).backward()  # the mean over micro-batches, like transformers' Trainer
-            loss_sum += loss.item()
-            positions += micro_positions
-        # on the device: nccl reduces GPU tensors only
-        totals = torch.tensor([loss_sum / accumulation, positions], dtype=torch.float64, device=device)
-        if distributed:
+        mine = batch_indices(step, len(samples), args.batch_size, args.seed, lengths)[rank * per_rank:][:per_rank]
+        micro_batches = (collate([samples[i] for i in mine[m:m + args.micro_batch_size]], model.config, device)
+                         for m in range(0, per_rank, args.micro_batch_size))
+        loss, positions = accumulate_gradients(loss_module, micro_batches, accumulation, autocast, no_sync)
+        totals = torch.tensor([loss, positions], dtype=torch.float64, device=device)  # nccl reduces GPU tensors only
+        if processes.distributed:
             dist.all_reduce(totals)  # every rank sees the same (global) loss, so all stop together on NaN
             totals[0] /= world_size
         step_loss = totals[0].item()
@@ -779,46 +848,52 @@ def train(args):
             raise DataError(f"the loss became {step_loss} at step {step + 1}; stopped without applying it "
                             f"(last good checkpoint: {where}). Try a lower --lr")
         if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(trainable_params, args.grad_clip)
+            torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-
-        done = step + 1
-        if is_main:
-            seconds = time.time() - step_started
-            elapsed = time.time() - started
-            eta = elapsed / (done - start_step) * (total_steps - done)
-            record = dict(step=done, loss=round(step_loss, 6), lr=optimizer.param_groups[-1]["lr"],
-                          samples_per_second=round(args.batch_size / seconds, 2),
-                          tokens_per_second=round(totals[1].item() / seconds, 1), elapsed=round(elapsed, 2),
-                          epoch=round(done / steps_per_epoch, 4))
-            with open(log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-            if done % args.log_every == 0 or done == total_steps:
-                print(f"step {done}/{total_steps} | loss {step_loss:.4f} | lr {record['lr']:.2e} | "
-                      f"{record['samples_per_second']:.1f} samples/s | {record['tokens_per_second']:.0f} tokens/s | "
-                      f"ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
+        done, now = step + 1, time.time()
+        if processes.is_main:
+            eta = (now - started) / (done - start_step) * (total_steps - done)
+            log_step(log_path, done, total_steps, step_loss, totals[1].item(), optimizer, args,
+                     (now - step_started, now - started, eta), steps_per_epoch)
         if (args.save_every and done % args.save_every == 0) or done == total_steps:
-            checkpoint(done)
+            save_everywhere(args.out, done, model, optimizer, meta, processes)
             last_saved = done
+    finish(args, model, trainable, log_path, processes, log)
+    return model
 
-    if distributed:  # DDP's promise, checked: every rank holds the very same weights (rank 0's get saved)
-        checksum = torch.stack([p.detach().double().sum() for p in trainable_params]).to(device)
-        gathered = [torch.zeros_like(checksum) for _ in range(world_size)]
+
+def save_everywhere(out, step, model, optimizer, meta, processes):
+    """A checkpoint with every rank's RNG state; rank 0 writes it, the others wait until it is complete."""
+    states = [rng_state(processes.device)]
+    if processes.distributed:
+        states = [None] * processes.world_size
+        dist.all_gather_object(states, rng_state(processes.device))
+    if processes.is_main:
+        save_checkpoint(out, step, model, optimizer, states, meta)
+    if processes.distributed:
+        dist.barrier()
+
+
+def finish(args, model, trainable, log_path, processes, log):
+    device = processes.device
+    if processes.distributed:  # DDP's promise, checked: every rank holds the very same weights (rank 0's get saved)
+        checksum = torch.stack([p.detach().double().sum() for p in trainable]).to(device)
+        gathered = [torch.zeros_like(checksum) for _ in range(processes.world_size)]
         dist.all_gather(gathered, checksum)
-        log(f"parameters identical on all {world_size} ranks: {all(torch.equal(g, gathered[0]) for g in gathered)}")
+        log(f"parameters identical on all {processes.world_size} ranks: "
+            f"{all(torch.equal(g, gathered[0]) for g in gathered)}")
     if device.type == "cuda":  # what a GPU needs for this model, micro-batch and checkpointing setting
         log(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 1e9:.1f} GB")
-    if is_main:
+    if processes.is_main:
         save_final(model, args, log)
         try:  # the curves are a convenience: a run that trained and saved is never failed for want of a picture
             log(f"loss curve: {visualize.plot_log(log_path)}")
         except (visualize.PictureError, OSError) as error:
             log(f"note: no loss curve drawn ({error})")
-    if distributed:
+    if processes.distributed:
         dist.barrier()
         dist.destroy_process_group()
-    return model
 
 
 if __name__ == "__main__":

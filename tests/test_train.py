@@ -438,3 +438,49 @@ def test_demo_model_answers_fresh_questions(tmp_path):
     results = train.evaluate(model, records, str(tmp_path), log=lambda *a: None)
     correct, total = results["overall"]
     assert total == 40 and correct / total >= DEMO_FLOOR
+
+
+def test_gradient_accumulation_gives_the_gradient_of_one_big_batch():
+    """Four micro-batches of one row each, accumulated, give the same gradient as the four rows in one batch (every
+    row with the same number of supervised tokens, so the mean of the micro-batch means is the big batch's mean)."""
+    torch.manual_seed(0)
+    config = imp.ImpConfig(vision=imp.VisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                                   num_attention_heads=2, image_size=28, patch_size=14),
+                           text=imp.PhiConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                              num_attention_heads=2, rotary_dim=8),
+                           image_token_index=63, eos_token_id=62, pad_token_id=0, max_length=64)
+    model = imp.Imp(config)
+    train.init_weights(model, std=0.08)
+    generator = torch.Generator().manual_seed(1)
+    samples = []
+    for row in range(4):
+        ids = torch.randint(1, 60, (10,), generator=generator).tolist()
+        ids[2] = config.image_token_index
+        labels = [imp.IGNORE_INDEX] * 4 + ids[4:]  # the prompt unsupervised, 6 answer tokens
+        samples.append((ids, labels, torch.rand(3, 28, 28, generator=generator) * 2 - 1))
+
+    def batch(rows):  # collate() reads image files; here the pictures are tensors already
+        ids = torch.tensor([ids for ids, _, _ in rows])
+        return ids, torch.tensor([labels for _, labels, _ in rows]), torch.stack([p for _, _, p in rows]), 0
+
+    gradients = []
+    for micro_batches in ([batch(samples)], [batch([sample]) for sample in samples]):
+        model.zero_grad()
+        loss, _ = train.accumulate_gradients(train.TrainingLoss(model), iter(micro_batches), len(micro_batches))
+        gradients.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    big, accumulated = gradients
+    assert big.abs().max() > 1e-3  # a real gradient
+    torch.testing.assert_close(accumulated, big, rtol=1e-4, atol=1e-6)
+
+
+def test_stage_defaults_come_from_argparse_and_a_zero_is_never_replaced(capsys):
+    start = ["--data", "d.json", "--out", "o", "--model", "m"]
+    one, two = train.parse_args(["--stage", "1"] + start), train.parse_args(["--stage", "2"] + start)
+    assert (one.lr, one.connector_lr, one.epochs, one.batch_size) == (1e-3, 1e-3, 1, 256)
+    assert (two.lr, two.connector_lr, two.epochs, two.batch_size) == (2e-4, 2e-5, 2, 128)
+    assert train.parse_args(["--stage", "2", "--full"] + start).lr == 2e-5
+    assert train.parse_args(["--stage", "1", "--lr", "5e-4"] + start).connector_lr == 5e-4
+    with pytest.raises(SystemExit) as stopped:
+        train.parse_args(["--stage", "1", "--batch-size", "0"] + start)  # not silently the default 256
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.count("\n") == 1 and "--batch-size must be at least 1" in err
