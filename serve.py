@@ -270,8 +270,9 @@ class Job:
 
 
 class AnswerText:
-    """Streamed pieces -> what the client sees: cut at the first stop string, with trailing whitespace (and any
-    beginning of a stop string) held back until more text follows, so the answer ends stripped like Imp.answer."""
+    """Streamed pieces -> what the client sees: cut just before the first stop string, with trailing whitespace
+    (and any beginning of a stop string) held back until more text follows, so that an answer that ends by itself
+    ends stripped, like Imp.answer."""
 
     def __init__(self, stops):
         self.stops, self.text, self.sent, self.stopped = stops, "", 0, False
@@ -288,7 +289,8 @@ class AnswerText:
         return self.take(len(self.text) - held)
 
     def finish(self) -> str:
-        return self.take(len(self.text.rstrip()))
+        """The rest: all of it before a stop string (as OpenAI cuts), else without trailing whitespace."""
+        return self.take(len(self.text) if self.stopped else len(self.text.rstrip()))
 
     def take(self, end: int) -> str:
         piece = self.text[self.sent:end]
@@ -300,7 +302,7 @@ class Worker(threading.Thread):
     def __init__(self, replies: ImpReplies, queue_size: int):
         super().__init__(name="model", daemon=True)  # daemon: Ctrl-C does not wait for a generation to end
         self.replies, self.jobs = replies, queue.Queue(maxsize=queue_size)
-        self.current, self.served, self.cancelled = None, 0, 0
+        self.current, self.served, self.cancelled, self.stopping = None, 0, 0, False
         self.seconds_per_request = 1.0  # a running mean, for Retry-After
 
     def submit(self, job: Job):
@@ -312,9 +314,27 @@ class Worker(threading.Thread):
     def retry_after(self) -> int:
         return max(1, math.ceil(self.seconds_per_request * (self.jobs.qsize() + 1)))
 
+    def stop(self, seconds: float = 30):
+        """Cancel the running and the waiting requests, and wait for the worker to leave the model: a thread still
+        inside torch when the interpreter exits can abort the process."""
+        self.stopping = True
+        while True:
+            job = self.current
+            if job is not None:
+                job.cancelled.set()
+            try:
+                self.jobs.get_nowait().cancelled.set()
+            except queue.Empty:
+                break
+        self.jobs.put(None)  # wakes a worker that waits for work
+        self.join(seconds)
+        return not self.is_alive()
+
     def run(self):
         while True:
             job = self.jobs.get()
+            if job is None or self.stopping:
+                return
             if job.cancelled.is_set():  # its client left, or its time ran out, while it waited
                 self.cancelled += 1
                 continue
@@ -568,6 +588,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 class Server(http.server.ThreadingHTTPServer):
     daemon_threads = True  # Ctrl-C does not wait for open connections
+    request_queue_size = 128  # the listen backlog; socketserver's 5 resets connections when many clients arrive at once
 
     def __init__(self, host, port, app: App):
         if ":" in host:
@@ -648,7 +669,10 @@ def run(argv) -> int:
     except KeyboardInterrupt:
         pass
     server.server_close()
+    stopped = worker.stop()
     print(f"serve.py: stopped after {worker.served} answers", flush=True)
+    if not stopped:  # still in one long forward pass: leave without waiting for it
+        os._exit(infer.EXIT_OK)
     return infer.EXIT_OK
 
 
