@@ -477,3 +477,148 @@ def test_bad_options_are_one_line(tmp_path, capsys):
         assert serve.main(options) == 2
         error = capsys.readouterr().err
         assert words in error and len(error.strip().splitlines()) == 1, error
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The page in headless Chromium, over the DevTools protocol: a websocket client in ~40 lines of the standard library
+
+
+class DevTools:
+    """One websocket to a page target (RFC 6455: a handshake, then masked text frames out, plain frames in)."""
+
+    def __init__(self, url: str):
+        found = re.fullmatch(r"ws://([^/:]+):(\d+)(/.*)", url)
+        host, port, path = found.group(1), int(found.group(2)), found.group(3)
+        self.socket = socket.create_connection((host, port), timeout=60)
+        self.stream = self.socket.makefile("rb")
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.socket.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: "
+                            f"Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+        status = self.stream.readline()
+        assert b" 101 " in status, status
+        while self.stream.readline() not in (b"\r\n", b""):  # the rest of the handshake's headers
+            pass
+        self.next_id = 0
+
+    def send(self, message: dict):
+        payload, mask = json.dumps(message).encode(), os.urandom(4)
+        size = len(payload)
+        header = (bytes([0x81, 0x80 | size]) if size < 126 else bytes([0x81, 0x80 | 126]) + struct.pack(">H", size)
+                  if size < 65536 else bytes([0x81, 0x80 | 127]) + struct.pack(">Q", size))  # FIN + text, masked
+        self.socket.sendall(header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+
+    def receive(self) -> dict:
+        message = b""
+        while True:
+            first, second = self.stream.read(2)
+            size = second & 0x7F
+            size = struct.unpack(">H", self.stream.read(2))[0] if size == 126 else \
+                struct.unpack(">Q", self.stream.read(8))[0] if size == 127 else size
+            message += self.stream.read(size)
+            assert first & 0x0F in (0x0, 0x1), f"unexpected websocket frame {first:#x}"  # continuation or text
+            if first & 0x80:  # FIN: the message is whole
+                return json.loads(message)
+
+    def call(self, method: str, **params):
+        self.next_id += 1
+        self.send(dict(id=self.next_id, method=method, params=params))
+        while True:
+            message = self.receive()
+            if message.get("id") == self.next_id:  # anything else is an event we did not ask for
+                assert "error" not in message, message
+                return message["result"]
+
+    def evaluate(self, expression: str):
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        assert "exceptionDetails" not in result, result
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, seconds: float, what: str):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            value = self.evaluate(expression)
+            if value:
+                return value
+            time.sleep(0.1)
+        raise AssertionError(f"the page did not {what} within {seconds} s; it shows: "
+                             f"{self.evaluate('document.body.innerText')!r}")
+
+
+def chromium_binary() -> str:
+    found = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+    if found is None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):  # CI must test the page: fail loudly
+            pytest.fail("chromium is not installed: .ci/run installs the Debian package `chromium`")
+        pytest.skip("no chromium here (apt-get install chromium)")
+    return found
+
+
+@pytest.fixture
+def browser(tmp_path):
+    profile = tmp_path / "profile"
+    log = open(tmp_path / "chromium.txt", "w")
+    process = subprocess.Popen([chromium_binary(), "--headless", "--no-sandbox", "--disable-gpu",
+                                "--disable-dev-shm-usage", "--no-first-run", "--no-default-browser-check",
+                                "--disable-extensions", "--disable-background-networking", "--hide-scrollbars",
+                                f"--user-data-dir={profile}", "--remote-debugging-port=0",
+                                "--remote-debugging-address=127.0.0.1", "--window-size=820,900", "about:blank"],
+                               stdout=log, stderr=log)
+    try:
+        port_file = profile / "DevToolsActivePort"  # Chromium writes the port it picked here
+        wait_until(lambda: port_file.exists() and port_file.read_text().strip(), 60, "Chromium starts")
+        port = int(port_file.read_text().split()[0])
+        targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=30))
+        page = next(target for target in targets if target["type"] == "page")
+        devtools = DevTools(page["webSocketDebuggerUrl"])
+        yield devtools
+        devtools.socket.close()
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+        log.close()
+
+
+def test_the_chat_page_in_a_browser(demo, browser):
+    first, second = "What color is the circle?", "What shape is it?"
+    expected = infer_answers("--chat", example("one_circle.png"), stdin=f"{first}\n{second}\n")
+    browser.call("Page.enable")
+    browser.call("Page.navigate", url=f"http://127.0.0.1:{demo.port}/")
+    browser.wait_for("document.readyState === 'complete' && document.getElementById('model').textContent", 30,
+                     "load and name the model")
+    assert browser.evaluate("document.getElementById('model').textContent") == "model: demo"
+    # Attach the image as a user would pick it in the file dialog.
+    root = browser.call("DOM.getDocument")["root"]["nodeId"]
+    file_input = browser.call("DOM.querySelector", nodeId=root, selector="#file")["nodeId"]
+    browser.call("DOM.setFileInputFiles", nodeId=file_input, files=[example("one_circle.png")])
+    browser.wait_for("getComputedStyle(document.getElementById('thumb')).display === 'block'", 10, "show a thumbnail")
+
+    def ask(question, answers):
+        browser.evaluate(f"document.getElementById('question').value = {json.dumps(question)}; "
+                         f"document.getElementById('ask-form').requestSubmit(); true")
+        browser.wait_for(f"document.querySelectorAll('.answer.done').length === {answers}", 30, "finish the answer")
+        return browser.evaluate(f"[...document.querySelectorAll('.answer')][{answers - 1}].firstChild.data"), \
+            browser.evaluate(f"[...document.querySelectorAll('.answer .stats')][{answers - 1}].textContent")
+
+    answer, stats = ask(first, 1)
+    assert answer == expected[0]
+    assert re.fullmatch(r"T_VE \d+\.\d+ s · S_prompt [\d.]+ tokens/s \(\d+ tokens\) · S_gen [\d.]+ tokens/s "
+                        r"\(\d+ tokens\)", stats), stats
+    answer, _ = ask(second, 2)
+    assert answer == expected[1]  # the follow-up carries the history, and the image from the first turn
+    assert browser.evaluate("document.querySelectorAll('.question img').length") == 1
+    if os.environ.get("NANOIMP_WRITE_SCREENSHOT") == "1":
+        picture = base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"])
+        assert picture.startswith(b"\x89PNG")
+        with open(SCREENSHOT + ".tmp", "wb") as out:
+            out.write(picture)
+        os.replace(SCREENSHOT + ".tmp", SCREENSHOT)
+    # A refusal is shown as the server's message, and the question goes back into the box.
+    browser.evaluate("document.getElementById('max-tokens').value = '0'; true")
+    browser.evaluate("document.getElementById('question').value = 'And its size?'; "
+                     "document.getElementById('ask-form').requestSubmit(); true")
+    message = browser.wait_for("document.getElementById('error').textContent", 10, "show the refusal")
+    assert message.startswith("The server said no (400): max_tokens must be at least 1"), message
+    assert browser.evaluate("document.getElementById('question').value") == "And its size?"
+    assert browser.evaluate("document.querySelectorAll('.answer').length") == 2
+    browser.evaluate("document.getElementById('new-chat').click(); true")
+    assert browser.evaluate("document.querySelectorAll('.turn').length") == 0
