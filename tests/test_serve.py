@@ -622,3 +622,21 @@ def test_the_chat_page_in_a_browser(demo, browser):
     assert browser.evaluate("document.querySelectorAll('.answer').length") == 2
     browser.evaluate("document.getElementById('new-chat').click(); true")
     assert browser.evaluate("document.querySelectorAll('.turn').length") == 0
+
+
+def test_readme_examples_work(demo):
+    """The curl and openai examples of README's serve.py section, run against this server (port 8000 -> its port)."""
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    section = readme.split("## Chat in the browser, and the OpenAI-compatible API")[1].split("\n## ")[0]
+    blocks = re.findall(r"```(bash|python)\n(.*?)\n```", section, re.S)
+    here = lambda code: code.replace("127.0.0.1:8000", f"127.0.0.1:{demo.port}")
+    python, = [code for kind, code in blocks if kind == "python"]
+    result = subprocess.run([sys.executable, "-c", here(python)], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == ["The circle is red.", "It is a circle."]
+    curl, = [code for kind, code in blocks if kind == "bash" and code.startswith("curl")]
+    if shutil.which("curl") is None:
+        pytest.skip("no curl here to run README's curl example")
+    result = subprocess.run(["bash", "-c", here(curl)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert json.loads(result.stdout)["choices"][0]["message"]["content"] == "The circle is red."
