@@ -176,11 +176,20 @@ def test_openai_client_answers_as_infer_does(client, settings, flags):
     assert last.usage.completion_tokens == usage.completion_tokens and "nanoimp_stats" in last.model_extra
 
 
-def test_multi_turn_answers_as_infer_chat_does(client):
+FIRST, SECOND = "What color is the circle?", "What shape is it?"
+
+
+@pytest.fixture(scope="module")
+def chat_answers():
+    """`infer.py --chat` on one_circle.png, asked FIRST then SECOND over a pipe."""
+    answers = infer_answers("--chat", example("one_circle.png"), stdin=f"{FIRST}\n{SECOND}\n")
+    assert len(answers) == 2
+    return answers
+
+
+def test_multi_turn_answers_as_infer_chat_does(client, chat_answers):
     """The history becomes Imp's multi-turn prompt exactly as in infer.py --chat (the image in the first turn)."""
-    first, second = "What color is the circle?", "What shape is it?"
-    expected = infer_answers("--chat", example("one_circle.png"), stdin=f"{first}\n{second}\n")
-    assert len(expected) == 2
+    first, second, expected = FIRST, SECOND, chat_answers
     messages = [dict(role="system", content="ignored: Imp's template has its own"), user(first, example("one_circle.png")),
                 dict(role="assistant", content=expected[0]), user(second)]
     completion = client.chat.completions.create(model="demo", messages=messages)
@@ -578,9 +587,8 @@ def browser(tmp_path):
         log.close()
 
 
-def test_the_chat_page_in_a_browser(demo, browser):
-    first, second = "What color is the circle?", "What shape is it?"
-    expected = infer_answers("--chat", example("one_circle.png"), stdin=f"{first}\n{second}\n")
+def test_the_chat_page_in_a_browser(demo, browser, chat_answers):
+    first, second, expected = FIRST, SECOND, chat_answers
     browser.call("Page.enable")
     browser.call("Page.navigate", url=f"http://127.0.0.1:{demo.port}/")
     browser.wait_for("document.readyState === 'complete' && document.getElementById('model').textContent", 30,
