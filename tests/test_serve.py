@@ -155,8 +155,8 @@ def streamed(client, **arguments):
 
 @pytest.mark.parametrize("settings,flags", [
     ({}, []),
-    (dict(temperature=0.9, top_p=0.8, seed=3, max_tokens=12), ["--temperature", "0.9", "--top-p", "0.8", "--seed",
-                                                               "3", "--max-new-tokens", "12"]),
+    (dict(temperature=3, top_p=0.95, seed=3, max_tokens=12), ["--temperature", "3", "--top-p", "0.95", "--seed",
+                                                              "3", "--max-new-tokens", "12"]),  # far from greedy
 ], ids=["greedy", "sampled"])
 def test_openai_client_answers_as_infer_does(client, settings, flags):
     question, image = "What color is the circle?", example("one_circle.png")
@@ -187,6 +187,13 @@ def chat_answers():
     return answers
 
 
+def follow_up_length(first_answer: str) -> int:
+    """Positions of the demo's prompt for SECOND after FIRST and its answer, with the image's patches."""
+    prompt = imp.build_prompt(SECOND, [(FIRST, first_answer)], with_image=True)
+    patches = imp.ImpConfig.from_dict(json.load(open(os.path.join(DEMO, "config.json")))).vision.num_patches
+    return len(imp.load_tokenizer(DEMO).encode(prompt).ids) - 1 + patches  # <image> -> its patches
+
+
 def test_multi_turn_answers_as_infer_chat_does(client, chat_answers):
     """The history becomes Imp's multi-turn prompt exactly as in infer.py --chat (the image in the first turn)."""
     first, second, expected = FIRST, SECOND, chat_answers
@@ -194,6 +201,8 @@ def test_multi_turn_answers_as_infer_chat_does(client, chat_answers):
                 dict(role="assistant", content=expected[0]), user(second)]
     completion = client.chat.completions.create(model="demo", messages=messages)
     assert completion.choices[0].message.content == expected[1]
+    # The demo answers the follow-up without the history too: the prompt's length shows that the history is there.
+    assert completion.usage.prompt_tokens == follow_up_length(expected[0])
     assert streamed(client, model="demo", messages=messages)[0] == expected[1]
 
 
@@ -235,9 +244,10 @@ def test_models_health_and_page(demo, client):
 
 
 def bomb_png() -> bytes:
-    """A valid PNG header claiming 20000 x 20000 pixels: PIL's decompression-bomb check fires first."""
+    """A valid PNG header claiming 10000 x 10000 pixels: over PIL's limit for a warning (89M pixels), which
+    imp.open_image turns into a refusal, and under the one for an error (179M)."""
     chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 10000, 10000, 8, 2, 0, 0, 0))
             + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
 
 
@@ -611,8 +621,9 @@ def test_the_chat_page_in_a_browser(demo, browser, chat_answers):
     assert answer == expected[0]
     assert re.fullmatch(r"T_VE \d+\.\d+ s · S_prompt [\d.]+ tokens/s \(\d+ tokens\) · S_gen [\d.]+ tokens/s "
                         r"\(\d+ tokens\)", stats), stats
-    answer, _ = ask(second, 2)
-    assert answer == expected[1]  # the follow-up carries the history, and the image from the first turn
+    answer, stats = ask(second, 2)
+    assert answer == expected[1]
+    assert f"({follow_up_length(expected[0])} tokens)" in stats  # the history and the image went with it
     assert browser.evaluate("document.querySelectorAll('.question img').length") == 1
     if os.environ.get("NANOIMP_WRITE_SCREENSHOT") == "1":
         picture = base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"])
