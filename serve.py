@@ -63,8 +63,8 @@ Ctrl-C stops the server (exit code 0). Bad options: one line on stderr, exit cod
 
 
 class ImpReplies:
-    """The model behind one lock-free worker: check() may run in any thread (tokenizer and preprocessing only),
-    reply() only in the worker thread that owns the model."""
+    """Every call into the model. check() may run in any request thread (it only tokenizes and preprocesses);
+    reply() runs only in the worker thread, the one thread that owns the model."""
 
     def __init__(self, model, aspect, cache_dtype):
         self.model, self.aspect, self.cache_dtype = model, aspect, cache_dtype
@@ -89,7 +89,7 @@ class ImpReplies:
             yield from pieces
         finally:
             pieces.close()
-            stats.update(self.model.last_stats, total_seconds=time.perf_counter() - started)
+            stats.update(self.model.last_stats, total_seconds=time.perf_counter() - started)  # Imp.generate's timings
 
     @property
     def max_length(self) -> int:

@@ -19,7 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import zlib
 
 import pytest
@@ -32,7 +31,8 @@ DEMO = os.path.join(ROOT, "checkpoints", "demo")
 EXAMPLES = os.path.join(ROOT, "examples")
 SCREENSHOT = os.path.join(ROOT, "docs", "serve.png")
 THREADS = ["--threads", "1"]  # the same on both sides of every comparison with infer.py
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1",
+           NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")  # loopback only, whatever proxy the environment names
 ENV.pop("IMP_MODEL", None)
 
 
@@ -140,7 +140,8 @@ def infer_answers(*arguments, stdin=None) -> list:
 @pytest.fixture(scope="module")
 def client(demo):
     openai = pytest.importorskip("openai")
-    return openai.OpenAI(base_url=f"http://127.0.0.1:{demo.port}/v1", api_key="not-needed", max_retries=0)
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{demo.port}/v1", api_key="not-needed", max_retries=0,
+                         http_client=openai.DefaultHttpxClient(trust_env=False))  # no proxy from the environment
 
 
 def streamed(client, **arguments):
@@ -197,8 +198,8 @@ def follow_up_length(first_answer: str) -> int:
 def test_multi_turn_answers_as_infer_chat_does(client, chat_answers):
     """The history becomes Imp's multi-turn prompt exactly as in infer.py --chat (the image in the first turn)."""
     first, second, expected = FIRST, SECOND, chat_answers
-    messages = [dict(role="system", content="ignored: Imp's template has its own"), user(first, example("one_circle.png")),
-                dict(role="assistant", content=expected[0]), user(second)]
+    messages = [dict(role="system", content="ignored: Imp's template has its own"),
+                user(first, example("one_circle.png")), dict(role="assistant", content=expected[0]), user(second)]
     completion = client.chat.completions.create(model="demo", messages=messages)
     assert completion.choices[0].message.content == expected[1]
     # The demo answers the follow-up without the history too: the prompt's length shows that the history is there.
@@ -586,7 +587,10 @@ def browser(tmp_path):
         port_file = profile / "DevToolsActivePort"  # Chromium writes the port it picked here
         wait_until(lambda: port_file.exists() and port_file.read_text().strip(), 60, "Chromium starts")
         port = int(port_file.read_text().split()[0])
-        targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=30))
+        listing = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        listing.request("GET", "/json/list")
+        targets = json.loads(listing.getresponse().read())
+        listing.close()
         page = next(target for target in targets if target["type"] == "page")
         devtools = DevTools(page["webSocketDebuggerUrl"])
         yield devtools
@@ -657,5 +661,5 @@ def test_readme_examples_work(demo):
     curl, = [code for kind, code in blocks if kind == "bash" and code.startswith("curl")]
     if shutil.which("curl") is None:
         pytest.skip("no curl here to run README's curl example")
-    result = subprocess.run(["bash", "-c", here(curl)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(["bash", "-c", here(curl)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
     assert json.loads(result.stdout)["choices"][0]["message"]["content"] == "The circle is red."
