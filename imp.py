@@ -779,10 +779,18 @@ def load_image(path, notes=None) -> Image.Image:
         raise ImageError(f"{path}: no such file")
     if os.path.isdir(path):
         raise ImageError(f"{path}: is a folder, not an image")
+    return open_image(path, path, notes)
+
+
+def open_image(source, name: str, notes=None) -> Image.Image:
+    """load_image's checks for a path or a file-like object (e.g. io.BytesIO of uploaded bytes); `name` is what
+    the messages call it."""
+    import warnings
+    path = name
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # refuse, do not just warn
-            image = Image.open(path)
+            image = Image.open(source)
             if getattr(image, "n_frames", 1) > 1:
                 image.seek(0)
                 if notes is not None:
