@@ -257,6 +257,7 @@ def generate_with_stats(model, input_ids, pixel_values, stats: dict, **settings)
             stats["prompt_seconds"] = first - prefill_started
         stats["token_ids"].append(token)
         stats["generated_tokens"] += 1
+        stats["generate_seconds"] = clock() - first  # so far: a caller may stop early
         yield token
     if stats["token_ids"]:
         stats["generate_seconds"] = clock() - first

@@ -71,7 +71,7 @@ class ImpReplies:
 
     def check(self, image, question, history):
         """-> prompt length in positions (text plus image patches); PromptTooLongError if no token would fit."""
-        input_ids, pixel_values = self.model.prepare_inputs(image, question, history, aspect=self.aspect)
+        input_ids, pixel_values = imp.prepare_inputs(self.model, image, question, history, aspect=self.aspect)
         image_positions = self.model.config.vision.num_patches - 1 if pixel_values is not None else 0  # <image> -> N
         length = input_ids.shape[1] + image_positions
         if length >= self.model.config.max_length:
@@ -80,16 +80,21 @@ class ImpReplies:
         return length
 
     def reply(self, image, question, history, settings: dict, stats: dict):
-        """Yield the answer as text pieces (Imp.stream); when the caller stops or the answer ends, `stats` holds
-        the paper's Table 4 timings of this call. Closing the generator stops the generation after this token."""
+        """Yield the answer as text pieces, as infer.py streams them; when the caller stops or the answer ends,
+        `stats` holds the paper's Table 4 timings of this call (infer.generate_with_stats). Closing the generator
+        stops the generation after this token."""
         started = time.perf_counter()
-        pieces = self.model.stream(image, question, history, aspect=self.aspect, cache_dtype=self.cache_dtype,
-                                   **settings)
+        input_ids, pixel_values = imp.prepare_inputs(self.model, image, question, history, aspect=self.aspect)
+        tokens = infer.generate_with_stats(self.model, input_ids, pixel_values, stats, cache_dtype=self.cache_dtype,
+                                           **settings)
+        pieces = imp.text_pieces(self.model.tokenizer, tokens)
         try:
             yield from pieces
         finally:
             pieces.close()
-            stats.update(self.model.last_stats, total_seconds=time.perf_counter() - started)  # Imp.generate's timings
+            tokens.close()
+            stats.pop("token_ids", None)
+            stats.update(total_seconds=time.perf_counter() - started)
 
     @property
     def max_length(self) -> int:
