@@ -301,13 +301,15 @@ def imp_config(release, layout, image_size, dtype, aspect, eos_token_id, vision_
 
 
 def write_imp(folder, release="imp-v1-3b", phi=None, siglip=None, mm=None, post_layernorm=True,
-              dtype=torch.float16, aspect="square", eos_token_id=EOS, image_token_in_tokenizer=True):
+              dtype=torch.float16, aspect="square", eos_token_id=EOS, image_token_in_tokenizer=True,
+              tokenizer_json=False):
     """A MILVLG Imp release (RELEASES): 7 shards + index, config.json, generation_config.json, the remote-code
     files, and the tokenizer files (vocab.json, merges.txt, added_tokens.json with </s> and <image>,
     special_tokens_map.json, tokenizer_config.json; no tokenizer.json).
     Left open by what is known of the real files, so settable: post_layernorm (in the tower's tensors or not),
     dtype (v1.5: float16 or bfloat16), aspect ("square" or "pad"), eos_token_id (a folder written by the official
-    training code keeps Phi-2's, ENDOFTEXT), image_token_in_tokenizer (False: added_tokens.json lacks <image>)."""
+    training code keeps Phi-2's, ENDOFTEXT), image_token_in_tokenizer (False: added_tokens.json lacks <image>),
+    tokenizer_json (also a tokenizer.json, which the file lists seen do not show)."""
     image_size, layout = RELEASES[release]
     phi = phi or phi_model()
     siglip = siglip or siglip_model(image_size)
@@ -319,8 +321,8 @@ def write_imp(folder, release="imp-v1-3b", phi=None, siglip=None, mm=None, post_
         _from_model_config=True, bos_token_id=ENDOFTEXT, eos_token_id=eos_token_id, pad_token_id=ENDOFTEXT,
         transformers_version="4.31.0"))
     write_shards(folder, imp_tensors(phi, siglip, mm, layout, post_layernorm), 7, dtype)
-    write_tokenizer_files(folder, ("</s>", "<image>") if image_token_in_tokenizer else ("</s>",), eos="</s>",
-                          max_length=3072)
+    write_tokenizer_files(folder, ("</s>", "<image>") if image_token_in_tokenizer else ("</s>",), tokenizer_json,
+                          eos="</s>", max_length=3072)
     for name in ("configuration_imp.py", "modeling_imp.py", "vision_encoder.py"):  # trust_remote_code; never run
         write_text(os.path.join(folder, name), f'"""{name} of {release} (remote code; a loader must not run it)."""\n'
                                                "raise RuntimeError('remote code executed')\n")

@@ -87,6 +87,8 @@ def hub(tmp_path_factory):
                                          siglip=siglip if release != "Imp-v1.5-3B-196" else None)
     folders["no-post-layernorm"] = rep.write_imp(str(root / "no-post-layernorm"), phi=phi, siglip=siglip,
                                                  post_layernorm=False)
+    folders["tokenizer-json"] = rep.write_imp(str(root / "tokenizer-json"), phi=phi, siglip=siglip,
+                                              tokenizer_json=True)
     folders["bfloat16-pad"] = rep.write_imp(str(root / "bfloat16-pad"), "Imp-v1.5-3B-Phi2", phi=phi, siglip=siglip,
                                             dtype=torch.bfloat16, aspect="pad")
     folders["root"], folders["phi"], folders["vision"] = root, phi, siglip
@@ -141,6 +143,25 @@ def test_every_release_loads_with_the_published_weights(hub, release):
     assert len(model.vision.layers) == rep.VISION["num_hidden_layers"] - 1  # the last SigLIP layer is not in them
     assert model.config.image_aspect_ratio == ("pad" if release == "bfloat16-pad" else "square")
     assert (model.config.image_token_index, model.config.eos_token_id) == (rep.IMAGE, rep.EOS)
+
+
+def test_tokenizer_json_or_not_the_same_ids(hub, photo):
+    """The Imp file lists show vocab.json + merges.txt + added_tokens.json; with a tokenizer.json as well, the
+    loader reads that one: both must give the same ids (Phi-2's whitespace runs, </s>, the image)."""
+    prompt = imp.build_prompt("Two  spaces,\t\ttabs.", [("Hi.", "Hello.")], with_image=True)
+    tokenizers = [imp.load_tokenizer(hub[name]) for name in ("imp-v1-3b", "tokenizer-json")]
+    ids = [imp.tokenize_prompt(t, prompt, rep.IMAGE, num_images=1) for t in tokenizers]
+    assert ids[0] == ids[1] and rep.EOS in ids[0] and rep.ENDOFTEXT + 1 + rep.WHITESPACE.index("\t\t") in ids[0]
+
+
+def test_legacy_config_that_only_names_its_tower():
+    """Whether the legacy config.json carries vision_tower_config is not known; without it, the tower's name
+    decides the image size and the SO400M sizes apply (a config-only check: such a folder is full size)."""
+    for release, size in (("imp-v1-3b", 384), ("Imp-v1.5-3B-196", 196)):
+        fields = rep.imp_config(release, "legacy", size, torch.float16, "square", rep.EOS, vision_tower_config=False)
+        config = imp.ImpConfig.from_dict(fields)
+        assert (config.vision.image_size, config.vision.hidden_size, config.vision.num_layers_kept) == (size, 1152, 26)
+        assert config.text.hidden_size == rep.PHI["hidden_size"] and config.text.intermediate_size == 4 * 160
 
 
 def test_both_namings_of_imp_v1_3b_load_the_same_model(hub):
