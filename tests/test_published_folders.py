@@ -1,5 +1,6 @@
 """Every program on replicas of the published folders (tests/replicas.py): file for file as on the Hub, with the
-files and tensors our loader does not need, tiny random weights. Subprocesses of the real CLIs, small settings.
+files and tensors our loader does not need, tiny random weights. The real CLIs with small settings: as subprocesses
+once per program (an interpreter start costs seconds on a 2-core machine), their main() in this process elsewhere.
 
 Three groups: the program paths (infer, train stage 1 from phi-2 + siglip, stage 2 LoRA, merge, quant, bench);
 behaving as the official code does (stop at "</s>", the image where the prompt's "<image>" is with any tokenizer, a
