@@ -596,10 +596,10 @@ class Imp(nn.Module):
         is_image = self.is_image(input_ids)
         token_embeddings = self.llm.embed_tokens(input_ids.masked_fill(is_image, 0))  # (B, T, C)
         num_images = int(is_image.sum())
-        if num_images == 0:
+        given = 0 if image_features is None else image_features.shape[0]
+        if num_images == 0 and given == 0:
             return token_embeddings, labels
-        if image_features is None or image_features.shape[0] != num_images:
-            given = 0 if image_features is None else image_features.shape[0]
+        if given != num_images:
             raise ValueError(f"the prompt has {num_images} <image> tokens but {given} images were given")
         # Per-row views (unbind): slicing the batched tensors instead would make every slice's backward fill a
         # whole-batch zero tensor, a cost that grows with the square of the batch size.
@@ -643,7 +643,11 @@ class Imp(nn.Module):
         return self.llm(input_ids=input_ids, start=position, cache=cache, last_only=True)[0, -1]
 
     def stop_ids(self) -> set:
-        return {self.config.eos_token_id}
+        """Generation stops at the config's eos and at "</s>" by the tokenizer's id: Imp ends every answer with
+        "</s>", but folders written by the official training code keep Phi-2's config (eos 50256, <|endoftext|>),
+        and the official evaluation stops on the string "</s>"."""
+        end_of_answer = self.tokenizer.token_to_id("</s>") if self.tokenizer is not None else None
+        return {self.config.eos_token_id} | ({end_of_answer} if end_of_answer is not None else set())
 
     @torch.inference_mode()
     def generate(self, input_ids=None, pixel_values=None, max_new_tokens=256, temperature=0.0, top_k=0, top_p=1.0,
@@ -880,6 +884,36 @@ def build_prompt(question: str, history=(), with_image=True) -> str:
 SPECIAL_TOKENS = ("<|endoftext|>", "</s>", "<image>")  # skipped when decoding answers
 
 
+def tokenize_prompt(tokenizer, prompt: str, image_token_id: int, num_images: int | None = None) -> list:
+    """A prompt's token ids the official way (tokenizer_image_token): split the text on the string "<image>",
+    tokenize the pieces, and put image_token_id between them. So the image goes where the prompt puts it with any
+    tokenizer, whether it has "<image>" as a token or not. num_images: only the first num_images "<image>" are
+    images (the template puts its placeholder before any user text); later ones are the user's text, kept as text."""
+    pieces = prompt.split(IMAGE_PLACEHOLDER, -1 if num_images is None else num_images)
+    if num_images is not None and len(pieces) - 1 < num_images:
+        raise ValueError(f"{num_images} image(s) but only {len(pieces) - 1} {IMAGE_PLACEHOLDER} in the prompt")
+    ids = []
+    for index, piece in enumerate(pieces):
+        if index:
+            ids.append(image_token_id)
+        ids += encode_text(tokenizer, piece)
+    return ids
+
+
+def encode_text(tokenizer, text: str) -> list:
+    """Token ids of text in which "<image>" is only text, also where the tokenizer has it as a special token."""
+    ids = []
+    for index, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
+        if index:  # the literal string, spelled by the BPE like any other text
+            before, tokenizer.encode_special_tokens = tokenizer.encode_special_tokens, True
+            try:
+                ids += tokenizer.encode(IMAGE_PLACEHOLDER).ids
+            finally:
+                tokenizer.encode_special_tokens = before
+        ids += tokenizer.encode(piece).ids
+    return ids
+
+
 def load_tokenizer(path):
     """A tokenizers.Tokenizer from a checkpoint folder: tokenizer.json when present, otherwise rebuilt from the
     GPT-2/CodeGen files vocab.json + merges.txt (+ added_tokens.json), which is what the Imp releases ship."""
@@ -941,7 +975,8 @@ def prepare_inputs(model: Imp, image=None, question="", history=(), aspect=None)
         raise CheckpointError("this model has no tokenizer: load it from a folder with tokenizer files")
     prompt = build_prompt(question, history, with_image=image is not None)
     device = model.llm.final_layernorm.weight.device
-    input_ids = torch.tensor([model.tokenizer.encode(prompt).ids], device=device)
+    ids = tokenize_prompt(model.tokenizer, prompt, model.config.image_token_index, num_images=int(image is not None))
+    input_ids = torch.tensor([ids], device=device)
     pixel_values = None
     if image is not None:
         size, mode = model.config.vision.image_size, aspect or model.config.image_aspect_ratio
@@ -1139,7 +1174,8 @@ def load_weights(model: nn.Module, checkpoint: Checkpoint, table: dict, unused: 
     def targets_of(key):
         if key in table:
             return table[key]
-        module_key, attribute = key.rsplit(".", 1)  # quantized layers store e.g. "<layer>.qweight", "<layer>.scales"
+        # Quantized layers store e.g. "<layer>.qweight", "<layer>.scales"; SiglipModel's "logit_scale" has no dot.
+        module_key, _, attribute = key.rpartition(".")
         if module_key + ".weight" in table and attribute not in ("weight", "bias"):
             return [(table[module_key + ".weight"][0][0].rsplit(".", 1)[0] + "." + attribute, None)]
         return None

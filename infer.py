@@ -341,7 +341,7 @@ def explain_before(model, image, question, args):
     say = lambda step, text: print(f"[{step}] {text}", file=sys.stderr)
     config, timer = model.config, time.perf_counter
     prompt = imp.build_prompt(question, with_image=image is not None)  # the official phi2 template
-    prompt_length = len(model.tokenizer.encode(prompt).ids)
+    prompt_length = len(imp.tokenize_prompt(model.tokenizer, prompt, config.image_token_index, int(image is not None)))
     if image is not None:
         size, aspect = config.vision.image_size, args.aspect or config.image_aspect_ratio
         say("image    ", f"{image.size[0]}x{image.size[1]} {image.mode}, as displayed (EXIF rotation applied, if any) -> RGB")

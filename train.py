@@ -187,12 +187,25 @@ def format_plain(conversations, has_image, where):
     return text, [(len(prefix), len(text))]
 
 
-def tokenize(tokenizer, text, spans):
-    """Token ids and labels: a token is learned when it starts inside a supervised span, else IGNORE_INDEX."""
-    encoding = tokenizer.encode(text)
+def tokenize(tokenizer, text, spans, image_token_id=None):
+    """Token ids and labels: a token is learned when it starts inside a supervised span, else IGNORE_INDEX.
+    As the official tokenizer_image_token, the text is split on the string "<image>" and image_token_id (default:
+    the tokenizer's "<image>") put between the pieces, so the image sits where the text says with any tokenizer."""
+    if image_token_id is None:
+        image_token_id = tokenizer.token_to_id(imp.IMAGE_PLACEHOLDER)
+    ids, offsets, start = [], [], 0
+    for index, piece in enumerate(text.split(imp.IMAGE_PLACEHOLDER)):
+        if index:
+            ids.append(image_token_id)
+            offsets.append(start)
+            start += len(imp.IMAGE_PLACEHOLDER)
+        encoding = tokenizer.encode(piece)
+        ids += encoding.ids
+        offsets += [start + offset for offset, _ in encoding.offsets]
+        start += len(piece)
     labels = [token if any(start <= offset < end for start, end in spans) else IGNORE_INDEX
-              for token, (offset, _) in zip(encoding.ids, encoding.offsets)]
-    return encoding.ids, labels
+              for token, offset in zip(ids, offsets)]
+    return ids, labels
 
 
 def load_dataset(path, image_folder, tokenizer, config: ImpConfig, template, max_length, strict, log=print):
@@ -224,7 +237,7 @@ def load_dataset(path, image_folder, tokenizer, config: ImpConfig, template, max
         if image is None and text_has_image:
             raise DataError(f"{where}: the text has <image> but the record names no image")
         format_text = format_plain if template == "plain" else format_phi2
-        ids, labels = tokenize(tokenizer, *format_text(record["conversations"], image is not None, where))
+        ids, labels = tokenize(tokenizer, *format_text(record["conversations"], image is not None, where), image_id)
         images_in_ids = ids.count(image_id)
         if images_in_ids != (image is not None):
             raise DataError(f"{where}: expected {int(image is not None)} <image> tag, found {images_in_ids}")
