@@ -404,10 +404,14 @@ class PhiAttention(nn.Module):
         q, k, v = self.project(x, rotary)
         if cache is not None:
             k, v = cache.update(start, k, v)  # (B, H, start+T, 80): the new keys appended to the earlier ones
-        # In the cache's dtype, which may be 16-bit for a float32 model: no float32 copy of the whole cache at every
-        # step (the fused kernel multiplies and sums in float32 either way), and the result is cast back.
-        out = attention(q.to(k.dtype), k, v, causal=True).to(x.dtype)  # (B, H, T, 80)
+        out = self.attend(q, k, v).to(x.dtype)  # (B, H, T, 80)
         return self.dense(out.transpose(1, 2).reshape(B, T, C))
+
+    def attend(self, q, k, v):
+        """Causal attention of the queries over all keys so far. In the keys' dtype, which a 16-bit cache makes
+        16-bit for a float32 model too: no float32 copy of the whole cache (the fused kernel multiplies and sums
+        in float32 either way)."""
+        return attention(q.to(k.dtype), k, v, causal=True)
 
 
 class PhiMLP(nn.Module):

@@ -295,9 +295,22 @@ def print_stats(stats: dict, total_seconds: float, load_seconds: float, model, a
         f"S_gen               {speed(stats['generated_tokens'], stats['generate_seconds'])}   "
         f"decode in {stats['generate_seconds']:.2f} s",
         f"T_total             {total_seconds:8.2f} s     preprocessing + T_VE + prefill + decode",
+        f"KV cache            {kv_cache_line(model, args, stats)}",
         f"peak RSS            {peak_kib / 1024**2:8.2f} GiB",
     ]
     print("\n".join(lines), file=sys.stderr)
+
+
+def kv_cache_line(model, args, stats) -> str:
+    """The cache's dtype and size at the end of this answer, and how decode attention reads it: memory vs speed."""
+    text = model.config.text
+    dtype = args.cache_dtype or next(p.dtype for p in model.llm.parameters() if p.is_floating_point())
+    positions = stats["prompt_tokens"] + stats["generated_tokens"]
+    size = 2 * text.num_hidden_layers * positions * text.hidden_size * dtype.itemsize
+    attention = model.llm.layers[0].self_attn
+    path = ("products in float32 (kernels.DecodeAttention)" if isinstance(attention, kernels.DecodeAttention)
+            and dtype in (torch.float16, torch.bfloat16) else f"the fused kernel in {str(dtype)[6:]}")
+    return f"{str(dtype)[6:]}, {size / 1e9:.2f} GB for {positions} positions; decode attention: {path}"
 
 
 def run_single(model, image, question, args, load_seconds):

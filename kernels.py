@@ -7,7 +7,8 @@ it never changes the meaning of. A program switches it on with one call:
 
 Without that call everything works, the readable way, slower. What enable() does, each chosen by a capability
 check made once, and each pinned to the readable path by a test (tests/test_kernels.py, tests/test_quant.py):
-  1. Phi-2's MLP computes its GELU in place when autograd is off (one (T, 10240) tensor fewer at prefill).
+  1. Phi-2's MLP computes its GELU in place when autograd is off (one (T, 10240) tensor fewer at prefill), and
+     its decode attention over a 16-bit KV cache multiplies in float32, written out (faster than the fused kernel).
   2. On CPUs without native bfloat16, a bfloat16 decode step multiplies each weight by its single row with
      torch.addmv (matrix x vector), which reads the weight faster than F.linear's general product there.
   3. QuantLinear layers become PackedQuantLinear: torch's packed int8 / int4 CPU kernels for decode (up to
@@ -41,6 +42,8 @@ def enable(model: nn.Module, int8_activations: bool = False) -> str:
     for module in model.modules():
         if type(module) is imp.PhiMLP:
             module.__class__ = InPlaceGeluMLP  # the same tensors, another forward
+        elif type(module) is imp.PhiAttention:
+            module.__class__ = DecodeAttention
     if bfloat16_is_emulated():
         for name, module in model.named_modules():
             if type(module) is nn.Linear and not name.startswith(("vision", "connector")):
@@ -63,7 +66,7 @@ def enable(model: nn.Module, int8_activations: bool = False) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 1-2. Float models: in-place GELU, bfloat16 single rows.
+# 1-2. Float models: in-place GELU, decode attention over a 16-bit cache, bfloat16 single rows.
 
 
 @functools.cache
@@ -91,6 +94,19 @@ class InPlaceGeluMLP(imp.PhiMLP):
         if torch.is_grad_enabled():
             return super().forward(x)
         return self.fc2(torch.ops.aten.gelu_(self.fc1(x), approximate="tanh"))
+
+
+class DecodeAttention(imp.PhiAttention):
+    """imp.PhiAttention whose decode step (one query row) over a 16-bit KV cache multiplies in float32, written out:
+    torch's fused attention kernel runs its 16-bit CPU path several times slower than the same products on the
+    cache converted to float32 (docs/benchmarks.md), and the conversion is cheaper than the difference. The
+    probabilities and the sums are float32 in both, so only the order of the additions differs."""
+
+    def attend(self, q, k, v):
+        if q.shape[-2] != 1 or k.dtype not in (torch.float16, torch.bfloat16) or k.device.type != "cpu":
+            return super().attend(q, k, v)
+        scores = (q.float() @ k.float().transpose(-2, -1)) * (q.shape[-1] ** -0.5)  # (B, H, 1, T): one row
+        return torch.softmax(scores, dim=-1) @ v.float()  # no mask: the one new token sees every cached one
 
 
 class RowVectorLinear(nn.Linear):

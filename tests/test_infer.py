@@ -177,10 +177,12 @@ def test_stats_prints_the_table_4_figures(capsys, models, images):
     code, out, err = call(capsys, "--model", models["chatty"], "--stats", images / "photo.png", "What?",
                           "--max-new-tokens", 6)
     assert (code, out) == (0, "aaaaaa\n")
-    figures = {line.split()[0] + (" " + line.split()[1] if line.split()[1] in ("load", "tokens", "RSS") else ""): line
+    figures = {line.split()[0] + (" " + line.split()[1] if line.split()[1] in ("load", "tokens", "RSS", "cache") else ""): line
                for line in err.splitlines()[1:]}
     assert set(figures) == {"model load", "T_VE", "prompt tokens", "S_prompt", "generated tokens", "S_gen",
-                            "T_total", "peak RSS"}
+                            "T_total", "KV cache", "peak RSS"}
+    positions = int(figures["prompt tokens"].split()[2]) + 6
+    assert f"float32, 0.00 GB for {positions} positions; decode attention: the fused kernel in float32" in figures["KV cache"]
     prompt_tokens = int(figures["prompt tokens"].split()[2])
     assert prompt_tokens > 16  # the 16 image embeddings of a 56-px image are counted as prompt tokens
     assert int(figures["generated tokens"].split()[2]) == 6

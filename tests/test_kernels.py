@@ -120,3 +120,21 @@ def test_enable_chooses_the_row_vector_product_by_capability(monkeypatch, emulat
     assert llm_linears and all(isinstance(m, kernels.RowVectorLinear) == emulated for m in llm_linears)
     assert not any(isinstance(m, kernels.RowVectorLinear) for m in model.vision.modules())  # many rows there
     assert all(type(m) is kernels.InPlaceGeluMLP for m in model.llm.modules() if isinstance(m, imp.PhiMLP))
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16])
+def test_decode_attention_over_a_16_bit_cache_equals_the_fused_kernel(cache_dtype):
+    attention = tiny_imp().llm.layers[0].self_attn
+    generator = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 2, 1, 32, generator=generator)  # one decode row, float32 (the model's dtype)
+    k, v = (torch.randn(1, 2, 40, 32, generator=generator).to(cache_dtype) for _ in range(2))
+    readable = attention.attend(q, k, v).float()
+    attention.__class__ = kernels.DecodeAttention
+    fast = attention.attend(q, k, v)
+    assert fast.dtype == torch.float32
+    exact = torch.softmax((q.double() @ k.double().transpose(-2, -1)) / 32 ** 0.5, -1) @ v.double()
+    # both are float32 sums of the same 16-bit numbers; the fused kernel rounds q to the cache's dtype first
+    assert (fast.double() - exact).abs().max() < 1e-5
+    assert (readable.double() - exact).abs().max() < (1e-2 if cache_dtype == torch.bfloat16 else 2e-3)
+    two_rows = torch.randn(1, 2, 2, 32, generator=generator)  # a prompt chunk: the readable (causal) path
+    assert torch.equal(attention.attend(two_rows, k, v), imp.attention(two_rows.to(cache_dtype), k, v, causal=True))
