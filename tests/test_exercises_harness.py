@@ -41,3 +41,10 @@ def test_reference_solutions_pass_every_test():
     assert result.returncode == 0, output[-3000:]
     passed = int(re.search(r"(\d+) passed", output).group(1))
     assert passed >= 2 * len(EXERCISES) and "failed" not in output, output[-3000:]
+
+
+def test_course_solutions_page_shows_the_tested_code():
+    page = open(os.path.join(ROOT, "docs", "course-solutions.md"), encoding="utf-8").read()
+    for name in EXERCISES:
+        code = open(os.path.join(ROOT, "docs", "solutions", f"{name}.py"), encoding="utf-8").read().rstrip("\n")
+        assert code in page, f"docs/course-solutions.md does not show docs/solutions/{name}.py as it is"
