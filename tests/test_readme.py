@@ -103,6 +103,7 @@ def check_lora(workspace, result):
     for rank in (1, 8, 64):
         assert Image.open(workspace / "runs" / f"lora-r{rank}" / "loss.png").size == (900, 620)
         assert re.search(rf"rank +{rank}: mean loss of the first 50 steps [\d.]+, of the last 25 [\d.]+", result.stdout)
+    assert len(re.findall(r"^overall +\d+ +\d+ +[\d.]+%$", result.stdout, re.M)) == 3  # each rank evaluated
 
 
 def check_resolution(workspace, result):
