@@ -84,7 +84,7 @@ def parse_arguments(argv):
                         "bfloat16, else float32)")
     parser.add_argument("--quant", choices=("int8", "int4"), help="quantize the weights while loading (quant.py)")
     parser.add_argument("--int8-activations", action="store_true", help="with a quantized model (--quant or a "
-                        "quantized folder): run prefill and the vision tower as int8 x int8 products (quant.py "
+                        "quantized folder): run prefill and the vision tower as int8 x int8 products (kernels."
                         "set_int8_activations; ~2-3x faster there on CPUs with VNNI, numbers move by ~1%%)")
     parser.add_argument("--kv-cache", choices=("auto", *DTYPES), default="auto", help="dtype of the attention "
                         "cache (default auto: float16 for a quantized model computing in float32, which halves the "

@@ -63,7 +63,7 @@ LAYOUTS = ("grid", "free")
 PATCH = 14  # the demo's vision patch size: the "grid" layout puts every shape on whole 14-px cells
 # The demo's picture side: 4 x 4 cells of 14 px, so 16 image tokens. Fewer tokens make each training step cheaper
 # (twice as many steps fit the demo's 20 minutes as at 112 px, 8 x 8 = 64 tokens) and leave the decoder fewer
-# positions to search; README, "The demo model", has the runs that chose it.
+# positions to search; docs/demo-model.md has the runs that chose it.
 IMAGE_SIZE = 56
 
 
@@ -75,7 +75,7 @@ def make_scene(rng, image_size=IMAGE_SIZE, layout="grid"):
     Every patch of a circle then holds the same piece of a circle wherever the circle is, so a ViT's first layer (a
     linear map of one patch: imp.SigLIP.patch_embedding) can already tell a circle's edge from a square's corner.
     With "free" placement a small circle straddles several patches at any offset, and a from-scratch ViT of the
-    demo's size needs many times the demo's 20 minutes to learn shapes that way (README, "The demo model").
+    demo's size needs many times the demo's 20 minutes to learn shapes that way (docs/demo-model.md).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -156,7 +156,7 @@ def make_questions(rng, scene, position="half", image_size=IMAGE_SIZE):
     """One question per type that can be answered unambiguously for this scene, as dicts(type, question, answer).
 
     position "half" (the demo's) asks which half of the picture a named shape is in; "compare" asks which of two
-    shapes is on the left (or right), a comparison that no demo-sized run learnt (README, "The demo model"). Both
+    shapes is on the left (or right), a comparison that no demo-sized run learnt (docs/demo-model.md). Both
     are the "position" type."""
     if position not in POSITION_STYLES:
         raise ValueError(f"position must be one of {POSITION_STYLES}, got {position!r}")

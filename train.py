@@ -316,7 +316,7 @@ def spliced_length(sample, config: ImpConfig) -> int:
 def init_weights(module: nn.Module, std: float = 0.02):
     """Initialisation for training from scratch (the demo model): transformers' PhiPreTrainedModel default, N(0, 0.02)
     for every Linear and Embedding, here applied to the vision tower too. (SiglipPreTrainedModel would draw the
-    tower's position embeddings at std 1/sqrt(width), 0.088 at the demo's width: tried, no better; README.)"""
+    tower's position embeddings at std 1/sqrt(width), 0.088 at the demo's width: tried, no better; docs/demo-model.md.)"""
     for sub in module.modules():
         if isinstance(sub, (nn.Linear, nn.Conv2d)):
             nn.init.normal_(sub.weight, std=std)
@@ -347,7 +347,7 @@ def build_model(args) -> Imp:
                            max_length=spec["max_length"])
         model = Imp(config)
         init_weights(model)
-        if args.position_embedding_std:  # README, "The demo model": how loud "where" starts, next to "what"
+        if args.position_embedding_std:  # docs/demo-model.md: how loud "where" starts, next to "what"
             with torch.no_grad():
                 model.vision.position_embedding.weight.normal_(std=args.position_embedding_std)
         model.tokenizer = tokenizer
@@ -552,7 +552,7 @@ def parse_args(argv=None):
       --data blip_laion_cc_sbu_558k.json --image-folder llava/pretrain --out runs/stage1 --micro-batch-size 32
   torchrun --nproc_per_node=8 train.py --stage 2 --model runs/stage1 --data llava_v1_5_mix665k.json \\
       --image-folder llava/finetune --out runs/stage2 --micro-batch-size 4
-  # the demo model, from scratch on the synthetic shapes data (see README.md, "The demo model")
+  # the demo model, from scratch on the synthetic shapes data (see docs/demo-model.md)
   python train.py --stage 1 --full --train-vision --init-config demo --tokenizer data/shapes \\
       --data data/shapes/captions.json --image-folder data/shapes --out runs/m1 --lr 1.5e-3 \\
       --batch-size 32 --micro-batch-size 32 --max-steps 800 --max-length 256

@@ -1,5 +1,5 @@
 """README.md, run as a reader runs it: every code block marked <!-- README-test: NAME --> (the quick start, the
-figures command and the exercises) is executed with bash, in a scratch copy of the repository and against the demo
+figures command and the course's experiments) is executed with bash, in a scratch copy of the repository and against the demo
 model, so that the documentation cannot drift from the code. Nothing in the repository itself is touched.
 
 The commands run as written, except for these shortenings (the same commands on less data, about two minutes in
@@ -7,6 +7,7 @@ all): shapes.py makes 40 training and 10 test images, training stops after 2 ste
 questions, and `pip install` lines are skipped (the tests run offline). Besides exit status 0, each block's
 outcome is checked (CHECKS below). The data-path diagram is checked against the model configs as well.
 """
+import json
 import os
 import re
 import shutil
@@ -96,10 +97,13 @@ def check_rotary(workspace, result):
 
 def check_lora(workspace, result):
     trained = [float(number) for number in re.findall(r"([\d.]+)M of [\d.]+M parameters trained", result.stdout)]
-    assert len(trained) == 3 and trained[0] < trained[1] < trained[2]  # ranks 8, 64, 256
-    for rank in (8, 64, 256):
+    assert len(trained) == 3 and trained[0] < trained[1] < trained[2]  # ranks 1, 8, 64
+    records = json.load(open(workspace / "data" / "left-right" / "train.json"))
+    assert records and all(record["type"] == "position" and len(record["conversations"]) == 2 for record in records)
+    for rank in (1, 8, 64):
         assert Image.open(workspace / "runs" / f"lora-r{rank}" / "loss.png").size == (900, 620)
-    assert Image.open(workspace / "runs" / "lora-r8.png").size == (900, 620)
+        assert re.search(rf"rank +{rank}: mean loss of the first 50 steps [\d.]+, of the last 25 [\d.]+", result.stdout)
+    assert len(re.findall(r"^overall +\d+ +\d+ +[\d.]+%$", result.stdout, re.M)) == 3  # each rank evaluated
 
 
 def check_resolution(workspace, result):
@@ -140,7 +144,7 @@ def test_readme_diagram_matches_the_models():
 
 
 def test_readme_pictures_exist():
-    pictures = re.findall(r"(?:\]\(|src=\")(docs/[\w.-]+)", open(README, encoding="utf-8").read())
-    assert len(pictures) >= 3
+    pictures = re.findall(r"(?:\]\(|src=\")(docs/[\w.-]+\.png)", open(README, encoding="utf-8").read())
+    assert len(pictures) >= 7  # the four diagrams, the heat map, the two loss curves
     for picture in pictures:
         assert Image.open(os.path.join(ROOT, picture)).format == "PNG", picture

@@ -295,7 +295,7 @@ def load_tool(name):
 
 
 def test_position_probe_reads_the_column_and_nothing_else():
-    """tools/probe_position.py (README, "The demo model"): position vectors that encode the column give R² ~1 at the
+    """tools/probe_position.py (docs/demo-model.md): position vectors that encode the column give R² ~1 at the
     "+ position embedding" stage, ones that encode only the row give ~0 there (or below: a least-squares fit on few
     pictures does worse than the mean on new ones), whatever the patches show."""
     import torch
@@ -332,7 +332,7 @@ def test_position_probe_command_line(capsys):
 
 
 def test_left_right_decoder_builds_what_it_says():
-    """tools/left_right_decoder.py (README, "The demo model"): its hand-made image tokens hold each patch's shape and
+    """tools/left_right_decoder.py (docs/demo-model.md): its hand-made image tokens hold each patch's shape and
     colour where the scene puts them plus a clean column ramp, and the deciding answer token is the right word."""
     import torch
     import imp

@@ -19,7 +19,7 @@ single question type from these tokens, in the phi2 template, at the demo's stag
 Every --eval-every steps it prints the loss and the held-out accuracy of the one answer token that decides (the
 shape for compare, the side for side): 50% is a coin flip.
 
-What it shows (README, "The demo model"): the model sits at chance for a number of steps that is luck (seeds 2, 1
+What it shows (docs/demo-model.md): the model sits at chance for a number of steps that is luck (seeds 2, 1
 and 0: about 400, 550 and more than 1500), then learns the task within about a hundred. The demo's 20-minute recipe,
 where left/right is one question type of six and the column has to be learnt by the tower as well, never gets there.
 """

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """
-make_figures.py: regenerate every picture in README.md, and its data-path diagram, from the model files.
+make_figures.py: regenerate README.md's heat map and loss curves, and its data-path diagram, from the model files
+(the four diagrams of the course are tools/draw_diagrams.py's).
 
     python tools/make_figures.py            (about 10 seconds on a laptop CPU)
 
@@ -8,7 +9,7 @@ writes
     docs/attention-demo.png    two questions to the demo model: the picture, and where the answer looked
                                (visualize.answer_attention: mean over all layers, heads and answer tokens)
     docs/loss-stage1.png       the demo's training curves, drawn from runs/m1/log.jsonl and runs/m2/log.jsonl
-    docs/loss-stage2.png       (the folders README's "The demo model" recipe writes; skipped, with a note, when
+    docs/loss-stage2.png       (the folders docs/demo-model.md's recipe writes; skipped, with a note, when
                                they are not there: the logs are not part of the repository)
     README.md                  the diagram between the "data-path diagram" markers, with the shapes of Imp-3B
                                (imp.py's defaults) and of the demo model (its config.json), side by side

@@ -11,7 +11,7 @@ on the demo's 4 x 4 grid, 0 .. 7 on the 8 x 8 grid of 112-px pictures) on half o
 the other half: 1.0 means the column can be read off the vectors linearly, 0.0 means not at all. Two columns of figures: over all patches, and over the patches a
 shape covers (background patches differ only in where they are, so the first is mostly about the position vectors).
 
-This is how the README's demo section found why an earlier demo (112-px pictures, 64 image tokens) answered
+This is how the demo's history (docs/demo-model.md) found why an earlier demo (112-px pictures, 64 image tokens) answered
 left/right questions at chance: the column was nearly absent from its image tokens. Pictures come from shapes.py
 (grid layout, drawn at the model's own image size) on a seed stream of their own; the model must cut its pictures
 into shapes.py's 14-px cells, as the demo configs do.
