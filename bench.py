@@ -24,8 +24,8 @@ GEMMs); decode is the same as without.
 
 Decode is memory-bound: every new token reads all Linear weights of the language model (lm_head included, the
 embedding not; quantized ones in the packed kernel's layout, which is what it reads) plus the KV cache. A stream
-test (torch.sum over a large float32 tensor, best of 5, same threads) measures the read bandwidth right before
-each precision runs, and
+test (torch.sum, torch.mv and torch.amax over a large float32 tensor, the best of 5 runs of each, same threads)
+measures the read bandwidth right before each precision runs, and
     roofline tok/s = bandwidth / bytes read per token,   roofline_fraction = measured tok/s / roofline tok/s.
 On a shared machine bandwidth swings from minute to minute: compare figures taken in one run.
 
@@ -142,15 +142,21 @@ def parse_arguments(argv):
 
 
 def memory_bandwidth(gigabytes: float, repeats: int = 5) -> float:
-    """Read bandwidth in bytes/s: torch.sum over a float32 tensor of that size (far past the caches), best run."""
+    """Read bandwidth in bytes/s over a float32 tensor of that size (far past the caches): the best run of the best
+    of several readers. One reader alone understates what the memory gives (torch.sum's reduction is not the
+    fastest loop over memory), and a roofline is only meaningful against the best bandwidth this machine reaches."""
     x = torch.empty(int(gigabytes * GB / 4), dtype=torch.float32).fill_(1.0)
+    matrix = x[:x.numel() // 4096 * 4096].view(-1, 4096)  # read as a decode step reads a weight: matrix x vector
+    vector = torch.ones(4096)
+    readers = (lambda: x.sum(), lambda: torch.mv(matrix, vector), lambda: x.amax())
     best = math.inf
     for _ in range(repeats):
-        started = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - started)
+        for read in readers:
+            started = time.perf_counter()
+            read()
+            best = min(best, time.perf_counter() - started)
     nbytes = x.numel() * 4
-    del x
+    del x, matrix
     return nbytes / best
 
 
@@ -605,8 +611,9 @@ def run(argv) -> int:
     machine = dict(cpu=cpu_name(), threads=args.threads, torch=torch.__version__,
                    best_cpu_dtype=str(kernels.best_cpu_dtype()).replace("torch.", ""),
                    bandwidth_bytes_s=memory_bandwidth(0.125 if args.quick else 1.0))
-    print(f"memory read bandwidth (torch.sum, {args.threads} threads): {machine['bandwidth_bytes_s'] / GB:.1f} GB/s "
-          f"(each row re-measures it before and after its query and uses the better)", flush=True)
+    print(f"memory read bandwidth (best of torch.sum / mv / amax, {args.threads} threads): "
+          f"{machine['bandwidth_bytes_s'] / GB:.1f} GB/s (each row re-measures it before and after its query and uses "
+          f"the better)", flush=True)
     if config is not None:
         print(f"query: 1 image ({config.vision.num_patches} tokens) + {TEXT_TOKENS} text tokens, "
               f"{args.new_tokens} new tokens", flush=True)

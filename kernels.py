@@ -29,8 +29,8 @@ import quant
 from quant import padded_in_features, pack_int4, unpack_int4
 
 KERNEL_DTYPE = torch.bfloat16  # the activation dtype the packed kernels are fast with
-# Up to this many rows (tokens) the packed kernels beat dequantize + F.linear: they cost ~2 ms per row of Phi-2's
-# fc1, dequantizing 100-300 ms per call whatever the rows, so they cross near 130 (int8) and 250 (int4) rows.
+# Up to this many rows (tokens) the packed kernels beat dequantize + F.linear: their cost grows with the rows, that
+# of dequantizing does not, and the two cross at a few hundred rows (docs/quantization.md has the measurements).
 # Decode has 1 row, an image prompt ~770: 64 keeps a margin on both sides.
 FAST_PATH_MAX_ROWS = 64
 ACTIVATION_CHUNK = 2**18  # int8 activations: quantized this many at a time, a 1 MB float32 temporary (L2 cache)

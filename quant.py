@@ -194,13 +194,15 @@ class QuantizedModule(nn.Module):
         """One clear ValueError, naming the tensor, for anything that is not exactly the stored format."""
         expected = self.expected_buffers()
         if name not in expected:  # e.g. zero points for a layer whose config says scheme "symmetric"
-            raise ValueError(f"{prefix}{name}: unexpected; with bits={self.bits}, scheme={getattr(self, 'scheme', None)}"
+            scheme = getattr(self, "scheme", None)
+            raise ValueError(f"{prefix}{name}: unexpected; with bits={self.bits}, scheme={scheme}"
                              f" a layer stores only {', '.join(expected)} (the checkpoint does not match its config)")
         shape, dtype = expected[name]
         if tensor.is_meta:
             raise ValueError(f"{prefix}{name}: never loaded (still on the meta device)")
         if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
-            raise ValueError(f"{prefix}{name}: expected {describe(dtype, shape)}, got {describe(tensor.dtype, tensor.shape)}")
+            raise ValueError(f"{prefix}{name}: expected {describe(dtype, shape)}, "
+                             f"got {describe(tensor.dtype, tensor.shape)}")
 
     def check_buffers(self, prefix=""):
         for name, tensor in self._buffers.items():
@@ -220,7 +222,8 @@ class QuantizedModule(nn.Module):
         super()._apply(fn, recurse)
         probe = fn(torch.empty(0, dtype=self.output_dtype))  # what .to() does to a float tensor: device and dtype
         for name, tensor in kept.items():
-            self._buffers[name] = torch.empty_like(tensor, device=probe.device) if tensor.is_meta else tensor.to(probe.device)
+            moved = torch.empty_like(tensor, device=probe.device) if tensor.is_meta else tensor.to(probe.device)
+            self._buffers[name] = moved
         self.output_dtype = probe.dtype
         return self
 
@@ -302,7 +305,8 @@ class QuantEmbedding(QuantizedModule):
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding) -> "QuantEmbedding":
         module = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.weight.device, embedding.weight.dtype)
-        module._buffers["qweight"], module._buffers["scales"] = in_row_slices(quantize_int8, embedding.weight.detach())[:2]
+        qweight, scales, _ = in_row_slices(quantize_int8, embedding.weight.detach())
+        module._buffers["qweight"], module._buffers["scales"] = qweight, scales
         return module
 
     def dequantize(self, start=0, end=None):
@@ -547,7 +551,7 @@ def libc():
 def give_back_freed_memory():
     """Return freed heap memory to the OS (glibc's malloc_trim; a no-op elsewhere). The converter keeps every small
     output and frees large temporaries between them; glibc only trims the heap's top by itself, so without this the
-    freed holes pile up (converting Imp-3B reached 4-10 GB of resident memory instead of ~1.3x its output)."""
+    freed holes pile up and the converter's memory grows to several times its output (docs/quantization.md)."""
     if libc() is not None and hasattr(libc(), "malloc_trim"):
         libc().malloc_trim(0)
 
@@ -560,8 +564,10 @@ def eval_samples():
     """A fixed prompt set: text questions, and questions about two drawn images (no files needed)."""
     from PIL import Image, ImageDraw
     images = []
-    for shapes in ([("ellipse", (40, 40, 180, 180), (220, 40, 40))],
-                   [("rectangle", (30, 200, 150, 320), (40, 80, 220)), ("ellipse", (220, 60, 350, 190), (40, 170, 60))]):
+    red_circle = [("ellipse", (40, 40, 180, 180), (220, 40, 40))]
+    blue_square_green_circle = [("rectangle", (30, 200, 150, 320), (40, 80, 220)),
+                                ("ellipse", (220, 60, 350, 190), (40, 170, 60))]
+    for shapes in (red_circle, blue_square_green_circle):
         image = Image.new("RGB", (384, 384), (245, 245, 240))
         draw = ImageDraw.Draw(image)
         for kind, box, color in shapes:
@@ -607,7 +613,8 @@ def evaluate(model_dir, bits=4, group_size=DEFAULT_GROUP_SIZE, include_vision=Fa
         input_ids, pixel_values = imp.prepare_inputs(model, image, question)
         answer = list(model.generate(input_ids, pixel_values, max_new_tokens=new_tokens))
         full = torch.cat((input_ids, torch.tensor([answer], dtype=input_ids.dtype)), dim=1)
-        references.append((input_ids, pixel_values, full, answer, answer_log_probs(model, full, pixel_values, len(answer))))
+        log_probs = answer_log_probs(model, full, pixel_values, len(answer))
+        references.append((input_ids, pixel_values, full, answer, log_probs))
         say(f"float32: {question!r} -> {model.tokenizer.decode(answer)!r}")
     errors = {}  # layer type -> relative errors of its weights
 

@@ -19,6 +19,15 @@ SIGLIP = dict(hidden_size=144, intermediate_size=200, num_hidden_layers=3, num_a
 IMAGE_TOKEN, EOS, PAD = 319, 318, 0
 
 
+def image_prompt(batch=2, length=12, seed=0):
+    """Random token ids with an <image> at position 3, and random pictures in [-1, 1] to go with them."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, EOS, (batch, length), generator=generator)
+    ids[:, 3] = IMAGE_TOKEN
+    pixels = torch.rand(batch, 3, 56, 56, generator=generator) * 2 - 1
+    return ids, pixels
+
+
 def scramble(model, seed, std=0.08):
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -58,6 +67,23 @@ def imp_config(legacy=False):
     return dict(common, **PHI, hidden_act="gelu_new")
 
 
+def legacy_phi_tensors(state):
+    """PhiForCausalLM's state dict -> the MixFormer names of the first Imp releases (fused Wqkv rows [Q; K; V])."""
+    layers = 1 + max(int(key.split(".")[2]) for key in state if key.startswith("model.layers."))
+    tensors = {"transformer.embd.wte.weight": state["model.embed_tokens.weight"]}
+    for p in ("weight", "bias"):
+        tensors[f"lm_head.ln.{p}"] = state[f"model.final_layernorm.{p}"]
+        tensors[f"lm_head.linear.{p}"] = state[f"lm_head.{p}"]
+        for i in range(layers):
+            old, new = f"transformer.h.{i}", f"model.layers.{i}"
+            tensors[f"{old}.ln.{p}"] = state[f"{new}.input_layernorm.{p}"]
+            tensors[f"{old}.mixer.Wqkv.{p}"] = torch.cat([state[f"{new}.self_attn.{n}_proj.{p}"] for n in "qkv"])
+            tensors[f"{old}.mixer.out_proj.{p}"] = state[f"{new}.self_attn.dense.{p}"]
+            tensors[f"{old}.mlp.fc1.{p}"] = state[f"{new}.mlp.fc1.{p}"]
+            tensors[f"{old}.mlp.fc2.{p}"] = state[f"{new}.mlp.fc2.{p}"]
+    return tensors
+
+
 def imp_tensors(phi, siglip, mm, legacy=False, keep_post_layernorm=True):
     """The state dict of an Imp checkpoint as the official code would save it."""
     top = "transformer." if legacy else "model."
@@ -76,17 +102,7 @@ def imp_tensors(phi, siglip, mm, legacy=False, keep_post_layernorm=True):
     if not legacy:
         tensors.update(state)
         return {k: v.contiguous() for k, v in tensors.items()}
-    tensors["transformer.embd.wte.weight"] = state["model.embed_tokens.weight"]
-    for p in ("weight", "bias"):
-        tensors[f"lm_head.ln.{p}"] = state[f"model.final_layernorm.{p}"]
-        tensors[f"lm_head.linear.{p}"] = state[f"lm_head.{p}"]
-        for i in range(PHI["num_hidden_layers"]):
-            old, new = f"transformer.h.{i}", f"model.layers.{i}"
-            tensors[f"{old}.ln.{p}"] = state[f"{new}.input_layernorm.{p}"]
-            tensors[f"{old}.mixer.Wqkv.{p}"] = torch.cat([state[f"{new}.self_attn.{n}_proj.{p}"] for n in "qkv"])
-            tensors[f"{old}.mixer.out_proj.{p}"] = state[f"{new}.self_attn.dense.{p}"]
-            tensors[f"{old}.mlp.fc1.{p}"] = state[f"{new}.mlp.fc1.{p}"]
-            tensors[f"{old}.mlp.fc2.{p}"] = state[f"{new}.mlp.fc2.{p}"]
+    tensors.update(legacy_phi_tensors(state))
     return {k: v.contiguous() for k, v in tensors.items()}
 
 

@@ -147,20 +147,6 @@ def projector(seed=2):
             (("0.weight", (h, v)), ("0.bias", (h,)), ("2.weight", (h, h)), ("2.bias", (h,)))}
 
 
-def legacy_phi_tensors(state):
-    """PhiForCausalLM's state dict -> the MixFormer names of the first Imp releases (fused Wqkv rows [Q; K; V])."""
-    tensors = {"transformer.embd.wte.weight": state["model.embed_tokens.weight"]}
-    for p in ("weight", "bias"):
-        tensors[f"lm_head.ln.{p}"] = state[f"model.final_layernorm.{p}"]
-        tensors[f"lm_head.linear.{p}"] = state[f"lm_head.{p}"]
-        for i in range(PHI["num_hidden_layers"]):
-            old, new = f"transformer.h.{i}", f"model.layers.{i}"
-            tensors[f"{old}.ln.{p}"] = state[f"{new}.input_layernorm.{p}"]
-            tensors[f"{old}.mixer.Wqkv.{p}"] = torch.cat([state[f"{new}.self_attn.{n}_proj.{p}"] for n in "qkv"])
-            tensors[f"{old}.mixer.out_proj.{p}"] = state[f"{new}.self_attn.dense.{p}"]
-            tensors[f"{old}.mlp.fc1.{p}"] = state[f"{new}.mlp.fc1.{p}"]
-            tensors[f"{old}.mlp.fc2.{p}"] = state[f"{new}.mlp.fc2.{p}"]
-    return tensors
 
 
 def imp_tensors(phi, siglip, mm, layout, post_layernorm):
@@ -177,7 +163,7 @@ def imp_tensors(phi, siglip, mm, layout, post_layernorm):
         tensors[f"{top}vision_tower.vision_tower.{key}"] = value
     tensors.update({f"{top}mm_projector.{key}": value for key, value in mm.items()})
     state = phi.state_dict()
-    tensors.update(state if layout == "current" else legacy_phi_tensors(state))
+    tensors.update(state if layout == "current" else ref.legacy_phi_tensors(state))
     return tensors
 
 

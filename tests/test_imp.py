@@ -14,32 +14,6 @@ import reference as ref
 TOLERANCE = 1e-4  # max abs logit difference in float32 (observed: ~1e-6)
 
 
-@pytest.fixture(scope="module")
-def parts():
-    return ref.phi_model(), ref.siglip_model(), ref.projector()
-
-
-@pytest.fixture(scope="module")
-def folders(parts, tmp_path_factory):
-    root = tmp_path_factory.mktemp("checkpoints")
-    phi, siglip, mm = parts
-    phi.save_pretrained(root / "phi-2")            # microsoft/phi-2 layout, written by transformers itself
-    siglip.save_pretrained(root / "siglip")        # google/siglip layout (SiglipVisionModel)
-    ref.write_tokenizer(str(root / "phi-2"))
-    return dict(current=ref.write_imp(str(root / "imp"), phi, siglip, mm),
-                legacy=ref.write_imp(str(root / "imp-legacy"), phi, siglip, mm, legacy=True),
-                sharded=ref.write_imp(str(root / "imp-sharded"), phi, siglip, mm, shards=3),
-                phi=str(root / "phi-2"), siglip=str(root / "siglip"), root=root)
-
-
-def random_prompt(batch=2, length=12, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, ref.EOS, (batch, length), generator=generator)
-    ids[:, 3] = ref.IMAGE_TOKEN
-    pixels = torch.rand(batch, 3, 56, 56, generator=generator) * 2 - 1
-    return ids, pixels
-
-
 def max_diff(a, b):
     return (a.float() - b.float()).abs().max().item()
 
@@ -72,7 +46,7 @@ def test_siglip_matches_transformers_penultimate_layer(parts, folders):
 @pytest.mark.parametrize("layout", ["current", "legacy", "sharded"])
 def test_imp_matches_reference_composition(parts, folders, layout):
     model = imp.Imp.from_pretrained(folders[layout])
-    ids, pixels = random_prompt()
+    ids, pixels = ref.image_prompt()
     with torch.no_grad():
         got = model(ids, pixels)
     expected = ref.reference_imp_logits(*parts, ids, pixels)
@@ -81,7 +55,7 @@ def test_imp_matches_reference_composition(parts, folders, layout):
 
 
 def test_legacy_and_current_layouts_give_identical_logits(folders):
-    ids, pixels = random_prompt(seed=5)
+    ids, pixels = ref.image_prompt(seed=5)
     with torch.no_grad():
         current = imp.Imp.from_pretrained(folders["current"])(ids, pixels)
         legacy = imp.Imp.from_pretrained(folders["legacy"])(ids, pixels)
@@ -90,7 +64,7 @@ def test_legacy_and_current_layouts_give_identical_logits(folders):
 
 def test_fused_attention_equals_readable_path(folders, monkeypatch):
     model = imp.Imp.from_pretrained(folders["current"])
-    ids, pixels = random_prompt(seed=6)
+    ids, pixels = ref.image_prompt(seed=6)
     with torch.no_grad():
         fused = model(ids, pixels)
         monkeypatch.setattr(imp, "USE_FUSED_ATTENTION", False)
@@ -102,7 +76,7 @@ def test_from_components_builds_stage1_model(folders):
     model = imp.Imp.from_components(folders["phi"], folders["siglip"])
     assert model.config.image_token_index == model.tokenizer.token_to_id("<image>") == ref.IMAGE_TOKEN
     assert model.config.eos_token_id == ref.EOS
-    ids, pixels = random_prompt(batch=1)
+    ids, pixels = ref.image_prompt(batch=1)
     with torch.no_grad():
         assert model(ids, pixels).shape == (1, 27, ref.PHI["vocab_size"])
 
@@ -125,7 +99,7 @@ def test_splice_pads_rows_and_masks_image_labels(folders):
 
 def test_loss_is_cross_entropy_over_supervised_tokens(folders):
     model = imp.Imp.from_pretrained(folders["current"])
-    ids, pixels = random_prompt(batch=1)
+    ids, pixels = ref.image_prompt(batch=1)
     labels = ids.clone()
     labels[0, :8] = -100
     loss = model.loss(ids, labels, pixels)
@@ -163,14 +137,14 @@ def test_16_bit_kv_cache_for_a_float32_model(folders, dtype):
     # Rounding keys and values to 16 bits moves the logits a little (float16: 2^-11 relative, bfloat16: 2^-8),
     # but not nothing: the cache really is 16-bit.
     assert 0 < max_diff(cached, full) < (2e-3 if dtype == torch.float16 else 2e-2) * full.abs().max().item()
-    input_ids, pixel_values = random_prompt(batch=1)
+    input_ids, pixel_values = ref.image_prompt(batch=1)
     reference = list(model.generate(input_ids, pixel_values, max_new_tokens=10, stop_ids=[]))
     assert list(model.generate(input_ids, pixel_values, max_new_tokens=10, stop_ids=[], cache_dtype=dtype)) == reference
 
 
 def test_generation_stops_with_a_clear_error_when_a_float16_cache_overflows(folders):
     model = imp.Imp.from_pretrained(folders["current"])
-    input_ids, pixel_values = random_prompt(batch=1)
+    input_ids, pixel_values = ref.image_prompt(batch=1)
     assert len(list(model.generate(input_ids, pixel_values, max_new_tokens=3, stop_ids=[],
                                    cache_dtype=torch.float16))) == 3  # the keys fit float16 (max 65504) ...
     with torch.no_grad():
@@ -235,7 +209,7 @@ def test_prompt_too_long_is_a_clear_error(folders):
 
 
 def test_bfloat16_stays_close_to_float32(folders):
-    ids, pixels = random_prompt(seed=8)
+    ids, pixels = ref.image_prompt(seed=8)
     with torch.no_grad():
         full = imp.Imp.from_pretrained(folders["current"])(ids, pixels)
         half = imp.Imp.from_pretrained(folders["current"], dtype=torch.bfloat16)(ids, pixels)
@@ -254,7 +228,7 @@ def test_save_pretrained_round_trip_in_official_layout(folders, tmp_path):
     assert "model.layers.0.self_attn.q_proj.weight" in index["weight_map"]
     assert "model.mm_projector.2.bias" in index["weight_map"]
     reloaded = imp.Imp.from_pretrained(str(tmp_path / "out"))
-    ids, pixels = random_prompt(seed=9)
+    ids, pixels = ref.image_prompt(seed=9)
     with torch.no_grad():
         assert torch.equal(model(ids, pixels), reloaded(ids, pixels))
     assert reloaded.tokenizer.encode("USER: <image>\nHi</s>").ids == model.tokenizer.encode("USER: <image>\nHi</s>").ids
@@ -270,7 +244,7 @@ def test_lora_merge_equals_unmerged_and_is_idempotent(folders):
     for name, parameter in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(parameter, std=0.1)
-    ids, pixels = random_prompt(seed=10)
+    ids, pixels = ref.image_prompt(seed=10)
     with torch.no_grad():
         unmerged = model(ids, pixels)
         layer = model.llm.layers[0].self_attn.q_proj

@@ -16,21 +16,6 @@ TOLERANCE = 1e-4  # max abs logit difference in float32 (observed: ~1e-6)
 
 
 @pytest.fixture(scope="module")
-def parts():
-    return ref.phi_model(), ref.siglip_model(), ref.projector()
-
-
-@pytest.fixture(scope="module")
-def folders(parts, tmp_path_factory):
-    root = tmp_path_factory.mktemp("checkpoints")
-    phi, siglip, mm = parts
-    phi.save_pretrained(root / "phi-2")
-    siglip.save_pretrained(root / "siglip")
-    return dict(current=ref.write_imp(str(root / "imp"), phi, siglip, mm), phi=str(root / "phi-2"),
-                siglip=str(root / "siglip"), root=root)
-
-
-@pytest.fixture(scope="module")
 def model(folders):
     return imp.Imp.from_pretrained(folders["current"])
 
@@ -41,14 +26,6 @@ def max_diff(a, b):
 
 def text_ids(batch=2, length=14, seed=0):
     return torch.randint(1, ref.EOS, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def image_prompt(batch=2, length=12, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, ref.EOS, (batch, length), generator=generator)
-    ids[:, 3] = ref.IMAGE_TOKEN
-    pixels = torch.rand(batch, 3, 56, 56, generator=generator) * 2 - 1
-    return ids, pixels
 
 
 # -- 1. cached decoding at the right positions ---------------------------------------------------------------------
@@ -66,7 +43,7 @@ def chunk_schedules(length, prompt_length):
 @pytest.mark.parametrize("last_only", [False, True], ids=["all-rows", "last-only"])
 def test_cached_logits_equal_uncached_forward_at_every_step(model, with_image, schedule, last_only):
     if with_image:
-        ids, pixels = image_prompt(seed=1)  # <image> at 3: 12 - 1 + 16 = 27 spliced positions
+        ids, pixels = ref.image_prompt(seed=1)  # <image> at 3: 12 - 1 + 16 = 27 spliced positions
         embeddings, _ = model.splice(ids, model.encode_images(pixels).detach())
     else:
         embeddings = model.llm.embed_tokens(text_ids(length=20, seed=1)).detach()
@@ -117,7 +94,7 @@ def uncached_greedy(model, input_ids, pixel_values, steps, stop_ids=()):
 @pytest.mark.parametrize("with_image", [False, True], ids=["text", "image"])
 def test_generate_yields_the_argmax_of_uncached_forwards(model, with_image):
     if with_image:
-        input_ids, pixel_values = image_prompt(batch=1, seed=3)
+        input_ids, pixel_values = ref.image_prompt(batch=1, seed=3)
     else:
         input_ids, pixel_values = text_ids(batch=1, length=9, seed=3), None
     recorded = []  # the logits generate computes (prefill, then each decode step), seen by a hook on the LLM
@@ -183,7 +160,7 @@ def test_siglip_matches_transformers_with_and_without_autograd(parts, folders, m
 @pytest.mark.parametrize("mode", GRAD_MODES)
 def test_imp_matches_reference_with_and_without_autograd(parts, folders, mode):
     model = imp.Imp.from_pretrained(folders["current"])
-    ids, pixels = image_prompt(seed=8)
+    ids, pixels = ref.image_prompt(seed=8)
     expected = ref.reference_imp_logits(*parts, ids, pixels)
     with GRAD_MODES[mode]():
         got = model(ids, pixels.clone().requires_grad_(mode == "grad"))

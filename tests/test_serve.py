@@ -650,7 +650,7 @@ def test_the_chat_page_in_a_browser(demo, browser, chat_answers):
 def test_readme_examples_work(demo):
     """The curl and openai examples of README's serve.py section, run against this server (port 8000 -> its port)."""
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    section = readme.split("## Chat in the browser, and the OpenAI-compatible API")[1].split("\n## ")[0]
+    section = readme.split("## Chat in the browser and the API")[1].split("\n## ")[0]
     blocks = re.findall(r"```(bash|python)\n(.*?)\n```", section, re.S)
     here = lambda code: code.replace("127.0.0.1:8000", f"127.0.0.1:{demo.port}")
     python, = [code for kind, code in blocks if kind == "python"]

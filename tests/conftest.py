@@ -1,0 +1,23 @@
+"""Fixtures shared by the test files: the small random reference models (tests/reference.py), written to disk in
+every official layout once per test module."""
+import pytest
+
+import reference as ref
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return ref.phi_model(), ref.siglip_model(), ref.projector()
+
+
+@pytest.fixture(scope="module")
+def folders(parts, tmp_path_factory):
+    root = tmp_path_factory.mktemp("checkpoints")
+    phi, siglip, mm = parts
+    phi.save_pretrained(root / "phi-2")            # microsoft/phi-2 layout, written by transformers itself
+    siglip.save_pretrained(root / "siglip")        # google/siglip layout (SiglipVisionModel)
+    ref.write_tokenizer(str(root / "phi-2"))
+    return dict(current=ref.write_imp(str(root / "imp"), phi, siglip, mm),
+                legacy=ref.write_imp(str(root / "imp-legacy"), phi, siglip, mm, legacy=True),
+                sharded=ref.write_imp(str(root / "imp-sharded"), phi, siglip, mm, shards=3),
+                phi=str(root / "phi-2"), siglip=str(root / "siglip"), root=root)
