@@ -1089,9 +1089,13 @@ def check_sizes(config) -> None:
     or 2560 % 7 != 0 would fail deep inside torch, or divide by zero)."""
     for part in (config.vision, config.text) if isinstance(config, ImpConfig) else (config,):
         for name, value in asdict(part).items():
-            if name.endswith(("_size", "_layers", "_heads", "_dim", "_channels", "_embeddings")) and \
-                    (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if not name.endswith(("_size", "_layers", "_heads", "_dim", "_channels", "_embeddings")):
+                continue
+            # Bounds far above any real model (Imp-3B: 32 layers, width 2560), so that a damaged config cannot make
+            # us build 2**40 layers on the meta device (hours) before the weights' shapes would refuse it.
+            largest = 4096 if name.endswith(("_layers", "_heads")) else 2**24
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= largest:
+                raise ValueError(f"{name} must be an integer in 1 .. {largest}, got {value!r}")
         if part.hidden_size % part.num_attention_heads:
             raise ValueError(f"hidden_size {part.hidden_size} is not a multiple of num_attention_heads "
                              f"{part.num_attention_heads}")

@@ -177,7 +177,7 @@ BAD_FOLDERS = {
     "heads do not divide the width": (edit_config(num_attention_heads=3), "num_attention_heads"),
     "zero vision heads": (edit_config(vision_num_attention_heads=0), "config.json"),
     "vision heads do not divide": (edit_config(vision_num_attention_heads=5), "num_attention_heads"),
-    "negative layer count": (edit_config(num_hidden_layers=-1), "num_hidden_layers"),
+    "negative layer count": (edit_config(num_hidden_layers=-1), "num_hidden_layers must be an integer"),
     "negative width": (edit_config(hidden_size=-128), "config.json"),
     "a width that is text": (edit_config(hidden_size="128"), "config.json"),
     "int3 quantization": (edit_config(quantization=dict(quant.quantization_config(), bits=3)), "bits"),
