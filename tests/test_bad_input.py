@@ -490,11 +490,11 @@ def test_train_full_disk_names_state_pt(data, tmp_path, monkeypatch):
     (bench.main, ["--threads", 0], "at least 1"),
     (bench.main, ["--no-such-option"], "unrecognized arguments"),
     (bench.main, ["--model", "MISSING"], "no such model folder"),
-    (bench.main, ["--json", "FOLDER"], "must be a file in an existing folder"),
-    (bench.main, ["--json", "MISSING/results.json"], "must be a file in an existing folder"),
-    (bench.main, ["--llama-cpp", "NOT_UTF8"], "--llama-cpp"),
-    (bench.main, ["--llama-cpp", "DEEP"], "--llama-cpp"),
-    (bench.main, ["--llama-cpp", "DICT"], "--llama-cpp"),
+    (bench.main, ["--quick", "--json", "FOLDER"], "must be a file in an existing folder"),
+    (bench.main, ["--quick", "--json", "MISSING/results.json"], "must be a file in an existing folder"),
+    (bench.main, ["--quick", "--llama-cpp", "NOT_UTF8"], "--llama-cpp"),
+    (bench.main, ["--quick", "--llama-cpp", "DEEP"], "--llama-cpp"),
+    (bench.main, ["--quick", "--llama-cpp", "DICT"], "--llama-cpp"),
     (serve.main, ["--port", 70000], "--port"),
     (serve.main, ["--timeout", "nan"], "--timeout"),
     (serve.main, ["--queue", 0], "--queue"),
@@ -550,3 +550,14 @@ def test_write_json_leaves_no_temporary_when_the_write_fails(tmp_path):
     with pytest.raises(TypeError):
         imp.write_json(str(tmp_path / "x.json"), {"not json": object()})
     assert os.listdir(tmp_path) == []
+
+
+def test_infer_batch_on_a_full_disk_keeps_the_answers_file(small_disk, model, tmp_path):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"question_id": 1, "text": "what shapes?", "max_new_tokens": 2}\n')
+    with contextlib.suppress(OSError), open(small_disk / "filler", "wb") as filler:  # fill the tmpfs to the last byte
+        while True:
+            filler.write(b"\0" * 4096)
+            filler.flush()
+    refused(infer.main, ["--model", model, "--batch", questions, "--out", small_disk / "a.jsonl"], questions, model,
+            expected="No space left on device")
