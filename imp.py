@@ -757,8 +757,8 @@ def sample_next_token(logits, temperature=0.0, top_k=0, top_p=1.0, generator=Non
     if temperature <= 0:
         return int(logits.argmax())
     scaled = logits.float() / temperature
-    if torch.isinf(scaled.max()):  # a tiny temperature (1e-45) overflows to inf (-> NaN probabilities): its limit is greedy
-        return int(logits.argmax())
+    if torch.isinf(scaled.max()):  # a tiny temperature (1e-45) overflows to inf, NaN probabilities: its limit is
+        return int(logits.argmax())  # greedy
     logits = scaled
     if top_k > 0:
         kth_best = torch.topk(logits, min(top_k, logits.numel())).values[-1]
@@ -1040,8 +1040,9 @@ def open_checkpoint(path) -> Checkpoint:
     index_path, single = os.path.join(path, "model.safetensors.index.json"), os.path.join(path, "model.safetensors")
     if os.path.exists(index_path):
         weight_map = read_json_object(index_path).get("weight_map")
-        if not isinstance(weight_map, dict) or not all(isinstance(name, str) and name == os.path.basename(name)
-                                                       and name.endswith(".safetensors") for name in weight_map.values()):
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(name, str) and name == os.path.basename(name) and name.endswith(".safetensors")
+                for name in weight_map.values()):  # a shard name may not lead out of the folder
             raise CheckpointError(f"{index_path}: not a valid index (its weight_map must name .safetensors files "
                                   "of this folder)")
         files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]

@@ -546,3 +546,18 @@ def test_infer_batch_on_a_full_disk_keeps_the_answers_file(small_disk, model, tm
             filler.flush()
     refused(infer.main, ["--model", model, "--batch", questions, "--out", small_disk / "a.jsonl"], questions, model,
             expected="No space left on device")
+
+
+def test_serve_non_finite_scores_are_a_model_error_not_an_internal_one():
+    """Damaged weights (or a float16 cache past its range) reach serve.py's worker as imp.NotFiniteError: the
+    request gets that message as a model_error, not "internal error" as if the server had a bug."""
+    class DamagedModel:
+        max_length = 64
+
+        def reply(self, *args):
+            raise imp.NotFiniteError("the model's next-token scores are not finite (NaN or inf)")
+            yield  # a generator, as ImpReplies.reply
+    job = serve.Job(dict(image=None, question="q", history=[], settings=dict(max_new_tokens=4), stops=[]), 0)
+    serve.Worker(DamagedModel(), 1).answer(job)
+    kind, error = job.events.get_nowait()
+    assert kind == "error" and error.status == 500 and error.code == "model_error" and "not finite" in error.message
