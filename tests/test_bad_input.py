@@ -318,12 +318,14 @@ def test_chat_line_that_is_not_utf8_is_one_error_and_the_chat_goes_on(model):
 
 
 @pytest.mark.parametrize("content, expected", [
-    (b'[{"conversations": [{"from": "human", "value": "caf\xe9"}]}]', "cannot read it as JSON"),
-    ('{"not": "a list"}', "record 0"),
-    ('[{"conversations": []}]', "record 0"),
-    ('[{"conversations": [{"value": "q"}], "image": "../../etc/passwd"}]', "leads outside"),
-    ('[{"conversations": [{"value": "q"}], "image": "a\\u0000b.png"}]', "record 0"),
-    ('[{"conversations": [{"value": "caf\\udcff"}]}]', "record 0"),
+    pytest.param(b'[{"conversations": [{"from": "human", "value": "caf\xe9"}]}]', "cannot read it as JSON",
+                 id="not UTF-8"),
+    pytest.param('{"not": "a list"}', "record 0", id="not a list"),
+    pytest.param('[{"conversations": []}]', "record 0", id="no turns"),
+    pytest.param('[{"conversations": [{"value": "q"}], "image": "../../etc/passwd"}]', "leads outside",
+                 id="image outside the folder"),
+    pytest.param('[{"conversations": [{"value": "q"}], "image": "a\\u0000b.png"}]', "record 0", id="NUL in path"),
+    pytest.param('[{"conversations": [{"value": "caf\\udcff"}]}]', "record 0", id="lone surrogate"),
     pytest.param(DEEP, "cannot read it as JSON", id="nested too deeply"),
 ])
 def test_quant_eval_bad_data(content, expected, tmp_path, model):
@@ -363,9 +365,11 @@ GOOD_TURNS = '[{"from": "human", "value": "<image>\\nwhat?"}, {"from": "gpt", "v
 
 
 @pytest.mark.parametrize("content, expected", [
-    (b'[{"conversations": [{"from": "human", "value": "caf\xe9"}]}]', "not a readable JSON text file"),
-    ('[{"image": "a\\u0000b.png", "conversations": ' + GOOD_TURNS + '}]', "NUL"),
-    ('[{"conversations": [{"from": "human", "value": "caf\\udcff"}, {"from": "gpt", "value": "x"}]}]', "UTF-8"),
+    pytest.param(b'[{"conversations": [{"from": "human", "value": "caf\xe9"}]}]', "not a readable JSON text file",
+                 id="not UTF-8"),
+    pytest.param('[{"image": "a\\u0000b.png", "conversations": ' + GOOD_TURNS + '}]', "NUL", id="NUL in path"),
+    pytest.param('[{"conversations": [{"from": "human", "value": "caf\\udcff"}, {"from": "gpt", "value": "x"}]}]',
+                 "UTF-8", id="lone surrogate"),
     pytest.param(DEEP, "nested too deeply", id="nested too deeply"),
     ('{"conversations": []}', "'conversations' must be a non-empty list"),
     ('{"a": 1}', "no 'conversations'"),
@@ -400,7 +404,7 @@ def test_train_bad_arguments(extra, expected, data, tmp_path):
      "positive integer rank"),
     (lambda folder: (folder.mkdir(), (folder / "adapter_config.json").write_text('{"rank": 4, "alpha": 8}'),
                      (folder / "adapter_model.safetensors").write_bytes(b"\xff" * 20)), "not a readable safetensors"),
-])
+], ids=["no folder", "config not an object", "rank 0", "damaged safetensors"])
 def test_train_merge_bad_adapters(make, expected, model, tmp_path):
     adapters = tmp_path / "adapters"
     make(adapters)
