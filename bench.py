@@ -35,6 +35,7 @@ same tensors (shared, not copied), with the same prompt, greedy decode with a Dy
 
 import argparse
 import ctypes
+import errno
 import gc
 import json
 import math
@@ -134,7 +135,25 @@ def parse_arguments(argv):
         raise BenchError(f"{args.model}: no such model folder")
     if args.model and args.quick:
         raise BenchError("--quick builds its own small model: drop --model")
+    if args.model and not args.worker:
+        check_model_folder(args.model)
+    if args.json and (os.path.isdir(args.json) or not os.path.isdir(os.path.dirname(os.path.abspath(args.json)))):
+        raise BenchError(f"--json {args.json}: must be a file in an existing folder")
     return args
+
+
+def check_model_folder(path):
+    """The folder's config and safetensors headers, read before any worker starts (no tensor is loaded): a bad
+    folder is one line and exit code 2, not one failed row per precision."""
+    try:
+        checkpoint = imp.open_checkpoint(path)
+        if checkpoint.layout not in ("imp", "imp-legacy"):
+            raise BenchError(f"{path}: holds a {checkpoint.layout} checkpoint, not an Imp one")
+        imp.parse_config(checkpoint, imp.ImpConfig)
+        if "quantization" in checkpoint.config:
+            quant.check_config(checkpoint.config["quantization"])
+    except (imp.CheckpointError, ValueError) as error:
+        raise BenchError(str(error)) from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -306,8 +325,7 @@ def build_random_model(config: imp.ImpConfig, dtype: torch.dtype, quantization: 
 
 def load_model(args, precision):
     """--model: load the folder in the float dtype of this precision; quantize while loading for int8 / int4."""
-    config_path = os.path.join(args.model, "config.json")
-    stored = json.load(open(config_path, encoding="utf-8")).get("quantization") if os.path.exists(config_path) else None
+    stored = imp.open_checkpoint(args.model).config.get("quantization")  # checked by check_model_folder
     if stored and precision.split("+")[0] != f"int{stored.get('bits')}":
         raise BenchError(f"{args.model} is already quantized to int{stored.get('bits')}: run --dtypes "
                          f"int{stored.get('bits')} only")
@@ -537,7 +555,7 @@ def read_llama_cpp(path) -> dict:
         for r in rows:  # the better of flash attention on and off
             key = (r["format"], r["test"], int(r["depth"]))
             figures[key] = max(figures.get(key, 0.0), float(r["tok_s"]))
-    except (OSError, ValueError, TypeError, KeyError) as error:
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as error:
         raise BenchError(f"--llama-cpp {path}: not a tools/llama_cpp_reference.py result ({error})") from None
     if not any(key[:2] == ("Q4_0", f"tg{NEW_TOKENS}") for key in figures):
         raise BenchError(f"--llama-cpp {path}: no Q4_0 decode (tg{NEW_TOKENS}) in it")
@@ -674,7 +692,12 @@ def main(argv=None) -> int:
     try:
         return run(sys.argv[1:] if argv is None else argv)
     except BenchError as error:
-        print(f"bench.py: {error}", file=sys.stderr)
+        print(f"bench.py: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # --json on a full disk, at the end
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"bench.py: error: {error.filename or 'disk'}: {error.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("bench.py: interrupted", file=sys.stderr)

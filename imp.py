@@ -30,10 +30,12 @@ Numbers and behaviours cited as "official" come from the MILVLG/imp training cod
 (MILVLG/imp-v1-3b, MILVLG/Imp-v1.5-3B-Phi2); see README.md for the map from the paper's sections to this code.
 """
 
+import contextlib
 import json
 import math
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
 
@@ -758,7 +760,10 @@ def sample_next_token(logits, temperature=0.0, top_k=0, top_p=1.0, generator=Non
     keeping only the top_k most likely tokens (0: all) and the smallest set whose probability reaches top_p."""
     if temperature <= 0:
         return int(logits.argmax())
-    logits = logits.float() / temperature
+    scaled = logits.float() / temperature
+    if torch.isinf(scaled.max()):  # a tiny temperature (1e-45) overflows to inf, NaN probabilities: its limit is
+        return int(logits.argmax())  # greedy
+    logits = scaled
     if top_k > 0:
         kth_best = torch.topk(logits, min(top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth_best, float("-inf"))
@@ -952,7 +957,7 @@ def load_tokenizer(path):
 
 def save_tokenizer(tokenizer, path, config: ImpConfig):
     """tokenizer.json (what we load first) plus the GPT-2-style files official tooling reads."""
-    with tempfile.TemporaryDirectory(dir=path) as scratch:
+    with tempfile.TemporaryDirectory(dir=path, prefix=f".tokenizer.tmp{os.getpid()}-") as scratch:
         tokenizer.save(os.path.join(scratch, "tokenizer.json"))
         tokenizer.model.save(scratch)  # vocab.json, merges.txt
         base_size = tokenizer.get_vocab_size(with_added_tokens=False)
@@ -1035,19 +1040,15 @@ def open_checkpoint(path) -> Checkpoint:
     from safetensors import safe_open
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: no such model folder" if not os.path.exists(path) else f"{path}: not a folder")
-    try:
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            config = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no config.json, so this is not a model folder") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path}/config.json: not valid JSON ({error})") from None
+    config = read_json_object(os.path.join(path, "config.json"), "so this is not a model folder")
     index_path, single = os.path.join(path, "model.safetensors.index.json"), os.path.join(path, "model.safetensors")
     if os.path.exists(index_path):
-        try:
-            weight_map = json.load(open(index_path, encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise CheckpointError(f"{index_path}: not a valid index ({error})") from None
+        weight_map = read_json_object(index_path).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(name, str) and name == os.path.basename(name) and name.endswith(".safetensors")
+                for name in weight_map.values()):  # a shard name may not lead out of the folder
+            raise CheckpointError(f"{index_path}: not a valid index (its weight_map must name .safetensors files "
+                                  "of this folder)")
         files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
         missing = [os.path.basename(f) for f in files if not os.path.exists(f)]
         if missing:
@@ -1070,12 +1071,49 @@ def open_checkpoint(path) -> Checkpoint:
     return Checkpoint(path, config, files, shapes, detect_layout(path, shapes))
 
 
+def read_json_object(path, missing_hint="") -> dict:
+    """A JSON object from a file of a model folder; anything else (missing, a folder, a symlink loop, not UTF-8, not
+    JSON, not an object) is one CheckpointError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{os.path.dirname(path)}: no {os.path.basename(path)}"
+                              + (f", {missing_hint}" if missing_hint else "")) from None
+    except OSError as error:  # a folder, a symlink loop, no permission
+        raise CheckpointError(f"{path}: cannot read ({error.strerror or error})") from None
+    except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def check_sizes(config) -> None:
+    """Sizes a model can be built with: every size positive, heads that divide the width (a config with 0 heads
+    or 2560 % 7 != 0 would fail deep inside torch, or divide by zero)."""
+    for part in (config.vision, config.text) if isinstance(config, ImpConfig) else (config,):
+        for name, value in asdict(part).items():
+            if not name.endswith(("_size", "_layers", "_heads", "_dim", "_channels", "_embeddings")):
+                continue
+            # Bounds far above any real model (Imp-3B: 32 layers, width 2560), so that a damaged config cannot make
+            # us build 2**40 layers on the meta device (hours) before the weights' shapes would refuse it.
+            largest = 4096 if name.endswith(("_layers", "_heads")) else 2**24
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= largest:
+                raise ValueError(f"{name} must be an integer in 1 .. {largest}, got {value!r}")
+        if part.hidden_size % part.num_attention_heads:
+            raise ValueError(f"hidden_size {part.hidden_size} is not a multiple of num_attention_heads "
+                             f"{part.num_attention_heads}")
+
+
 def parse_config(checkpoint: Checkpoint, config_class):
     """config.json -> VisionConfig / PhiConfig / ImpConfig; a field that is missing or of the wrong type is a
     CheckpointError that names it, not a KeyError from deep inside."""
     try:
-        return config_class.from_dict(checkpoint.config)
-    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        config = config_class.from_dict(checkpoint.config)
+        check_sizes(config)
+        return config
+    except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError) as error:
         raise CheckpointError(f"{checkpoint.path}/config.json: not a valid {checkpoint.layout} config "
                               f"({type(error).__name__}: {error})") from None
 
@@ -1226,19 +1264,81 @@ def load_weights(model: nn.Module, checkpoint: Checkpoint, table: dict, unused: 
     return model.eval()
 
 
+# Temporary names carry the writer's process id: "NAME.tmpPID", or "NAME.tmpPID-RANDOM" for a scratch folder; only
+# hidden names and our file types match, so that no file of the user's is ever taken for one.
+TEMPORARY_NAME = re.compile(r"(\..+|.+\.(json|jsonl|safetensors|pt))\.tmp(?P<pid>\d+)(-\w+)?")
+
+
+def process_is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: no signal, only the check that the process exists
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # someone else's process (or not a real pid): leave its files alone
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder) -> list:
+    """Remove what a killed save left in `folder`: temporaries (files or folders) named by TEMPORARY_NAME whose
+    process is gone. Those of a live process (another save running now) are left alone. Returns the names removed."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        match = TEMPORARY_NAME.fullmatch(name)
+        if not match or int(match["pid"]) == os.getpid() or process_is_alive(int(match["pid"])):
+            continue
+        stale = os.path.join(folder, name)
+        if os.path.isdir(stale) and not os.path.islink(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.remove(stale)
+        removed.append(name)
+    return removed
+
+
+def remove_quietly(path):
+    with contextlib.suppress(OSError):
+        os.remove(path)
+
+
 def write_json(path, obj):
     """Atomic JSON write: a crash leaves the old file or the new one, never half of one."""
     temporary = f"{path}.tmp{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(temporary, path)
+    remove_stale_temporaries(os.path.dirname(path) or ".")
+    try:
+        with open(temporary, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+        os.replace(temporary, path)
+    except BaseException:  # a full disk, Ctrl-C: no half-written temporary stays behind
+        remove_quietly(temporary)
+        raise
+
+
+def save_safetensors_file(tensors: dict, path, metadata=None, save_file=None):
+    """safetensors.torch.save_file (or the given one), with its I/O failures (a full disk) raised as the OSError
+    they are, not as a SafetensorError whose errno is only in its message."""
+    if save_file is None:
+        from safetensors.torch import save_file
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except OSError:
+        raise
+    except Exception as error:  # SafetensorError("Error while serializing: I/O error: ... (os error 28)")
+        found = re.search(r"\(os error (\d+)\)", str(error))
+        if found:
+            raise OSError(int(found.group(1)), os.strerror(int(found.group(1))), path) from None
+        raise
 
 
 def write_safetensors(path, tensors: dict, max_shard_bytes=2 * 1024**3, metadata=None):
     """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json past max_shard_bytes
     (the Hugging Face sharding convention). Every file goes through a temporary name and os.replace."""
-    from safetensors.torch import save_file
     shards, current, size = [], {}, 0
     for name, tensor in tensors.items():
         nbytes = tensor.numel() * tensor.element_size()
@@ -1250,10 +1350,15 @@ def write_safetensors(path, tensors: dict, max_shard_bytes=2 * 1024**3, metadata
     metadata = dict(metadata or {}, format="pt")
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    remove_stale_temporaries(path)
     for name, shard in zip(names, shards):
         temporary = os.path.join(path, f".{name}.tmp{os.getpid()}")
-        save_file(shard, temporary, metadata=metadata)
-        os.replace(temporary, os.path.join(path, name))
+        try:
+            save_safetensors_file(shard, temporary, metadata=metadata)
+            os.replace(temporary, os.path.join(path, name))
+        except BaseException:  # a full disk, Ctrl-C: no half-written temporary stays behind
+            remove_quietly(temporary)
+            raise
     index_path = os.path.join(path, "model.safetensors.index.json")
     if len(shards) > 1:
         weight_map = {key: name for name, shard in zip(names, shards) for key in shard}

@@ -21,6 +21,7 @@ question. Model loading is timed separately, as in the paper.
 """
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -136,7 +137,7 @@ def parse_arguments(argv):
             raise InputError("--attention-map is for one IMAGE and QUESTION, not --chat or --batch")
         visualize.check_output_path(args.attention_map)
     check_settings(dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                        top_k=args.top_k), "")
+                        top_k=args.top_k, seed=args.seed), "")
     if args.threads is not None and args.threads < 1:
         raise InputError("--threads must be at least 1")
     return args
@@ -145,6 +146,17 @@ def parse_arguments(argv):
 def check_settings(settings: dict, where: str):
     """Generation settings, from the command line or a --batch line; bad ones are input errors."""
     problems = []
+    settings = {name: value for name, value in settings.items() if value is not None}
+    for name, value in list(settings.items()):
+        if not math.isfinite(value):
+            problems.append(f"{name} must be a finite number")
+        elif name == "seed" and not 0 <= value < 2**64:  # what torch.Generator.manual_seed takes
+            problems.append("seed must be in 0 .. 2**64 - 1")
+        elif name != "seed" and LINE_SETTINGS.get(name) is int and abs(value) >= 2**63:
+            problems.append(f"{name} is too large")
+        else:
+            continue
+        del settings[name]
     if "max_new_tokens" in settings and settings["max_new_tokens"] < 1:
         problems.append("max_new_tokens must be at least 1")
     if "temperature" in settings and not settings["temperature"] >= 0:  # `not >=` also catches NaN
@@ -168,7 +180,17 @@ def kv_cache_dtype(choice: str, model) -> torch.dtype | None:
     return DTYPES[choice] if choice != "auto" else quant.default_cache_dtype(model)
 
 
+def check_text(text: str, what: str):
+    """Text that cannot be encoded as UTF-8 (lone surrogates: the bytes of a non-UTF-8 argument or file line, or a
+    \\udcff escape in JSON) is refused here, not deep inside the tokenizer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"{what} is not valid UTF-8 text") from None
+
+
 def read_question(text: str) -> str:
+    check_text(text, "the question")
     if not text.strip():
         raise InputError("the question is empty")
     return text.strip()
@@ -416,6 +438,8 @@ CHAT_HELP = "commands: /image PATH (new image, new conversation), /image (no ima
 
 def run_chat(model, image, args):
     interactive = sys.stdin.isatty()
+    if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 arrives with its bytes escaped, refused below
+        sys.stdin.reconfigure(errors="surrogateescape")
     history = []  # [(question, answer)], rendered by imp.build_prompt in the phi2 template
     if interactive:
         print(f"chatting with {'an image' if image is not None else 'no image'}; {CHAT_HELP}", file=sys.stderr)
@@ -427,6 +451,11 @@ def run_chat(model, image, args):
             return EXIT_OK
         line = line.strip()
         if not line:
+            continue
+        try:
+            check_text(line, "that line")
+        except InputError as error:  # one message, as a bad /image path: the chat goes on
+            print(f"error: {error}; type it again", file=sys.stderr)
             continue
         if line.startswith("/"):
             command, _, argument = line.partition(" ")
@@ -477,16 +506,19 @@ def read_questions(path) -> list:
             question = json.loads(line)
         except json.JSONDecodeError as error:
             raise InputError(f"{where}not valid JSON ({error})") from None
+        except RecursionError:
+            raise InputError(f"{where}nested too deeply to be a question") from None
         if not isinstance(question, dict) or "question_id" not in question:
             raise InputError(f"{where}expected an object with question_id, text and (optionally) image")
         if not isinstance(question.get("text"), str) or not question["text"].strip():
             raise InputError(f"{where}missing or empty \"text\"")
-        if "image" in question and not isinstance(question["image"], str):
-            raise InputError(f"{where}\"image\" must be a path (a string)")
+        if "image" in question and (not isinstance(question["image"], str) or "\0" in question["image"]):
+            raise InputError(f"{where}\"image\" must be a path (a string without NUL characters)")
+        check_text(question["text"] + question.get("image", ""), f"{where}the question or its image path")
         for name, kind in LINE_SETTINGS.items():
             value = question.get(name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or (kind is int and value != int(value))):
+                                      or (kind is int and math.isfinite(value) and value != int(value))):
                 raise InputError(f"{where}{name} must be a{'n integer' if kind is int else ' number'}")
         check_settings({name: question[name] for name in LINE_SETTINGS if question.get(name) is not None}, where)
         key = id_key(question["question_id"])
@@ -503,9 +535,11 @@ def id_key(question_id) -> str:
     return json.dumps(question_id)  # 7 and "7" stay different ids, as they are different JSON values
 
 
-def open_answers(path):
+def open_answers(path, questions_path):
     """Open the answers file for appending, and return it with the ids already answered. A run killed while
     writing can leave a last line without its newline: it is cut off here (that question is simply redone)."""
+    if os.path.exists(path) and os.path.samefile(path, questions_path):  # also under another name or a link
+        raise InputError(f"--out {path} is the --batch file itself: the answers go to another file")
     try:
         out = open(path, "a+b")  # binary: we truncate by byte offset
     except OSError as error:
@@ -610,7 +644,7 @@ def run(argv) -> int:
         questions = read_questions(args.batch)
         if args.image_folder and not os.path.isdir(args.image_folder):
             raise InputError(f"--image-folder {args.image_folder}: no such folder")
-        out, answered = open_answers(args.out)
+        out, answered = open_answers(args.out, args.batch)
         if all(id_key(q["question_id"]) in answered for q in questions):
             print(f"all {len(questions)} questions already answered in {args.out}", file=sys.stderr)
             return EXIT_OK
@@ -652,6 +686,12 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # `python infer.py ... | head -c 100`: the reader left; nothing more to say
         sys.stdout = open(os.devnull, "w")  # so the interpreter's final flush does not fail again
         return EXIT_OK
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"infer.py: error: {error.filename or 'disk'}: {error.strerror}; the answers written so far are kept",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -583,11 +583,29 @@ def eval_samples():
 def load_samples(path, image_folder=None, limit=None):
     """(image, question) pairs from a LLaVA-format JSON file (e.g. data/shapes/test.json): each record's first
     question, its image path taken inside image_folder (default: the file's folder)."""
-    with open(path, encoding="utf-8") as f:
-        records = json.load(f)[:limit]
-    folder = image_folder or os.path.dirname(path)
-    return [(imp.load_image(os.path.join(folder, r["image"])) if r.get("image") else None,
-             r["conversations"][0]["value"].replace(imp.IMAGE_PLACEHOLDER, "").strip()) for r in records]
+    try:
+        with open(path, encoding="utf-8") as f:
+            records = json.load(f)
+    except (OSError, ValueError, RecursionError) as error:  # missing, a folder, not UTF-8, not JSON, nested deeply
+        raise ValueError(f"{path}: cannot read it as JSON ({getattr(error, 'strerror', None) or error})") from None
+    folder = os.path.realpath(image_folder or os.path.dirname(path) or ".")
+    samples = []
+    for index, record in enumerate(records[:limit] if isinstance(records, list) else [None]):
+        try:
+            question, image = record["conversations"][0]["value"], record.get("image")
+            usable = isinstance(question, str) and isinstance(image, (str, type(None))) and "\0" not in (image or "")
+            (question + (image or "")).encode("utf-8")  # lone surrogates (a \\udcff escape) are not text
+        except (TypeError, KeyError, IndexError, AttributeError, UnicodeEncodeError):
+            usable = False
+        if not usable:
+            raise ValueError(f"{path}: record {index}: expected a LLaVA record (conversations[0].value text, "
+                             "an optional image path)") from None
+        image_path = os.path.realpath(os.path.join(folder, image)) if image else None
+        if image_path and os.path.commonpath([folder, image_path]) != folder:
+            raise ValueError(f"{path}: record {index}: image {image!r} leads outside {folder}; refused")
+        samples.append((imp.load_image(image_path) if image_path else None,
+                        question.replace(imp.IMAGE_PLACEHOLDER, "").strip()))
+    return samples
 
 
 def answer_log_probs(model, full, pixel_values, answer_length):
@@ -667,7 +685,7 @@ def log_report(report, answers, log):
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, as every nanoImp program: not argparse's usage block
-        print(f"error: {message} (see --help)", file=sys.stderr)
+        print(f"quant.py: error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
 
 
@@ -717,8 +735,8 @@ def main(argv=None):
                      speed_up=lambda model: kernels.enable(model, int8_activations=args.int8_activations))
         else:
             convert(args.model, args.out, args.bits, args.group_size, args.vision, scheme=args.scheme)
-    except (ValueError, OSError, KeyError, imp.CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (ValueError, OSError, KeyError, imp.CheckpointError) as error:  # ImageError, NotFiniteError: ValueErrors
+        print(f"quant.py: error: {error}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -371,6 +371,9 @@ class Worker(threading.Thread):
         except imp.PromptTooLongError as error:  # check() let it through: only if the settings changed the length
             job.events.put(("error", RequestError(400, str(error), "context_length_exceeded", "messages")))
             return
+        except imp.NotFiniteError as error:  # damaged weights or a float16 cache past its range: not a bug of ours
+            job.events.put(("error", RequestError(500, str(error), "model_error", kind="server_error")))
+            return
         finally:
             pieces.close()  # stops the generation and fills stats
         rest = text.finish()

@@ -21,9 +21,11 @@ adapters into a base model). Run `python train.py --help` for examples.
 import argparse
 import contextlib
 import errno
+import io
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -86,13 +88,17 @@ def read_records(path) -> list:
             text = f.read()
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
-    except (IsADirectoryError, UnicodeDecodeError) as error:
+    except (OSError, UnicodeDecodeError, ValueError) as error:  # a folder, no permission, not UTF-8, a NUL in the name
         raise DataError(f"{path}: not a readable JSON text file ({error})") from None
     if text.lstrip().startswith("["):
         try:
             records = json.loads(text)
         except json.JSONDecodeError as error:
             raise DataError(f"{path}: line {error.lineno}: malformed JSON ({error.msg})") from None
+        except RecursionError:
+            raise DataError(f"{path}: nested too deeply to be a list of records") from None
+        if not isinstance(records, list):
+            raise DataError(f"{path}: expected a list of records, got {type(records).__name__}")
     else:
         records = []
         for line_number, line in enumerate(text.splitlines(), 1):
@@ -101,6 +107,8 @@ def read_records(path) -> list:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as error:
                     raise DataError(f"{path}: line {line_number}: malformed JSON ({error.msg})") from None
+                except RecursionError:
+                    raise DataError(f"{path}: line {line_number}: nested too deeply to be a record") from None
     if not records:
         raise DataError(f"{path}: the dataset is empty")
     return records
@@ -119,8 +127,13 @@ def check_record(record, where):
             raise DataError(f"{where}: every turn needs a 'from' and a string 'value'")
         if turn.get("from") not in ROLES:
             raise DataError(f"{where}: unknown role {turn.get('from')!r} (expected 'human' or 'gpt')")
-    if "image" in record and record["image"] is not None and not isinstance(record["image"], str):
-        raise DataError(f"{where}: 'image' must be one path (a string)")
+    if "image" in record and record["image"] is not None and (not isinstance(record["image"], str)
+                                                               or "\0" in record["image"]):
+        raise DataError(f"{where}: 'image' must be one path (a string without NUL characters)")
+    try:  # a \\udcff escape in JSON is a lone surrogate: not text the tokenizer can take
+        "".join([turn["value"] for turn in conversations] + [record.get("image") or ""]).encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"{where}: the text or image path is not valid UTF-8 (a lone surrogate escape)") from None
 
 
 def resolve_image(relative, image_folder, where) -> str:
@@ -415,13 +428,15 @@ def save_checkpoint(out, step, model, optimizer, rng_states, meta):
     folder = os.path.join(out, "checkpoints")
     os.makedirs(folder, exist_ok=True)
     name = f"step-{step:07d}"
-    temporary = os.path.join(folder, f".{name}.tmp{os.getpid()}")
+    temporary = os.path.join(folder, f".{name}.tmp{os.getpid()}")  # one a killed run left is removed next time
+    imp.remove_stale_temporaries(folder)
     try:
         shutil.rmtree(temporary, ignore_errors=True)
         os.makedirs(temporary)
-        save_file(trainable_state(model), os.path.join(temporary, "trainable.safetensors"))
+        imp.save_safetensors_file(trainable_state(model), os.path.join(temporary, "trainable.safetensors"),
+                                  save_file=save_file)
         # Optimizer and RNG state hold only tensors, numbers and dicts: loadable with torch.load(weights_only=True).
-        torch.save(dict(optimizer=optimizer.state_dict(), rng=rng_states), os.path.join(temporary, "state.pt"))
+        save_torch(dict(optimizer=optimizer.state_dict(), rng=rng_states), os.path.join(temporary, "state.pt"))
         imp.write_json(os.path.join(temporary, "meta.json"), dict(meta, step=step))
         final = os.path.join(folder, name)
         shutil.rmtree(final, ignore_errors=True)
@@ -435,13 +450,58 @@ def save_checkpoint(out, step, model, optimizer, rng_states, meta):
             shutil.rmtree(os.path.join(folder, old), ignore_errors=True)
 
 
+class RecordingFile(io.BufferedWriter):
+    """A file that keeps the OSError of a failed write: torch.save reports a full disk only as a RuntimeError
+    ("unexpected pos ..."), without the errno."""
+    error = None
+
+    def write(self, data):
+        try:
+            return super().write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+
+def save_torch(obj, path):
+    """torch.save, with a full disk raised as the OSError (ENOSPC) it is."""
+    file = RecordingFile(io.FileIO(path, "w"))
+    try:
+        with file:
+            torch.save(obj, file)
+    except RuntimeError:
+        if file.error is not None:
+            raise OSError(file.error.errno, file.error.strerror, path) from None
+        raise
+
+
 def latest_checkpoint(out):
+    """-> (checkpoint folder, step) that latest.json names, or None without one. A latest.json that is damaged or
+    names a checkpoint that is not there is a DataError: --resume cannot go on from it."""
     pointer = os.path.join(out, "checkpoints", "latest.json")
-    if not os.path.exists(pointer):
+    if not os.path.lexists(pointer):
         return None
-    with open(pointer, encoding="utf-8") as f:
-        latest = json.load(f)
-    return os.path.join(out, "checkpoints", latest["folder"]), latest["step"]
+    try:
+        latest = imp.read_json_object(pointer)
+    except CheckpointError as error:
+        raise DataError(f"{error}; the run cannot be resumed from it") from None
+    name, step = latest.get("folder"), latest.get("step")
+    if not (isinstance(name, str) and re.fullmatch(r"step-\d{7}", name) and isinstance(step, int)
+            and not isinstance(step, bool) and step >= 0):
+        raise DataError(f"{pointer}: expected {{\"step\": N, \"folder\": \"step-NNNNNNN\"}}, got {latest}")
+    folder = os.path.join(out, "checkpoints", name)
+    if not os.path.isdir(folder):
+        raise DataError(f"{pointer}: names {name}, which is not in {os.path.dirname(pointer)}")
+    return folder, step
+
+
+def read_safetensors(path) -> dict:
+    try:
+        return load_file(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except Exception as error:  # SafetensorError for a truncated or damaged file; IsADirectoryError
+        raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
 
 
 def rng_state(device):
@@ -458,7 +518,7 @@ def save_final(model: Imp, args, log):
         tensors = {n: t.contiguous() for n, t in imp.lora_state_dict(model).items()}
         tensors.update({f"connector.{n}": t.contiguous() for n, t in model.connector.state_dict().items()})
         temporary = os.path.join(adapters, f".adapter_model.safetensors.tmp{os.getpid()}")
-        save_file(tensors, temporary)
+        imp.save_safetensors_file(tensors, temporary, save_file=save_file)
         os.replace(temporary, os.path.join(adapters, "adapter_model.safetensors"))
         imp.write_json(os.path.join(adapters, "adapter_config.json"), dict(
             rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, target="every nn.Linear of the LLM",
@@ -466,8 +526,9 @@ def save_final(model: Imp, args, log):
         imp.merge_lora(model.llm)
     if args.stage == 1:  # what the official stage 1 keeps (mm_projector.bin), for a stage 2 on another base
         tensors = {n: t.contiguous() for n, t in model.connector.state_dict().items()}
-        save_file(tensors, os.path.join(args.out, f".connector.tmp{os.getpid()}"))
-        os.replace(os.path.join(args.out, f".connector.tmp{os.getpid()}"), os.path.join(args.out, "connector.safetensors"))
+        temporary = os.path.join(args.out, f".connector.safetensors.tmp{os.getpid()}")
+        imp.save_safetensors_file(tensors, temporary, save_file=save_file)
+        os.replace(temporary, os.path.join(args.out, "connector.safetensors"))
     model.save_pretrained(args.out, extra_config=dict(nanoimp_training=dict(stage=args.stage, full=args.full)))
     log(f"saved the model to {args.out}" + (" (LoRA merged; adapters in adapters/)" if has_lora else ""))
 
@@ -501,11 +562,15 @@ def evaluate(model: Imp, records, image_folder, limit=None, log=print) -> dict:
 
 def merge_adapters(args):
     """--merge ADAPTERS: base model (--model, or --llm/--vision) + saved adapters -> merged model in --out."""
-    with open(os.path.join(args.merge, "adapter_config.json"), encoding="utf-8") as f:
-        adapter_config = json.load(f)
+    if not os.path.isdir(args.merge):
+        raise DataError(f"--merge {args.merge}: no such folder (train.py writes the adapters to OUT/adapters)")
+    adapter_config = imp.read_json_object(os.path.join(args.merge, "adapter_config.json"))
+    rank, alpha = adapter_config.get("rank"), adapter_config.get("alpha")
+    if not (isinstance(rank, int) and rank >= 1 and isinstance(alpha, (int, float)) and math.isfinite(alpha)):
+        raise CheckpointError(f"{args.merge}/adapter_config.json: needs a positive integer rank and a number alpha")
+    tensors = read_safetensors(os.path.join(args.merge, "adapter_model.safetensors"))
     model = build_model(args)
-    imp.add_lora(model.llm, adapter_config["rank"], adapter_config["alpha"], 0.0)
-    tensors = load_file(os.path.join(args.merge, "adapter_model.safetensors"))
+    imp.add_lora(model.llm, rank, alpha, 0.0)
     expected = set(imp.lora_state_dict(model)) | {f"connector.{n}" for n in model.connector.state_dict()}
     if set(tensors) != expected:
         raise CheckpointError(f"{args.merge}: the adapters do not fit this base model "
@@ -628,6 +693,8 @@ def check_args(parser, args):
         if not args.data:
             parser.error("--evaluate needs --data")
         return args
+    if args.out and os.path.lexists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"--out {args.out}: exists and is not a folder")
     if args.merge:
         if not args.out or not (args.model or args.llm):
             parser.error("--merge needs --model (or --llm/--vision) and --out")
@@ -646,6 +713,8 @@ def check_args(parser, args):
     for name in ("batch_size", "micro_batch_size", "max_length", "lora_rank"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 <= args.seed < 2**32:  # batch_indices seeds with seed * 1_000_003 + epoch, which must fit 64 bits
+        parser.error("--seed must be in 0 .. 2**32 - 1")
     return args
 
 
@@ -664,10 +733,10 @@ def main(argv=None):
         if args.merge:
             return merge_adapters(args)
         return train(args)
-    except (DataError, CheckpointError, ImageError, visualize.PictureError) as error:
+    except (DataError, CheckpointError, ImageError, visualize.PictureError, imp.NotFiniteError) as error:
         fail(str(error))
     except OSError as error:
-        if error.errno == errno.ENOSPC:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
             fail(f"out of disk space ({error.filename or args.out}); earlier checkpoints are intact")
         raise
 
@@ -708,6 +777,8 @@ def start_processes(args) -> Processes:
 
 def check_run_folder(args):
     """-> the checkpoint to resume from, or None. A finished or interrupted run is never overwritten by accident."""
+    for folder in (args.out, os.path.join(args.out, "checkpoints")):  # what a killed save left behind
+        imp.remove_stale_temporaries(folder)
     resume_from = latest_checkpoint(args.out) if os.path.isdir(args.out) else None
     if args.resume and resume_from is None:
         raise DataError(f"--resume: no checkpoint in {args.out}/checkpoints")
@@ -718,22 +789,25 @@ def check_run_folder(args):
 
 def resume(folder, model, optimizer, meta, processes) -> None:
     """Put back what save_checkpoint kept: the trainable weights, AdamW's moments and this rank's RNG."""
-    with open(os.path.join(folder, "meta.json"), encoding="utf-8") as f:
-        saved = json.load(f)
+    saved = imp.read_json_object(os.path.join(folder, "meta.json"))
     saved.setdefault("group_by_length", False)  # checkpoints written before the option existed
     changed = [k for k in ("stage", "batch_size", "seed", "total_steps", "samples", "group_by_length")
                if saved.get(k) != meta[k]]
     if changed:
         raise DataError(f"--resume: {', '.join(changed)} differ from the interrupted run; resume with its arguments")
-    weights = load_file(os.path.join(folder, "trainable.safetensors"))
+    weights = read_safetensors(os.path.join(folder, "trainable.safetensors"))
     missing = set(trainable_state(model)) ^ set(weights)
     if missing:
         raise CheckpointError(f"{folder}: the checkpoint's trainable tensors do not match this model ({len(missing)})")
     model.load_state_dict({n: t.to(processes.device) for n, t in weights.items()}, strict=False)
-    state = torch.load(os.path.join(folder, "state.pt"), weights_only=True, map_location="cpu")
-    optimizer.load_state_dict(state["optimizer"])
-    mine = state["rng"][processes.rank] if processes.rank < len(state["rng"]) else state["rng"][0]
-    torch.set_rng_state(mine["cpu"])
+    try:  # weights_only: a state.pt holding anything but tensors, numbers and dicts is refused, never unpickled
+        state = torch.load(os.path.join(folder, "state.pt"), weights_only=True, map_location="cpu")
+        optimizer.load_state_dict(state["optimizer"])
+        mine = state["rng"][processes.rank] if processes.rank < len(state["rng"]) else state["rng"][0]
+        torch.set_rng_state(mine["cpu"])
+    except Exception as error:  # UnpicklingError, a truncated zip (RuntimeError), a wrong structure
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{folder}/state.pt: not a checkpoint state this program wrote ({message})") from None
     if processes.device.type == "cuda" and mine["cuda"] is not None:
         torch.cuda.set_rng_state(mine["cuda"], processes.device)
 
@@ -744,12 +818,22 @@ def start_log(args, start_step) -> str:
     os.makedirs(args.out, exist_ok=True)
     kept = []
     if args.resume and os.path.exists(log_path):
-        with open(log_path, encoding="utf-8") as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
-    with open(log_path + ".tmp", "w", encoding="utf-8") as f:
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            kept = [line for line in f if logged_step(line) <= start_step]  # a line cut by a kill: dropped
+    temporary = f"{log_path}.tmp{os.getpid()}"
+    with open(temporary, "w", encoding="utf-8") as f:
         f.writelines(kept)
-    os.replace(log_path + ".tmp", log_path)
+    os.replace(temporary, log_path)
     return log_path
+
+
+def logged_step(line) -> float:
+    """The step of a log.jsonl line, or infinity for a line that is not a whole record (so that it is dropped)."""
+    try:
+        step = json.loads(line)["step"]
+        return step if isinstance(step, int) else math.inf
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return math.inf
 
 
 def accumulate_gradients(loss_module, micro_batches, count, autocast=contextlib.nullcontext, no_sync=None):
