@@ -1,0 +1,262 @@
+"""Imp-2B (Qwen1.5) and Imp-4B (Phi-3-mini) against transformers' Qwen2ForCausalLM / Phi3ForCausalLM, in float32.
+
+Small random models with the real head dims (Qwen 64 here, Phi-3 96), written in the official Imp layouts and
+dtypes (2B float16, 4B bfloat16 with fused qkv_proj / gate_up_proj), then loaded by imp.py and compared with the
+reference on the same (rounded) weights. Phi-3's sliding window is 16 here, so that short prompts cross it.
+"""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import imp
+import reference as ref
+
+transformers = pytest.importorskip("transformers")
+
+TOLERANCE = 1e-4
+QWEN = dict(vocab_size=320, hidden_size=128, intermediate_size=200, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=512,
+            tie_word_embeddings=False, use_sliding_window=False)
+PHI3 = dict(vocab_size=320, hidden_size=192, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=512,
+            original_max_position_embeddings=512, rope_scaling=None, sliding_window=16, tie_word_embeddings=False,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0)
+WINDOW = PHI3["sliding_window"]
+IMAGE_TOKEN = 319
+RELEASE_DTYPE = {"qwen2": torch.float16, "phi3": torch.bfloat16}
+
+
+def llm_model(family, seed=0, **changes):
+    """A scrambled transformers model whose weights are exactly representable in the release's dtype."""
+    if family == "qwen2":
+        config = transformers.Qwen2Config(**dict(QWEN, **changes), attn_implementation="eager")
+        model = transformers.Qwen2ForCausalLM(config)
+    else:
+        config = transformers.Phi3Config(**dict(PHI3, **changes), attn_implementation="eager")
+        model = transformers.Phi3ForCausalLM(config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            noise = torch.randn(parameter.shape, generator=generator) * 0.08  # biases too (Qwen's q, k, v)
+            value = 1.0 + noise if name.endswith("norm.weight") else noise  # perturbed RMSNorm weights
+            parameter.copy_(value.to(RELEASE_DTYPE[family]).float())
+    return model.eval()
+
+
+def projector(hidden, seed=2):
+    generator = torch.Generator().manual_seed(seed)
+    v = ref.SIGLIP["hidden_size"]
+    return {name: (torch.randn(shape, generator=generator) * 0.08) for name, shape in
+            (("0.weight", (hidden, v)), ("0.bias", (hidden,)), ("2.weight", (hidden, hidden)), ("2.bias", (hidden,)))}
+
+
+def imp_config(family):
+    """config.json as the releases write it (plus a vision_tower_config for the small tower)."""
+    vision = dict(ref.SIGLIP, model_type="siglip_vision_model", hidden_act="gelu_pytorch_tanh")
+    common = dict(mm_hidden_size=ref.SIGLIP["hidden_size"], mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2,
+                  mm_vision_select_feature="patch", vision_tower_config=vision, tokenizer_model_max_length=2560,
+                  hidden_act="silu", tie_word_embeddings=False)
+    if family == "qwen2":  # no pad_token_id in the 2B config
+        return dict(common, **QWEN, architectures=["ImpQwen2ForCausalLM"], model_type="imp_qwen2",
+                    image_token_index=IMAGE_TOKEN, image_token="<image>", eos_token_id=318, bos_token_id=317,
+                    image_aspect_ratio="square", sliding_window=32768, torch_dtype="float16")
+    return dict(common, **dict(PHI3, eos_token_id=318), architectures=["ImpPhi3ForCausalLM"], model_type="imp_phi3",
+                image_token_index=IMAGE_TOKEN, image_aspect_ratio="pad", torch_dtype="bfloat16",
+                activation_function="gelu_new")  # a leftover of the Phi-2 config in the real one
+
+
+def write_imp(folder, family, llm, siglip, mm):
+    os.makedirs(folder, exist_ok=True)
+    dtype = RELEASE_DTYPE[family]
+    tensors = {k: v.to(dtype) for k, v in llm.state_dict().items()}  # Phi3: fused qkv_proj / gate_up_proj as is
+    tensors.update({f"model.mm_projector.{k}": v.to(dtype) for k, v in mm.items()})
+    for key, value in siglip.state_dict().items():
+        key = key if key.startswith("vision_model.") else "vision_model." + key
+        if not key.startswith((f"vision_model.encoder.layers.{ref.SIGLIP['num_hidden_layers'] - 1}.", "vision_model.head.")):
+            tensors[f"model.vision_tower.vision_tower.{key}"] = value.to(dtype)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(folder, "model.safetensors"),
+              metadata={"format": "pt"})
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(imp_config(family), f)
+    return folder
+
+
+def rounded(module, dtype):
+    """A copy of a reference module with its weights rounded to the release dtype (what the folder holds)."""
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.copy_(parameter.to(dtype).float())
+    return module
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory):
+    root = tmp_path_factory.mktemp("family")
+    out = {}
+    for family in ("qwen2", "phi3"):
+        llm, siglip = llm_model(family), ref.siglip_model()
+        mm = projector(llm.config.hidden_size)
+        folder = write_imp(str(root / family), family, llm, siglip, mm)
+        rounded(siglip, RELEASE_DTYPE[family])
+        mm = {k: v.to(RELEASE_DTYPE[family]).float() for k, v in mm.items()}
+        llm.save_pretrained(str(root / f"{family}-base"))  # Qwen/Qwen1.5 or microsoft/Phi-3 layout
+        out[family] = dict(llm=llm, siglip=siglip, mm=mm, folder=folder, base=str(root / f"{family}-base"))
+    return out
+
+
+def max_diff(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+def reference_logits(member, input_ids, pixel_values):
+    """Imp's forward from reference parts: SigLIP hidden_states[-2] -> Linear, erf GELU, Linear -> spliced at the
+    image id -> the transformers decoder on embeddings, positions 0 .. L-1."""
+    siglip, mm, llm = member["siglip"], member["mm"], member["llm"]
+    with torch.no_grad():
+        features = siglip(pixel_values, output_hidden_states=True).hidden_states[-2]
+        features = torch.nn.functional.linear(features, mm["0.weight"], mm["0.bias"])
+        features = torch.nn.functional.linear(torch.nn.functional.gelu(features), mm["2.weight"], mm["2.bias"])
+        rows = []
+        for b, ids in enumerate(input_ids):
+            where = int((ids == IMAGE_TOKEN).nonzero()[0])
+            embed = llm.model.embed_tokens
+            rows.append(torch.cat([embed(ids[:where]), features[b], embed(ids[where + 1:])]))
+        embeddings = torch.stack(rows)
+        positions = torch.arange(embeddings.shape[1])[None]
+        return llm(inputs_embeds=embeddings, position_ids=positions).logits.float()
+
+
+# -- the decoders and the whole model against the reference ----------------------------------------------------
+
+@pytest.mark.parametrize("family", ["qwen2", "phi3"])
+def test_decoder_matches_transformers(members, family):
+    member = members[family]
+    ours = imp.LlamaDecoder.from_pretrained(member["base"])
+    assert ours.config.family == family
+    ids = torch.randint(0, 318, (2, 3 * WINDOW), generator=torch.Generator().manual_seed(3))  # past the window
+    with torch.no_grad():
+        expected, got = member["llm"](ids).logits, ours(ids)
+    assert got.shape == expected.shape and max_diff(got, expected) < TOLERANCE
+
+
+@pytest.mark.parametrize("family", ["qwen2", "phi3"])
+def test_imp_release_layout_matches_reference(members, family):
+    member = members[family]
+    model = imp.Imp.from_pretrained(member["folder"], with_tokenizer=False)
+    assert model.config.template == family and isinstance(model.llm, imp.LlamaDecoder)
+    generator = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 318, (2, 20), generator=generator)
+    ids[:, 2] = IMAGE_TOKEN
+    pixels = torch.rand(2, 3, 56, 56, generator=generator) * 2 - 1
+    with torch.no_grad():
+        got = model(ids, pixels)
+    expected = reference_logits(member, ids, pixels)
+    assert got.shape == (2, 20 - 1 + 16, 320) and got.shape[1] > 2 * WINDOW  # the window hides keys
+    assert max_diff(got, expected) < TOLERANCE
+
+
+@pytest.mark.parametrize("window", [WINDOW, WINDOW + 1])
+def test_sliding_window_both_conventions(window):
+    """transformers masks keys with q - k >= window; flash-attention (the official training) with q - k > window,
+    i.e. transformers' window + 1. Reading sliding_window as window + 1 gives that one, so both are covered."""
+    llm = llm_model("phi3", seed=4, sliding_window=window)
+    config = imp.LlamaConfig.from_dict(llm.config.to_dict())
+    assert config.sliding_window == window
+    ours = imp.LlamaDecoder(config)
+    ours.load_state_dict(imp_state_from_phi3(llm.state_dict(), config))
+    ids = torch.randint(0, 318, (1, 2 * window + 3), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert max_diff(ours(ids), llm(ids).logits) < TOLERANCE
+
+
+def imp_state_from_phi3(state, config):
+    """transformers Phi3 state dict -> LlamaDecoder's, through imp's own key table (fused rows split)."""
+    out = {}
+    for key, targets in imp.key_table_llama(config, ours="").items():
+        if key in state:
+            for name, rows in targets:
+                out[name] = state[key][rows] if rows else state[key]
+    return out
+
+
+@pytest.mark.parametrize("family", ["qwen2", "phi3"])
+def test_kv_cache_decoding_equals_full_forward(members, family):
+    model = imp.Imp.from_pretrained(members[family]["folder"], with_tokenizer=False)
+    ids = torch.randint(3, 318, (1, 3 * WINDOW), generator=torch.Generator().manual_seed(7))
+    prompt = 5
+    with torch.no_grad():
+        full = model.llm(ids)[0]  # (T, vocab)
+        cache = model.llm.make_cache(1, ids.shape[1])
+        logits = [model.prefill(model.llm.embed_tokens(ids[:, :prompt]), cache)]
+        for position in range(prompt, ids.shape[1] - 1):
+            logits.append(model.decode_step(int(ids[0, position]), position, cache))
+    assert max_diff(torch.stack(logits), full[prompt - 1:-1]) < TOLERANCE
+
+
+# -- configs ------------------------------------------------------------------------------------------------------
+
+RELEASE_2B_CONFIG = dict(  # MILVLG/Imp-v1.5-2B-Qwen1.5 config.json (no vision_tower_config, no pad_token_id)
+    architectures=["ImpQwen2ForCausalLM"], model_type="imp_qwen2", bos_token_id=151643, eos_token_id=151645,
+    hidden_act="silu", hidden_size=2048, intermediate_size=5504, num_hidden_layers=24, num_attention_heads=16,
+    num_key_value_heads=16, rms_norm_eps=1e-06, rope_theta=1000000.0, max_position_embeddings=32768,
+    sliding_window=32768, use_sliding_window=False, max_window_layers=21, tie_word_embeddings=False,
+    vocab_size=151936, image_aspect_ratio="square", image_token="<image>", image_token_index=151646,
+    mm_hidden_size=1152, mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2,
+    mm_vision_tower="google/siglip-so400m-patch14-384", tokenizer_model_max_length=2560, torch_dtype="float16")
+RELEASE_4B_CONFIG = dict(  # MILVLG/Imp-v1.5-4B-Phi3 config.json (the part seen; Phi-2 leftovers included)
+    architectures=["ImpPhi3ForCausalLM"], model_type="imp_phi3", activation_function="gelu_new", bos_token_id=1,
+    eos_token_id=32007, pad_token_id=32000, hidden_act="silu", hidden_size=3072, intermediate_size=8192,
+    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+    original_max_position_embeddings=4096, rms_norm_eps=1e-05, rope_scaling=None, rope_theta=10000.0,
+    sliding_window=2047, tie_word_embeddings=False, image_aspect_ratio="pad", mm_hidden_size=1152,
+    mm_vision_select_layer=-2, tokenizer_model_max_length=2560, torch_dtype="bfloat16", vocab_size=32064)
+
+
+def test_release_configs():
+    config = imp.ImpConfig.from_dict(RELEASE_2B_CONFIG)
+    text = config.text
+    assert (config.template, text.hidden_size, text.num_hidden_layers, text.head_dim, text.vocab_size) == \
+        ("qwen2", 2048, 24, 128, 151936)
+    assert (text.rope_theta, text.rms_norm_eps, text.attention_bias, text.sliding_window) == (1e6, 1e-6, True, None)
+    assert (config.image_token_index, config.eos_token_id, config.pad_token_id, config.max_length) == \
+        (151646, 151645, 151643, 2560)
+    assert config.vision.num_patches == 729 and config.image_aspect_ratio == "square"
+    config = imp.ImpConfig.from_dict(RELEASE_4B_CONFIG)
+    text = config.text
+    assert (config.template, text.hidden_size, text.head_dim, text.vocab_size, text.sliding_window) == \
+        ("phi3", 3072, 96, 32064, 2047)
+    assert (text.rope_theta, text.rms_norm_eps, text.attention_bias) == (10000.0, 1e-5, False)
+    assert (config.image_token_index, config.eos_token_id, config.pad_token_id) == (32011, 32007, 32000)
+    assert config.image_aspect_ratio == "pad"
+    for release in (RELEASE_2B_CONFIG, RELEASE_4B_CONFIG):  # what we write reads back the same
+        config = imp.ImpConfig.from_dict(release)
+        assert imp.ImpConfig.from_dict(config.to_dict()) == config
+
+
+def test_parameter_counts_match_the_releases():
+    """Meta builds: the language models' sizes as transformers' Qwen2ForCausalLM / Phi3ForCausalLM count them
+    (2B 1,836,828,672; 4B 3,821,079,552), and the connectors' (1152 -> H -> H)."""
+    for release, llm_size, connector_size in ((RELEASE_2B_CONFIG, 1_836_828_672, 6_557_696),
+                                              (RELEASE_4B_CONFIG, 3_821_079_552, 12_982_272)):
+        model = imp.build_on_meta(imp.Imp, imp.ImpConfig.from_dict(release))
+        assert sum(p.numel() for p in model.llm.parameters()) == llm_size
+        assert sum(p.numel() for p in model.connector.parameters()) == connector_size
+
+
+@pytest.mark.parametrize("family", ["qwen2", "phi3"])
+def test_save_pretrained_writes_the_release_layout(members, family, tmp_path):
+    model = imp.Imp.from_pretrained(members[family]["folder"], dtype=RELEASE_DTYPE[family], with_tokenizer=False)
+    model.save_pretrained(str(tmp_path))
+    checkpoint = imp.open_checkpoint(str(tmp_path))
+    original = imp.open_checkpoint(members[family]["folder"])
+    dropped = {k for k in original.shapes if "post_layernorm" in k}
+    assert checkpoint.shapes == {k: v for k, v in original.shapes.items() if k not in dropped}
+    from safetensors.torch import load_file
+    saved, release = load_file(checkpoint.files[0]), load_file(original.files[0])
+    assert all(torch.equal(saved[k], release[k]) for k in saved)  # fused rows stacked back in the same order
+    config = json.load(open(tmp_path / "config.json"))
+    assert config["model_type"] == {"qwen2": "imp_qwen2", "phi3": "imp_phi3"}[family]
+    assert config["torch_dtype"] == {"qwen2": "float16", "phi3": "bfloat16"}[family]
