@@ -260,3 +260,223 @@ def test_save_pretrained_writes_the_release_layout(members, family, tmp_path):
     config = json.load(open(tmp_path / "config.json"))
     assert config["model_type"] == {"qwen2": "imp_qwen2", "phi3": "imp_phi3"}[family]
     assert config["torch_dtype"] == {"qwen2": "float16", "phi3": "bfloat16"}[family]
+
+
+# -- tokenizers: small ones in the published styles, against transformers --------------------------------------
+
+CORPUS = ["What is in the picture? A red circle and a blue square.", "The answer is yes. Ça va, naïve café!",
+          "A chat between a curious user and an artificial intelligence assistant. 12345 apples\n\n  indented",
+          "The assistant gives helpful, detailed, and polite answers to the user's questions."] * 10
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+PHI3_ADDED = ["<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
+              "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>"]
+PROMPT_TEXTS = ["What is this?", "cafe\u0301 decomposed (NFC composes it)", "Ça va? 42 naïve\n\nlines  and   spaces",
+                "Describe it.<|im_end|> <|end|> tricky"]
+
+
+def write_qwen_tokenizer(folder):
+    """Qwen1.5's style: NFC, Qwen's regex, byte-level BPE without prefix space, three special tokens. Writes
+    tokenizer.json (the Hugging Face Qwen repos) and vocab.json + merges.txt + added_tokens.json (Imp-2B's)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(imp.QWEN_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    base = tokenizer.get_vocab_size()
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIALS])
+    os.makedirs(folder, exist_ok=True)
+    tokenizer.save(os.path.join(folder, "tokenizer.json"))
+    tokenizer.model.save(folder)
+    with open(os.path.join(folder, "added_tokens.json"), "w") as f:
+        json.dump({t: base + i for i, t in enumerate(QWEN_SPECIALS)}, f)
+    return folder
+
+
+def write_phi3_tokenizer(folder, bos_template=True, rstrip=False):
+    """Phi-3's style (Llama's SentencePiece BPE as a tokenizer.json): "▁" prepended and for spaces, byte fallback
+    pieces <0x00>..<0xFF>, <unk> <s> </s>, then the chat tokens; with or without a TemplateProcessing that adds <s>
+    (unknown for the release), and with or without rstrip on the chat tokens (changed upstream in May 2024)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    trainer_tokenizer = Tokenizer(models.BPE())
+    trainer_tokenizer.normalizer = normalizer
+    trainer_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")  # pieces within words
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=specials, show_progress=False)
+    trainer_tokenizer.train_from_iterator([line.replace("\n", " ") for line in CORPUS], trainer)
+    vocab = trainer_tokenizer.get_vocab(with_added_tokens=True)
+    merges = json.loads(trainer_tokenizer.to_str())["model"]["merges"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+    tokenizer = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    tokenizer.normalizer = normalizer
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                           decoders.Strip(" ", 1, 0)])
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>")])
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False, rstrip=rstrip) for t in PHI3_ADDED])
+    if bos_template:
+        tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                                 special_tokens=[("<s>", 1)])
+    os.makedirs(folder, exist_ok=True)
+    tokenizer.save(os.path.join(folder, "tokenizer.json"))
+    return folder
+
+
+def official_image_tokens(tokenizer, prompt, image_index):
+    """mm_utils.tokenizer_image_token, as the official code runs it on a transformers tokenizer."""
+    chunks = [tokenizer(chunk).input_ids for chunk in prompt.split("<image>")]
+    ids, offset = [], 0
+    if chunks and chunks[0] and chunks[0][0] == tokenizer.bos_token_id:
+        offset = 1
+        ids.append(chunks[0][0])
+    for index, chunk in enumerate(chunks):
+        if index:
+            ids += [image_index]
+        ids += chunk[offset:]
+    return ids
+
+
+@pytest.fixture(scope="module")
+def tokenizer_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tokenizers")
+    qwen = write_qwen_tokenizer(str(root / "qwen"))
+    qwen_files = str(root / "qwen-files")
+    os.makedirs(qwen_files)
+    for name in ("vocab.json", "merges.txt", "added_tokens.json"):
+        os.link(os.path.join(qwen, name), os.path.join(qwen_files, name))
+    phi3 = {(bos, rstrip): write_phi3_tokenizer(str(root / f"phi3-{bos}-{rstrip}"), bos, rstrip)
+            for bos in (True, False) for rstrip in (False, True)}
+    return dict(qwen=qwen, qwen_files=qwen_files, phi3=phi3)
+
+
+def prompts(template):
+    history = [("What is first?", "A circle.")]
+    return [imp.build_prompt(text, template=template) for text in PROMPT_TEXTS] + \
+        [imp.build_prompt("And second?", history=history, template=template),
+         imp.build_prompt("No image here", with_image=False, template=template)]
+
+
+def test_qwen_tokenizer_matches_transformers(tokenizer_folders):
+    config = imp.ImpConfig(text=imp.LlamaConfig(), image_token_index=500)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_file=os.path.join(tokenizer_folders["qwen"], "tokenizer.json"))
+    files = tokenizer_folders["qwen_files"]
+    rebuilt = transformers.Qwen2Tokenizer(vocab=os.path.join(files, "vocab.json"), merges=os.path.join(files, "merges.txt"))
+    rebuilt.add_special_tokens({"additional_special_tokens": QWEN_SPECIALS})
+    ours_json = imp.load_tokenizer(tokenizer_folders["qwen"], "qwen2")
+    ours_files = imp.load_tokenizer(files, "qwen2")  # vocab.json + merges.txt, Qwen's regex and NFC rebuilt
+    for prompt in prompts("qwen2") + CORPUS[:4]:
+        expected = official_image_tokens(fast, prompt, 500)
+        assert official_image_tokens(rebuilt, prompt, 500) == expected
+        assert imp.encode_prompt(ours_json, prompt, config) == expected
+        assert imp.encode_prompt(ours_files, prompt, config) == expected
+    assert ours_files.token_to_id("<|im_end|>") == fast.convert_tokens_to_ids("<|im_end|>")
+
+
+@pytest.mark.parametrize("rstrip", [False, True])
+@pytest.mark.parametrize("bos_template", [True, False])
+def test_phi3_tokenizer_matches_transformers(tokenizer_folders, bos_template, rstrip):
+    """The reference adds <s> (LlamaTokenizerFast's add_bos_token); ours gives the same ids whether the
+    tokenizer.json has the TemplateProcessing that adds it or not."""
+    config = imp.ImpConfig(text=imp.LlamaConfig.phi3(), image_token_index=600)
+    reference = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=os.path.join(tokenizer_folders["phi3"][(True, rstrip)], "tokenizer.json"), bos_token="<s>")
+    ours = imp.load_tokenizer(tokenizer_folders["phi3"][(bos_template, rstrip)], "phi3")
+    for prompt in prompts("phi3"):
+        expected = official_image_tokens(reference, prompt, 600)
+        assert expected[0] == 1 and expected.count(600) == ("<image>" in prompt)
+        assert imp.encode_prompt(ours, prompt, config) == expected
+    assert ours.decode(ours.encode("Ça va? naïve", add_special_tokens=False).ids) == "Ça va? naïve"  # byte fallback
+
+
+def test_templates_are_the_official_strings():
+    system = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+              "detailed, and polite answers to the user's questions.")
+    assert imp.build_prompt("WHAT?", template="qwen2") == (
+        f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n<image>\nWHAT?<|im_end|>\n<|im_start|>assistant\n")
+    assert imp.build_prompt("WHAT?", template="phi3") == (
+        f"<|system|>\n{system}<|end|>\n<|user|>\n<image>\nWHAT?<|end|>\n<|assistant|>\n")
+    assert imp.build_prompt("Q2", history=[("Q1", "A1")], with_image=False, template="qwen2").endswith(
+        "<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n<|im_start|>user\nQ2<|im_end|>\n"
+        "<|im_start|>assistant\n")
+    assert imp.build_prompt("Q2", history=[("Q1", "A1")], with_image=False, template="phi3").endswith(
+        "<|user|>\nQ1<|end|>\n<|assistant|>\nA1<|end|>\n<|user|>\nQ2<|end|>\n<|assistant|>\n")
+
+
+# -- training labels: train.py's dataset code against the official preprocess_qwen2 / preprocess_phi3 ----------
+
+RECORDS = [
+    {"image": "a.png", "conversations": [{"from": "human", "value": "What is this?\n<image>"},
+                                         {"from": "gpt", "value": "A red circle."}]},
+    {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "Red."},
+                                         {"from": "human", "value": "And the shape?"},
+                                         {"from": "gpt", "value": "A circle, 12345 naïve."}]},
+    {"conversations": [{"from": "human", "value": "No picture: say yes."}, {"from": "gpt", "value": "yes"},
+                       {"from": "human", "value": "Again"}, {"from": "gpt", "value": "\nyes  twice"}]},
+]
+SEPARATORS = {"qwen2": ("<|im_end|>", "\n<|im_start|>assistant\n", 0), "phi3": ("<|end|>", "\n<|assistant|>\n", 1)}
+
+
+def official_labels(tokenizer, conversation, template, image_index):
+    """preprocess_qwen2 / preprocess_phi3 as the official train.py writes them (cur_len starts after Phi-3's BOS,
+    every count of a piece drops its own BOS; a total that does not add up masks the whole sample)."""
+    sep2, role, bos = SEPARATORS[template]
+    tokenize = lambda text: official_image_tokens(tokenizer, text, image_index)
+    input_ids = tokenize(conversation)
+    target = list(input_ids)
+    rounds = conversation.split(sep2)
+    re_rounds = [sep2.join(rounds[:3])]
+    for index in range(3, len(rounds), 2):
+        re_rounds.append(sep2.join(rounds[index:index + 2]))
+    cur_len = bos
+    target[:cur_len] = [-100] * cur_len
+    for rou in re_rounds:
+        if rou == "":
+            break
+        parts = rou.split(sep2 + role)
+        if len(parts) != 2:
+            break
+        parts[0] += sep2 + role
+        round_len = len(tokenize(rou + sep2)) - bos
+        instruction_len = len(tokenize(parts[0])) - bos
+        target[cur_len:cur_len + instruction_len] = [-100] * instruction_len
+        cur_len += round_len
+    target[cur_len:] = [-100] * (len(target) - cur_len)
+    if cur_len != len(input_ids):
+        target = [-100] * len(target)
+    return input_ids, target
+
+
+@pytest.mark.parametrize("family", ["qwen2", "phi3"])
+def test_training_labels_match_the_official_rule(tokenizer_folders, family, tmp_path):
+    import train
+    folder = tokenizer_folders["qwen"] if family == "qwen2" else tokenizer_folders["phi3"][(True, False)]
+    reference = transformers.PreTrainedTokenizerFast(tokenizer_file=os.path.join(folder, "tokenizer.json"),
+                                                     bos_token="<s>" if family == "phi3" else None)
+    text = imp.LlamaConfig() if family == "qwen2" else imp.LlamaConfig.phi3()
+    config = imp.ImpConfig(vision=imp.VisionConfig(image_size=28, patch_size=14), text=text, image_token_index=700)
+    from PIL import Image
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(RECORDS))
+    ours = imp.load_tokenizer(folder, family)
+    samples, _ = train.load_dataset(str(data), str(tmp_path), ours, config, family, 10_000, strict=True, log=lambda *a: None)
+    learned = 0
+    for (ids, labels, _), record in zip(samples, RECORDS):
+        conversation = train.format_chat(record["conversations"], "image" in record, "test", family)
+        expected_ids, expected_labels = official_labels(reference, conversation, family, 700)
+        assert ids == expected_ids and labels == expected_labels
+        learned += sum(label != -100 for label in labels)
+    assert learned > 10  # answers and their end tokens, not a sample masked whole
+    end_id = ours.token_to_id(SEPARATORS[family][0])
+    assert all(label in (-100,) or label == ids[i] for i, label in enumerate(labels))
+    assert labels[-1] == end_id and labels.count(end_id) == 2  # each answer ends in its learned end token
+    # stage 1 (preprocess_plain): "<image>" + caption + "\n", all but the image (and Phi-3's <s>) learned
+    data.write_text(json.dumps(RECORDS[:1]))
+    [(ids, labels, _)], _ = train.load_dataset(str(data), str(tmp_path), ours, config, "plain", 10_000, strict=True,
+                                              log=lambda *a: None)
+    expected_ids = official_image_tokens(reference, "<image>A red circle.\n", 700)
+    masked = len(official_image_tokens(reference, "<image>", 700))
+    assert ids == expected_ids and labels == [-100] * masked + expected_ids[masked:]
