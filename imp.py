@@ -1179,6 +1179,7 @@ def phi3_prompt(turns) -> str:
 
 
 PROMPTS = {"phi2": phi2_prompt, "qwen2": qwen2_prompt, "phi3": phi3_prompt}
+DECODER_NAMES = {"phi2": "Phi-2", "qwen2": "Qwen1.5", "phi3": "Phi-3-mini"}  # the language model of each template
 # Tokens that end an answer, beside config.eos_token_id: every end token of the template (Imp-2B's
 # generation_config stops at <|im_end|> and <|endoftext|>; Phi-3's at <|end|>, <|endoftext|> and <|assistant|>).
 STOP_TOKENS = {"phi2": (), "qwen2": ("<|im_end|>", "<|endoftext|>"), "phi3": ("<|end|>", "<|endoftext|>", "<|assistant|>")}

@@ -17,15 +17,15 @@ import reference as ref
 transformers = pytest.importorskip("transformers")
 
 TOLERANCE = 1e-4
-QWEN = dict(vocab_size=320, hidden_size=128, intermediate_size=200, num_hidden_layers=2, num_attention_heads=2,
+QWEN = dict(vocab_size=512, hidden_size=128, intermediate_size=200, num_hidden_layers=2, num_attention_heads=2,
             num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=512,
             tie_word_embeddings=False, use_sliding_window=False)
-PHI3 = dict(vocab_size=320, hidden_size=192, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+PHI3 = dict(vocab_size=512, hidden_size=192, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
             num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=512,
             original_max_position_embeddings=512, rope_scaling=None, sliding_window=16, tie_word_embeddings=False,
             bos_token_id=1, eos_token_id=2, pad_token_id=0)
 WINDOW = PHI3["sliding_window"]
-IMAGE_TOKEN = 319
+IMAGE_TOKEN = 511  # past the small tokenizers' ids (the releases: the first free id)
 RELEASE_DTYPE = {"qwen2": torch.float16, "phi3": torch.bfloat16}
 
 
@@ -53,7 +53,7 @@ def projector(hidden, seed=2):
             (("0.weight", (hidden, v)), ("0.bias", (hidden,)), ("2.weight", (hidden, hidden)), ("2.bias", (hidden,)))}
 
 
-def imp_config(family):
+def imp_config(family, eos=None):
     """config.json as the releases write it (plus a vision_tower_config for the small tower)."""
     vision = dict(ref.SIGLIP, model_type="siglip_vision_model", hidden_act="gelu_pytorch_tanh")
     common = dict(mm_hidden_size=ref.SIGLIP["hidden_size"], mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2,
@@ -61,14 +61,14 @@ def imp_config(family):
                   hidden_act="silu", tie_word_embeddings=False)
     if family == "qwen2":  # no pad_token_id in the 2B config
         return dict(common, **QWEN, architectures=["ImpQwen2ForCausalLM"], model_type="imp_qwen2",
-                    image_token_index=IMAGE_TOKEN, image_token="<image>", eos_token_id=318, bos_token_id=317,
+                    image_token_index=IMAGE_TOKEN, image_token="<image>", eos_token_id=eos, bos_token_id=eos,
                     image_aspect_ratio="square", sliding_window=32768, torch_dtype="float16")
-    return dict(common, **dict(PHI3, eos_token_id=318), architectures=["ImpPhi3ForCausalLM"], model_type="imp_phi3",
+    return dict(common, **dict(PHI3, eos_token_id=eos), architectures=["ImpPhi3ForCausalLM"], model_type="imp_phi3",
                 image_token_index=IMAGE_TOKEN, image_aspect_ratio="pad", torch_dtype="bfloat16",
                 activation_function="gelu_new")  # a leftover of the Phi-2 config in the real one
 
 
-def write_imp(folder, family, llm, siglip, mm):
+def write_imp(folder, family, llm, siglip, mm, eos=None):
     os.makedirs(folder, exist_ok=True)
     dtype = RELEASE_DTYPE[family]
     tensors = {k: v.to(dtype) for k, v in llm.state_dict().items()}  # Phi3: fused qkv_proj / gate_up_proj as is
@@ -80,7 +80,7 @@ def write_imp(folder, family, llm, siglip, mm):
     save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(folder, "model.safetensors"),
               metadata={"format": "pt"})
     with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(imp_config(family), f)
+        json.dump(imp_config(family, eos), f)
     return folder
 
 
@@ -93,17 +93,30 @@ def rounded(module, dtype):
 
 
 @pytest.fixture(scope="module")
-def members(tmp_path_factory):
+def members(tmp_path_factory, tokenizer_folders):
+    """Per family: the reference parts, an Imp folder in the release layout (2B: vocab.json + merges.txt, 4B:
+    tokenizer.json), the base decoder folder (Qwen/Qwen1.5-*, microsoft/Phi-3-mini-* layout) and a SigLIP one."""
+    import shutil
     root = tmp_path_factory.mktemp("family")
     out = {}
     for family in ("qwen2", "phi3"):
         llm, siglip = llm_model(family), ref.siglip_model()
         mm = projector(llm.config.hidden_size)
-        folder = write_imp(str(root / family), family, llm, siglip, mm)
+        tokenizer = tokenizer_folders["phi3"][(True, False)] if family == "phi3" else tokenizer_folders["qwen_files"]
+        eos = imp.load_tokenizer(tokenizer, family).token_to_id(imp.STOP_TOKENS[family][0])  # <|im_end|>, <|end|>
+        folder = write_imp(str(root / family), family, llm, siglip, mm, eos)
+        base, vision = str(root / f"{family}-base"), str(root / "siglip")
+        llm.save_pretrained(base)
+        siglip.save_pretrained(vision)
+        for name in os.listdir(tokenizer):
+            shutil.copy(os.path.join(tokenizer, name), folder)
+        if family == "qwen2":
+            shutil.copy(os.path.join(tokenizer_folders["qwen"], "tokenizer.json"), base)  # Qwen's own repos have it
+        else:
+            shutil.copy(os.path.join(tokenizer, "tokenizer.json"), base)
         rounded(siglip, RELEASE_DTYPE[family])
         mm = {k: v.to(RELEASE_DTYPE[family]).float() for k, v in mm.items()}
-        llm.save_pretrained(str(root / f"{family}-base"))  # Qwen/Qwen1.5 or microsoft/Phi-3 layout
-        out[family] = dict(llm=llm, siglip=siglip, mm=mm, folder=folder, base=str(root / f"{family}-base"))
+        out[family] = dict(llm=llm, siglip=siglip, mm=mm, folder=folder, base=base, vision=vision)
     return out
 
 
@@ -136,7 +149,7 @@ def test_decoder_matches_transformers(members, family):
     member = members[family]
     ours = imp.LlamaDecoder.from_pretrained(member["base"])
     assert ours.config.family == family
-    ids = torch.randint(0, 318, (2, 3 * WINDOW), generator=torch.Generator().manual_seed(3))  # past the window
+    ids = torch.randint(0, 512, (2, 3 * WINDOW), generator=torch.Generator().manual_seed(3))  # past the window
     with torch.no_grad():
         expected, got = member["llm"](ids).logits, ours(ids)
     assert got.shape == expected.shape and max_diff(got, expected) < TOLERANCE
@@ -148,13 +161,13 @@ def test_imp_release_layout_matches_reference(members, family):
     model = imp.Imp.from_pretrained(member["folder"], with_tokenizer=False)
     assert model.config.template == family and isinstance(model.llm, imp.LlamaDecoder)
     generator = torch.Generator().manual_seed(5)
-    ids = torch.randint(3, 318, (2, 20), generator=generator)
+    ids = torch.randint(3, IMAGE_TOKEN, (2, 20), generator=generator)
     ids[:, 2] = IMAGE_TOKEN
     pixels = torch.rand(2, 3, 56, 56, generator=generator) * 2 - 1
     with torch.no_grad():
         got = model(ids, pixels)
     expected = reference_logits(member, ids, pixels)
-    assert got.shape == (2, 20 - 1 + 16, 320) and got.shape[1] > 2 * WINDOW  # the window hides keys
+    assert got.shape == (2, 20 - 1 + 16, 512) and got.shape[1] > 2 * WINDOW  # the window hides keys
     assert max_diff(got, expected) < TOLERANCE
 
 
@@ -167,7 +180,7 @@ def test_sliding_window_both_conventions(window):
     assert config.sliding_window == window
     ours = imp.LlamaDecoder(config)
     ours.load_state_dict(imp_state_from_phi3(llm.state_dict(), config))
-    ids = torch.randint(0, 318, (1, 2 * window + 3), generator=torch.Generator().manual_seed(6))
+    ids = torch.randint(0, 512, (1, 2 * window + 3), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         assert max_diff(ours(ids), llm(ids).logits) < TOLERANCE
 
@@ -185,7 +198,7 @@ def imp_state_from_phi3(state, config):
 @pytest.mark.parametrize("family", ["qwen2", "phi3"])
 def test_kv_cache_decoding_equals_full_forward(members, family):
     model = imp.Imp.from_pretrained(members[family]["folder"], with_tokenizer=False)
-    ids = torch.randint(3, 318, (1, 3 * WINDOW), generator=torch.Generator().manual_seed(7))
+    ids = torch.randint(3, IMAGE_TOKEN, (1, 3 * WINDOW), generator=torch.Generator().manual_seed(7))
     prompt = 5
     with torch.no_grad():
         full = model.llm(ids)[0]  # (T, vocab)
@@ -480,3 +493,103 @@ def test_training_labels_match_the_official_rule(tokenizer_folders, family, tmp_
     expected_ids = official_image_tokens(reference, "<image>A red circle.\n", 700)
     masked = len(official_image_tokens(reference, "<image>", 700))
     assert ids == expected_ids and labels == [-100] * masked + expected_ids[masked:]
+
+
+# -- the programs with Imp-2B / Imp-4B folders -------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["qwen2", "phi3"])
+def test_release_folder_asks_in_its_template(members, family, tmp_path, capsys):
+    import infer
+    from PIL import Image
+    folder = members[family]["folder"]
+    model = imp.Imp.from_pretrained(folder)
+    image = Image.new("RGB", (40, 20), (200, 30, 30))  # not square: the 4B pads it, the 2B squashes it
+    input_ids, pixel_values = imp.prepare_inputs(model, image, "What is it?")
+    prompt = imp.build_prompt("What is it?", template=family)
+    assert input_ids[0].tolist() == imp.encode_prompt(model.tokenizer, prompt, model.config)
+    assert int((input_ids == IMAGE_TOKEN).sum()) == 1 and (input_ids[0, 0] == 1) == (family == "phi3")
+    aspect = "pad" if family == "phi3" else "square"
+    assert model.config.image_aspect_ratio == aspect
+    assert torch.equal(pixel_values[0], imp.preprocess_image(image, 56, aspect))
+    ends = {model.tokenizer.token_to_id(name) for name in imp.STOP_TOKENS[family]}
+    assert model.stop_ids() == ends and None not in ends
+    image_path = tmp_path / "a.png"
+    image.save(image_path)
+    assert infer.main(["--model", folder, str(image_path), "What is it?", "--max-new-tokens", "3", "--dtype",
+                       "float32", "--threads", "1"]) == 0
+    expected = imp.answer(model, image, "What is it?", max_new_tokens=3)
+    assert capsys.readouterr().out.strip() == expected
+
+
+def write_data(folder):
+    from PIL import Image
+    Image.new("RGB", (56, 56), "red").save(os.path.join(folder, "a.png"))
+    Image.new("RGB", (56, 56), "blue").save(os.path.join(folder, "b.png"))
+    captions = [{"image": f"{c[0]}.png", "conversations": [{"from": "human", "value": "<image>"},
+                                                           {"from": "gpt", "value": f"A {c} square."}]}
+                for c in ("a", "b")]
+    chats = [{"image": f"{c[0]}.png", "conversations": [{"from": "human", "value": "<image>\nColour?"},
+                                                        {"from": "gpt", "value": f"It is {c}."}]}
+             for c in ("a", "b")]
+    for name, records in (("captions.json", captions), ("train.json", chats)):
+        with open(os.path.join(folder, name), "w") as f:
+            json.dump(records, f)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "phi3"])
+def test_train_stage1_stage2_lora_and_merge(members, family, tmp_path):
+    import train
+    from safetensors.torch import load_file
+    member = members[family]
+    write_data(str(tmp_path))
+    run = lambda *argv: train.main([str(a) for a in argv] + ["--threads", "1", "--image-folder", str(tmp_path),
+                                                             "--max-steps", "2", "--warmup-ratio", "0"])
+    stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
+    run("--stage", 1, "--llm", member["base"], "--vision", member["vision"], "--data", tmp_path / "captions.json",
+        "--out", stage1, "--batch-size", 2, "--micro-batch-size", 2)
+    model = imp.Imp.from_pretrained(str(stage1))
+    assert model.config.template == family and model.config.image_aspect_ratio == ("pad" if family == "phi3" else "square")
+    base = load_file(os.path.join(member["base"], "model.safetensors"))
+    saved = load_file(str(stage1 / "model.safetensors"))
+    assert all(torch.equal(saved[key], base[key]) for key in base)  # the frozen decoder, in its own (fused) names
+    run("--stage", 2, "--model", stage1, "--data", tmp_path / "train.json", "--out", stage2, "--batch-size", 2,
+        "--micro-batch-size", 2, "--lora-rank", 4, "--lora-alpha", 8, "--lr", 1e-2)
+    adapters = load_file(str(stage2 / "adapters" / "adapter_model.safetensors"))
+    wrapped = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in adapters if ".lora_" in name}
+    assert wrapped == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"}
+    assert len([n for n in adapters if ".lora_" in n]) == 2 * (2 * 7 + 1)  # 2 layers x 7 Linears + lm_head, A and B
+    run("--merge", stage2 / "adapters", "--model", stage1, "--out", tmp_path / "merged")
+    ids = torch.tensor([[5, 6, IMAGE_TOKEN, 7, 8]])
+    pixels = torch.rand(1, 3, 56, 56) * 2 - 1
+    with torch.no_grad():
+        trained = imp.Imp.from_pretrained(str(stage2))(ids, pixels)
+        assert max_diff(imp.Imp.from_pretrained(str(tmp_path / "merged"))(ids, pixels), trained) < 1e-5
+        assert max_diff(model(ids, pixels), trained) > 1e-3  # LoRA moved it
+
+
+@pytest.mark.parametrize("family", ["qwen2", "phi3"])
+def test_quantized_folders(members, family, tmp_path):
+    import quant
+    folder = members[family]["folder"]
+    model = imp.Imp.from_pretrained(folder)
+    plan = quant.quantization_plan(model, quant.quantization_config(bits=4, group_size=32))
+    kinds = {name.rsplit(".", 1)[-1] for name in plan}
+    assert kinds == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head",
+                     "embed_tokens"}
+    ids = torch.tensor([[5, 6, IMAGE_TOKEN, 7, 8]])
+    pixels = torch.rand(1, 3, 56, 56) * 2 - 1
+    with torch.no_grad():
+        expected = model(ids, pixels)
+        for bits in (8, 4):
+            out = str(tmp_path / f"int{bits}")
+            quant.convert(folder, out, bits=bits, group_size=32, log=lambda *a: None)
+            loaded = quant.load(out)
+            assert loaded.config.template == family and loaded.tokenizer is not None
+            in_memory = imp.Imp.from_pretrained(folder)
+            quant.quantize_model(in_memory, bits=bits, group_size=32)  # the folder holds exactly these weights
+            assert max_diff(loaded(ids, pixels), in_memory(ids, pixels)) < 1e-4
+            error = max_diff(loaded(ids, pixels), expected) / expected.abs().max().item()
+            assert error < (0.05 if bits == 8 else 0.3), error
+    report = quant.evaluate(folder, bits=4, group_size=32, new_tokens=3, log=lambda *a: None,
+                            samples=[(None, "Say something.")])
+    assert {"o_proj", "gate_proj", "up_proj", "down_proj"} <= set(report["weight_error"])
