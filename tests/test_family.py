@@ -593,3 +593,15 @@ def test_quantized_folders(members, family, tmp_path):
     report = quant.evaluate(folder, bits=4, group_size=32, new_tokens=3, log=lambda *a: None,
                             samples=[(None, "Say something.")])
     assert {"o_proj", "gate_proj", "up_proj", "down_proj"} <= set(report["weight_error"])
+
+
+def test_bench_times_every_member(tmp_path):
+    import bench
+    assert bench.member_config("2b", False, 384) == imp.ImpConfig.from_dict(RELEASE_2B_CONFIG)
+    assert bench.member_config("4b", False, 384) == imp.ImpConfig.from_dict(RELEASE_4B_CONFIG)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--family", "2b", "4b", "--dtypes", "int4", "--new-tokens", "2", "--threads", "1",
+                       "--json", str(out)]) == 0
+    rows = json.load(open(out))["results"]
+    assert [(r["family"], r["dtype"]) for r in rows] == [("2b", "int4"), ("4b", "int4")]
+    assert all(r["weight_bytes"] > 0 and r["peak_rss_bytes"] > 0 and r["generated_tokens"] == 2 for r in rows)
