@@ -652,14 +652,19 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x, rotary, start: int, cache: KVCache | None):
-        """x: (B, T, C), tokens at positions start .. start+T-1; rotary: their (cos, sin) tables."""
+    def project(self, x, rotary):
+        """x (B, T, C) -> queries (B, H, T, D), keys and values (B, kv heads, T, D), every dim of q and k rotated."""
         B, T, C = x.shape
         split = lambda t, heads: t.view(B, T, heads, self.head_dim).transpose(1, 2)  # (B, heads, T, D)
         q = split(self.q_proj(x), self.num_heads)
         k, v = split(self.k_proj(x), self.num_kv_heads), split(self.v_proj(x), self.num_kv_heads)
         cos, sin = rotary
-        q, k = apply_rotary(q, cos, sin, self.head_dim), apply_rotary(k, cos, sin, self.head_dim)  # full rotary
+        return apply_rotary(q, cos, sin, self.head_dim), apply_rotary(k, cos, sin, self.head_dim), v
+
+    def forward(self, x, rotary, start: int, cache: KVCache | None):
+        """x: (B, T, C), tokens at positions start .. start+T-1; rotary: their (cos, sin) tables."""
+        B, T, C = x.shape
+        q, k, v = self.project(x, rotary)
         if cache is not None:
             k, v = cache.update(start, k, v)  # (B, kv heads, start+T, D)
         if self.num_kv_heads != self.num_heads:  # grouped-query attention (neither Imp member uses it)

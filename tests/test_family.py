@@ -605,3 +605,15 @@ def test_bench_times_every_member(tmp_path):
     rows = json.load(open(out))["results"]
     assert [(r["family"], r["dtype"]) for r in rows] == [("2b", "int4"), ("4b", "int4")]
     assert all(r["weight_bytes"] > 0 and r["peak_rss_bytes"] > 0 and r["generated_tokens"] == 2 for r in rows)
+
+
+def test_attention_maps_match_transformers_past_the_window(members):
+    import visualize
+    member = members["phi3"]
+    model = imp.Imp.from_pretrained(member["folder"], with_tokenizer=False)
+    ids = torch.randint(3, IMAGE_TOKEN, (1, 30), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        ours = visualize.attention_maps(model, ids)  # (layers, heads, T, T)
+        theirs = member["llm"](ids, output_attentions=True).attentions
+    assert ours.shape == (2, 2, 30, 30) and float(ours[0, 0, -1, :30 - WINDOW].abs().max()) == 0.0
+    assert max_diff(ours, torch.stack([a[0] for a in theirs])) < 1e-5
