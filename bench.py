@@ -104,7 +104,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse_arguments(argv):
-    parser = Parser(prog="bench.py", description="Benchmark nanoImp (Imp-3B shapes) on this CPU.", epilog=EXAMPLES,
+    parser = Parser(prog="bench.py", description="Benchmark nanoImp (Imp-3B shapes, or --family) on this CPU.", epilog=EXAMPLES,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtypes", nargs="+", choices=PRECISIONS + A8_PRECISIONS, default=list(PRECISIONS),
                         metavar="DTYPE", help=f"precisions to run, any of {' '.join(PRECISIONS + A8_PRECISIONS)} "
@@ -251,6 +251,11 @@ def make_config(args) -> imp.ImpConfig:
                              image_token_index=QUICK_CONFIG["text"]["vocab_size"] - 1,
                              eos_token_id=QUICK_CONFIG["text"]["vocab_size"] - 2, pad_token_id=0)
     return imp.ImpConfig(vision=imp.VisionConfig(image_size=args.image_size))
+
+
+def members_named(families) -> str:
+    """["3b"] -> "Imp-3B"; ["2b", "4b"] -> "Imp-2B, Imp-4B"."""
+    return ", ".join(MEMBERS[family].split(" ")[0] for family in families)
 
 
 def member_config(family: str, quick: bool, image_size: int) -> imp.ImpConfig:
@@ -628,8 +633,7 @@ def run(argv) -> int:
     notes = []
     config = make_config(args) if not args.model else None
     what = f"weights from {args.model}" if args.model else \
-        f"{'--quick config' if args.quick else f'Imp-3B shapes, {args.image_size} px'}, random weights" + \
-        ("" if args.family == ["3b"] else f"; members {' '.join(args.family)}")
+        f"{'--quick config' if args.quick else f'{members_named(args.family)} shapes, {args.image_size} px'}, random weights"
     print(f"nanoImp bench: {what}, {args.threads} threads, torch {torch.__version__}, "
           f"best_cpu_dtype {str(kernels.best_cpu_dtype()).replace('torch.', '')}", flush=True)
     machine = dict(cpu=cpu_name(), threads=args.threads, torch=torch.__version__,

@@ -1304,8 +1304,8 @@ def save_tokenizer(tokenizer, path, config: ImpConfig):
         tokenizer.save(os.path.join(scratch, "tokenizer.json"))
         tokenizer.model.save(scratch)  # vocab.json, merges.txt
         base_size = tokenizer.get_vocab_size(with_added_tokens=False)
-        added = {token: token_id for token, token_id in tokenizer.get_vocab(with_added_tokens=True).items()
-                 if token_id >= base_size}
+        added = {token: token_id for token, token_id in sorted(tokenizer.get_vocab(with_added_tokens=True).items(),
+                                                               key=lambda item: item[1]) if token_id >= base_size}
         write_json(os.path.join(scratch, "added_tokens.json"), added)
         names, tokenizer_class = TOKENIZER_NAMES[config.template]
         write_json(os.path.join(scratch, "special_tokens_map.json"), names)
