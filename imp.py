@@ -13,11 +13,11 @@ model last (like nanoGPT):
   2. shared pieces     attention(), rotary embedding, KV cache
   3. SigLIP            the vision tower (paper section 4.1, "visual encoder")
   4. Connector         Linear -> GELU -> Linear (paper section 4.1)
-  5. Phi-2             the language model
+  5. Phi-2             the language model (5b: the Llama-style decoder of Imp-2B, Qwen1.5, and Imp-4B, Phi-3-mini)
   6. LoRA              low-rank adapters for stage-2 training (paper section 4.2)
   7. Imp               splicing image features into the text, the training loss, prefill and decode steps
   8. preprocessing     image loading and the official image processor
-  9. prompt, tokenizer the phi2 conversation template and the byte-level BPE tokenizer
+  9. prompt, tokenizer the conversation templates (phi2, qwen2, phi3) and the tokenizers
  10. asking            a question and an image in, the answer out as text
  11. checkpoint I/O    one explicit key table per official layout, streamed tensor by tensor
 

@@ -9,7 +9,8 @@ flat script shaped like nanoGPT's train.py: read the data, build the model, one 
 
 The data is LLaVA's JSON (or JSON Lines): {"id", "image" (a path inside --image-folder, optional),
 "conversations": [{"from": "human" | "gpt", "value": "..."}]}, with "<image>" marking where the picture goes.
-Only the assistant's words are learned (stage 2: each answer and its "</s>"; stage 1: the caption).
+Only the assistant's words are learned (stage 2: each answer and its "</s>"; stage 1: the caption). Imp-2B and
+Imp-4B (a Qwen1.5 or Phi-3 model, or --llm a Qwen/Phi-3 folder) train in their own qwen2 / phi3 templates.
 
 Distributed: `torchrun --nproc_per_node=N train.py ...` runs one process per GPU (nccl) or per CPU worker (gloo).
 Every rank walks the same shuffled order and takes its own slice of each global batch; DistributedDataParallel
