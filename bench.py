@@ -7,6 +7,7 @@ bench.py: how fast is nanoImp on this CPU, and how close to the memory-bandwidth
     python bench.py --dtypes float32 bfloat16 --compare   # also time transformers with the same weights
     python bench.py --image-size 196                   # the mobile variant (196 px -> 196 image tokens)
     python bench.py --quick --json out.json            # a ~10M-parameter model: the same measurements in seconds
+    python bench.py --family 2b 3b 4b --dtypes int4    # the three Imp members (Qwen1.5, Phi-2, Phi-3 decoders)
     python bench.py --dtypes int4 int4+a8              # int4, and int4 with int8 activations (prefill, vision)
 
 One "query" is what the paper's Table 4 times: encode one image (T_VE), prefill 729 image + 41 text tokens
@@ -74,6 +75,9 @@ QUICK_CONFIG = dict(vision=dict(hidden_size=192, intermediate_size=768, num_hidd
                                 image_size=112, patch_size=14),
                     text=dict(vocab_size=4096, hidden_size=320, intermediate_size=1280, num_hidden_layers=4,
                               num_attention_heads=4, rotary_dim=32))
+# The Imp family (paper section 4.1), one recipe on three decoders; --quick keeps their head dims (128, 96).
+MEMBERS = {"2b": "Imp-2B (Qwen1.5-1.8B)", "3b": "Imp-3B (Phi-2)", "4b": "Imp-4B (Phi-3-mini)"}
+QUICK_LLAMA = {"2b": dict(hidden_size=256, num_attention_heads=2), "4b": dict(hidden_size=192, num_attention_heads=2)}
 
 EXAMPLES = """examples:
   python bench.py                                  full Imp-3B shapes, float32 bfloat16 int8 int4 (minutes)
@@ -81,6 +85,7 @@ EXAMPLES = """examples:
   python bench.py --image-size 196                 Imp-3B-196, the mobile variant
   python bench.py --model imp-v1-3b --dtypes int4  real weights (quantized while loading)
   python bench.py --quick --json out.json          small config, all precisions, seconds
+  python bench.py --family 2b 3b 4b --dtypes int4 --new-tokens 16   the three members, one table each
   python bench.py --dtypes int4 int4+a8            int4, and int4 with int8 activations (prefill, vision)
   python bench.py --dtypes int4 --llama-cpp llama.json   int4 decode against llama.cpp's Q4_0 on this machine,
                                                    measured by tools/llama_cpp_reference.py --json llama.json
@@ -100,7 +105,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse_arguments(argv):
-    parser = Parser(prog="bench.py", description="Benchmark nanoImp (Imp-3B shapes) on this CPU.", epilog=EXAMPLES,
+    parser = Parser(prog="bench.py", description="Benchmark nanoImp (Imp-3B shapes, or --family) on this CPU.", epilog=EXAMPLES,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtypes", nargs="+", choices=PRECISIONS + A8_PRECISIONS, default=list(PRECISIONS),
                         metavar="DTYPE", help=f"precisions to run, any of {' '.join(PRECISIONS + A8_PRECISIONS)} "
@@ -108,6 +113,9 @@ def parse_arguments(argv):
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--image-size", type=int, choices=(384, 196), default=384,
                         help="384 (Imp-3B, 729 image tokens) or 196 (Imp-3B-196, 196 tokens)")
+    parser.add_argument("--family", nargs="+", choices=tuple(MEMBERS), default=["3b"], metavar="MEMBER",
+                        help="Imp members to time with random weights: 2b (Qwen1.5), 3b (Phi-2), 4b (Phi-3-mini); "
+                             "default 3b")
     parser.add_argument("--model", metavar="DIR", help="an Imp folder to load instead of random weights")
     parser.add_argument("--quick", action="store_true", help="a small config: the same measurements in seconds")
     parser.add_argument("--compare", action="store_true",
@@ -133,6 +141,8 @@ def parse_arguments(argv):
         raise BenchError("--threads and --new-tokens must be at least 1")
     if args.model and not os.path.isdir(args.model):
         raise BenchError(f"{args.model}: no such model folder")
+    if args.compare and args.family != ["3b"]:
+        raise BenchError("--compare times transformers' Phi-2 only: use it with --family 3b")
     if args.model and args.quick:
         raise BenchError("--quick builds its own small model: drop --model")
     if args.model and not args.worker:
@@ -258,11 +268,35 @@ def decode_bytes_per_token(llm: nn.Module, depth: int, kv_element_size: int) -> 
 
 
 def make_config(args) -> imp.ImpConfig:
+    family = args.family[0]
+    if family != "3b":
+        return member_config(family, args.quick, args.image_size)
     if args.quick:
         return imp.ImpConfig(vision=imp.VisionConfig(**QUICK_CONFIG["vision"]), text=imp.PhiConfig(**QUICK_CONFIG["text"]),
                              image_token_index=QUICK_CONFIG["text"]["vocab_size"] - 1,
                              eos_token_id=QUICK_CONFIG["text"]["vocab_size"] - 2, pad_token_id=0)
     return imp.ImpConfig(vision=imp.VisionConfig(image_size=args.image_size))
+
+
+def members_named(families) -> str:
+    """["3b"] -> "Imp-3B"; ["2b", "4b"] -> "Imp-2B, Imp-4B"."""
+    return ", ".join(MEMBERS[family].split(" ")[0] for family in families)
+
+
+def member_config(family: str, quick: bool, image_size: int) -> imp.ImpConfig:
+    """Imp-2B / Imp-4B shapes (the releases' ids); quick: a small model with the same head dims."""
+    text = imp.LlamaConfig() if family == "2b" else imp.LlamaConfig.phi3()
+    defaults = imp.FAMILY_DEFAULTS[text.family]
+    vision = imp.VisionConfig(image_size=image_size)
+    if quick:
+        vision = imp.VisionConfig(**QUICK_CONFIG["vision"])
+        text = imp.LlamaConfig(**dict(vars(text), vocab_size=4096, intermediate_size=1280, num_hidden_layers=4,
+                                      num_key_value_heads=2, **QUICK_LLAMA[family]))
+    image_token = text.vocab_size - 1 if quick else defaults["image_token_index"]
+    return imp.ImpConfig(vision=vision, text=text, image_token_index=image_token,
+                         eos_token_id=text.vocab_size - 2 if quick else defaults["eos_token_id"],
+                         pad_token_id=0 if quick else defaults["pad_token_id"],
+                         image_aspect_ratio=defaults["image_aspect_ratio"], max_length=defaults["max_length"])
 
 
 @torch.no_grad()
@@ -277,7 +311,7 @@ def materialize(module: nn.Module, generator: torch.Generator):
                 value = torch.empty(tensor.shape, dtype=tensor.dtype)
                 if not tensor.is_floating_point():  # an index buffer (transformers' position_ids): 0, 1, 2, ...
                     value.copy_(torch.arange(tensor.shape[-1]).expand(tensor.shape))
-                elif isinstance(sub, nn.LayerNorm):
+                elif isinstance(sub, (nn.LayerNorm, imp.RMSNorm)):
                     value.fill_(1.0 if name == "weight" else 0.0)
                 else:
                     value.normal_(0.0, 0.02, generator=generator)
@@ -513,8 +547,8 @@ def build_transformers_models(transformers, ours, config: imp.ImpConfig, dtype):
 # The parent: one subprocess per precision, then the tables.
 
 
-def run_in_subprocess(args, worker: str) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), "--worker", worker, "--threads", str(args.threads),
+def run_in_subprocess(args, worker: str, family: str = "3b") -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--worker", worker, "--family", family, "--threads", str(args.threads),
                "--image-size", str(args.image_size), "--new-tokens", str(args.new_tokens),
                "--group-size", str(args.group_size), "--quant-dtype", args.quant_dtype,
                "--cache-dtype", args.cache_dtype]
@@ -623,7 +657,7 @@ def run(argv) -> int:
     notes = []
     config = make_config(args) if not args.model else None
     what = f"weights from {args.model}" if args.model else \
-        f"{'--quick config' if args.quick else f'Imp-3B shapes, {args.image_size} px'}, random weights"
+        f"{'--quick config' if args.quick else f'{members_named(args.family)} shapes, {args.image_size} px'}, random weights"
     print(f"nanoImp bench: {what}, {args.threads} threads, torch {torch.__version__}, "
           f"best_cpu_dtype {str(kernels.best_cpu_dtype()).replace('torch.', '')}", flush=True)
     machine = dict(cpu=cpu_name(), threads=args.threads, torch=torch.__version__,
@@ -635,11 +669,18 @@ def run(argv) -> int:
     if config is not None:
         print(f"query: 1 image ({config.vision.num_patches} tokens) + {TEXT_TOKENS} text tokens, "
               f"{args.new_tokens} new tokens", flush=True)
-    results, theirs = {}, {}
-    print("\n" + HEADER, flush=True)
-    for precision in precisions:
-        results[precision] = run_in_subprocess(args, precision)
-        print(format_row(results[precision]), flush=True)
+    results, theirs, members = {}, {}, {}
+    for family in args.family:
+        if args.family != ["3b"]:
+            shapes = member_config(family, args.quick, args.image_size) if family != "3b" else None
+            print(f"\n{MEMBERS[family]}" + (f": {shapes.text.num_hidden_layers} layers of {shapes.text.hidden_size}"
+                                            if shapes else ""), end="", flush=True)
+        print("\n" + HEADER, flush=True)
+        members[family] = {}
+        for precision in precisions:
+            members[family][precision] = dict(run_in_subprocess(args, precision, family), family=family)
+            print(format_row(members[family][precision]), flush=True)
+    results = members.get("3b") or members[args.family[0]]
     if args.compare:
         for precision in [p for p in precisions if p in FLOAT_DTYPES]:
             theirs[precision] = run_in_subprocess(args, f"hf-{precision}")
@@ -662,17 +703,18 @@ def run(argv) -> int:
                       f"{t['peak_rss_bytes'] / o['peak_rss_bytes']:9.2f}")
     good = {p: r for p, r in results.items() if "error" not in r}
     good_theirs = {p: r for p, r in theirs.items() if "error" not in r}
-    if good:
+    if good and args.family == ["3b"]:  # the targets are Imp-3B's
         print_targets(good, good_theirs, args.quick, llama_cpp)
     for note in notes:
         print(f"note: {note}")
     if args.json:
-        document = dict(machine=machine, config="quick" if args.quick else (args.model or f"imp-3b-{args.image_size}"),
-                        notes=notes, results=list(results.values()), transformers=list(theirs.values()),
+        document = dict(machine=machine, config="quick" if args.quick else (args.model or f"imp-{'+'.join(args.family)}-{args.image_size}"),
+                        notes=notes, results=[r for rows in members.values() for r in rows.values()],
+                        transformers=list(theirs.values()),
                         llama_cpp=[dict(format=k[0], test=k[1], depth=k[2], tok_s=v) for k, v in (llama_cpp or {}).items()])
         imp.write_json(args.json, document)
         print(f"wrote {args.json}")
-    failed = [p for p, r in list(results.items()) + list(theirs.items()) if "error" in r]
+    failed = [p for rows in list(members.values()) + [theirs] for p, r in rows.items() if "error" in r]
     return 1 if failed else 0
 
 

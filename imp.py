@@ -13,11 +13,11 @@ model last (like nanoGPT):
   2. shared pieces     attention(), rotary embedding, KV cache
   3. SigLIP            the vision tower (paper section 4.1, "visual encoder")
   4. Connector         Linear -> GELU -> Linear (paper section 4.1)
-  5. Phi-2             the language model
+  5. Phi-2             the language model (5b: the Llama-style decoder of Imp-2B, Qwen1.5, and Imp-4B, Phi-3-mini)
   6. LoRA              low-rank adapters for stage-2 training (paper section 4.2)
   7. Imp               splicing image features into the text, the training loss, prefill and decode steps
   8. preprocessing     image loading and the official image processor
-  9. prompt, tokenizer the phi2 conversation template and the byte-level BPE tokenizer
+  9. prompt, tokenizer the conversation templates (phi2, qwen2, phi3) and the tokenizers
  10. asking            a question and an image in, the answer out as text
  11. checkpoint I/O    one explicit key table per official layout, streamed tensor by tensor
 
@@ -135,10 +135,90 @@ class PhiConfig:
 
 
 @dataclass
+class LlamaConfig:
+    """The pre-norm "Llama-style" decoders of the other two Imp members (paper section 4.1): Qwen1.5-1.8B (Imp-2B,
+    family "qwen2", these defaults) and Phi-3-mini-4k (Imp-4B, family "phi3", LlamaConfig.phi3()). One block
+    serves both; the fields below are where they differ."""
+    family: str = "qwen2"            # "qwen2" or "phi3": the checkpoint naming, the tokenizer and the template
+    vocab_size: int = 151936         # Qwen1.5: 151646 real ids padded to a multiple of 128; Phi-3: 32064
+    hidden_size: int = 2048
+    intermediate_size: int = 5504    # SwiGLU width (Phi-3: 8192)
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16    # head_dim = 2048 / 16 = 128 (Phi-3: 3072 / 32 = 96)
+    num_key_value_heads: int = 16    # no grouped-query attention in either member
+    attention_bias: bool = True      # Qwen's q, k, v projections have a bias (o_proj never); Phi-3's have none
+    rms_norm_eps: float = 1e-6       # Phi-3: 1e-5
+    rope_theta: float = 1e6          # Qwen1.5: 1,000,000; Phi-3: 10,000. Both rotate the whole head
+    max_position_embeddings: int = 32768
+    sliding_window: int | None = None  # Phi-3: 2047. A query sees itself and the sliding_window - 1 keys before it
+                                       # (transformers' mask, kv > q - window); see LlamaAttention
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_dim(self) -> int:  # full rotary, where Phi-2 rotates 32 of 80 dims
+        return self.head_dim
+
+    @classmethod
+    def phi3(cls, **changes) -> "LlamaConfig":
+        """Phi-3-mini-4k-instruct (Imp-4B's decoder)."""
+        return cls(**dict(dict(family="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192,
+                               num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                               attention_bias=False, rms_norm_eps=1e-5, rope_theta=10000.0,
+                               max_position_embeddings=4096, sliding_window=2047), **changes))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LlamaConfig":
+        """A Qwen2 / Phi-3 config.json (transformers naming), or an Imp-2B / Imp-4B one (model_type imp_qwen2 /
+        imp_phi3, the same fields). Qwen's sliding_window is only used with use_sliding_window (false in Imp-2B)."""
+        family = config_family(d)
+        rope = {**d, **(d.get("rope_parameters") or {})}  # transformers >= 5 nests the rotary settings
+        if (d.get("rope_scaling") or {}).get("type", "default") not in ("default", None):
+            raise ValueError(f"rope_scaling {d['rope_scaling']!r} is not supported (Phi-3-mini-4k has none)")
+        window = d.get("sliding_window") if (family == "phi3" or d.get("use_sliding_window")) else None
+        base = cls() if family == "qwen2" else cls.phi3()
+        heads = d["num_attention_heads"]
+        return cls(family=family, vocab_size=d.get("vocab_size", base.vocab_size), hidden_size=d["hidden_size"],
+                   intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
+                   num_attention_heads=heads, num_key_value_heads=d.get("num_key_value_heads") or heads,
+                   attention_bias=family == "qwen2", rms_norm_eps=d.get("rms_norm_eps", base.rms_norm_eps),
+                   rope_theta=rope.get("rope_theta", base.rope_theta),
+                   max_position_embeddings=d.get("max_position_embeddings", base.max_position_embeddings),
+                   sliding_window=window)
+
+    def to_dict(self) -> dict:
+        """transformers naming (Qwen2Config / Phi3Config fields)."""
+        d = dict(vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+                 num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
+                 num_key_value_heads=self.num_key_value_heads, rms_norm_eps=self.rms_norm_eps,
+                 rope_theta=self.rope_theta, max_position_embeddings=self.max_position_embeddings,
+                 hidden_act="silu", tie_word_embeddings=False, attention_dropout=0.0)
+        if self.family == "qwen2":
+            d.update(use_sliding_window=self.sliding_window is not None, sliding_window=self.sliding_window or 32768)
+        else:
+            d.update(sliding_window=self.sliding_window, rope_scaling=None, resid_pdrop=0.0, embd_pdrop=0.0,
+                     original_max_position_embeddings=self.max_position_embeddings)
+        return d
+
+
+def config_family(d: dict) -> str:
+    """"phi2", "qwen2" or "phi3" from a config.json: its model_type or architectures (imp_qwen2 / ImpQwen2ForCausalLM
+    for Imp-2B, imp_phi3 / ImpPhi3ForCausalLM for Imp-4B; "imp", "phi", "phi-msft" are Phi-2)."""
+    names = " ".join([str(d.get("model_type", ""))] + [str(a) for a in d.get("architectures") or []]).lower()
+    if "qwen2" in names:
+        return "qwen2"
+    if "phi3" in names:
+        return "phi3"
+    return "phi2"
+
+
+@dataclass
 class ImpConfig:
     """The whole model: a vision tower, a connector, a language model, and the token ids that glue them."""
     vision: VisionConfig = field(default_factory=VisionConfig)
-    text: PhiConfig = field(default_factory=PhiConfig)
+    text: PhiConfig | LlamaConfig = field(default_factory=PhiConfig)  # Phi-2 (Imp-3B), or Qwen1.5 / Phi-3
     image_token_index: int = 50296   # id of "<image>"; that one position is replaced by the image features
     eos_token_id: int = 50295        # "</s>", added by Imp as the end of every assistant turn
     pad_token_id: int = 50256        # "<|endoftext|>", Phi-2's bos/unk, used as padding in training
@@ -153,14 +233,35 @@ class ImpConfig:
         else:  # some legacy configs only name the tower; the 196-px variant says so in the name
             tower = str(d.get("mm_vision_tower", ""))
             vision = VisionConfig(image_size=196 if "196" in tower else 384, select_layer=select)
+        if config_family(d) != "phi2":
+            return cls.from_dict_llama(d, vision)
         text = PhiConfig.from_dict(d)
         return cls(vision=vision, text=text, image_token_index=d.get("image_token_index", 50296),
                    eos_token_id=d.get("eos_token_id", 50295), pad_token_id=d.get("pad_token_id", 50256),
                    image_aspect_ratio=d.get("image_aspect_ratio", "square"),
                    max_length=d.get("tokenizer_model_max_length", d.get("n_positions", 3072)))
 
+    @classmethod
+    def from_dict_llama(cls, d: dict, vision: VisionConfig) -> "ImpConfig":
+        """Imp-2B / Imp-4B config.json. Missing ids take the releases' values (FAMILY_DEFAULTS): the 2B config has
+        no pad_token_id, the 4B one may have no image_token_index."""
+        text = LlamaConfig.from_dict(d)
+        defaults = FAMILY_DEFAULTS[text.family]
+        get = lambda key, name: d[key] if d.get(key) is not None else defaults[name]
+        return cls(vision=vision, text=text, image_token_index=get("image_token_index", "image_token_index"),
+                   eos_token_id=get("eos_token_id", "eos_token_id"), pad_token_id=get("pad_token_id", "pad_token_id"),
+                   image_aspect_ratio=get("image_aspect_ratio", "image_aspect_ratio"),
+                   max_length=get("tokenizer_model_max_length", "max_length"))
+
+    @property
+    def template(self) -> str:
+        """The conversation template of this member: "phi2" (Imp-3B), "qwen2" (Imp-2B) or "phi3" (Imp-4B)."""
+        return "phi2" if isinstance(self.text, PhiConfig) else self.text.family
+
     def to_dict(self) -> dict:
-        """config.json in the current official Imp naming (MILVLG/imp-v1-3b main)."""
+        """config.json in the current official Imp naming (MILVLG/imp-v1-3b main; Imp-v1.5-2B-Qwen1.5, -4B-Phi3)."""
+        if self.template != "phi2":
+            return self.to_dict_llama()
         d = dict(architectures=["ImpForCausalLM"], model_type="imp", **self.text.to_dict())
         d.update(mm_hidden_size=self.vision.hidden_size, mm_projector_type="mlp2x_gelu",
                  mm_vision_select_layer=self.vision.select_layer, mm_vision_select_feature="patch",
@@ -170,6 +271,32 @@ class ImpConfig:
                  bos_token_id=self.pad_token_id, image_aspect_ratio=self.image_aspect_ratio,
                  tokenizer_model_max_length=self.max_length, use_cache=True)
         return d
+
+    def to_dict_llama(self) -> dict:
+        architecture, model_type = {"qwen2": ("ImpQwen2ForCausalLM", "imp_qwen2"),
+                                    "phi3": ("ImpPhi3ForCausalLM", "imp_phi3")}[self.text.family]
+        d = dict(architectures=[architecture], model_type=model_type, **self.text.to_dict())
+        d.update(mm_hidden_size=self.vision.hidden_size, mm_projector_type="mlp2x_gelu",
+                 mm_vision_select_layer=self.vision.select_layer, mm_vision_select_feature="patch",
+                 mm_vision_tower=f"google/siglip-so400m-patch14-{self.vision.image_size}",
+                 vision_tower_config=self.vision.to_dict(), image_token_index=self.image_token_index,
+                 image_token="<image>", eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+                 bos_token_id=FAMILY_DEFAULTS[self.text.family]["bos_token_id"],
+                 image_aspect_ratio=self.image_aspect_ratio, tokenizer_model_max_length=self.max_length,
+                 tokenizer_padding_side="right", use_cache=True)
+        return d
+
+
+# What the Imp-2B / Imp-4B releases use where their config.json says nothing. bos: Qwen never adds one (its
+# 151643 is <|endoftext|>); Phi-3's SentencePiece vocabulary starts every prompt with <s> = 1.
+FAMILY_DEFAULTS = {
+    "qwen2": dict(image_token_index=151646,  # the first id after Qwen's 151646 real ones (config.json says so)
+                  eos_token_id=151645, pad_token_id=151643, bos_token_id=151643,  # <|im_end|>, <|endoftext|>
+                  image_aspect_ratio="square", max_length=2560),
+    "phi3": dict(image_token_index=32011,    # the first id after Phi-3's added tokens 32000 .. 32010
+                 eos_token_id=32007, pad_token_id=32000, bos_token_id=1,  # <|end|>, <|endoftext|>, <s>
+                 image_aspect_ratio="pad", max_length=2560),
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -181,35 +308,41 @@ class ImpConfig:
 USE_FUSED_ATTENTION = hasattr(F, "scaled_dot_product_attention")
 
 
-def attention_reference(q, k, v, causal: bool):
+def attention_reference(q, k, v, causal: bool, window: int | None = None):
     """softmax(q k^T / sqrt(d)) v, written out. q: (B, H, Tq, D); k, v: (B, H, Tk, D) -> (B, H, Tq, D).
 
     Like the official Phi-2 code, q and k are upcast to float32 before the product and the softmax runs in
     float32, so 16-bit models do not overflow; the probabilities are cast back to v's dtype for the product with v.
     """
-    return attention_probabilities(q, k, causal).to(v.dtype) @ v
+    return attention_probabilities(q, k, causal, window).to(v.dtype) @ v
 
 
-def attention_probabilities(q, k, causal: bool) -> torch.Tensor:
+def attention_probabilities(q, k, causal: bool, window: int | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) in float32: (B, H, Tq, Tk). Row i is how query i shares its attention among the
     keys (each row sums to 1); with `causal`, query i sees only keys up to its own position."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     scores = (q.float() @ k.float().transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
     if causal:
-        scores = scores.masked_fill(~causal_mask(q.shape[-2], k.shape[-2], q.device), float("-inf"))
+        scores = scores.masked_fill(~causal_mask(q.shape[-2], k.shape[-2], q.device, window), float("-inf"))
     return torch.softmax(scores, dim=-1)
 
 
-def causal_mask(query_len: int, key_len: int, device) -> torch.Tensor:
+def causal_mask(query_len: int, key_len: int, device, window: int | None = None) -> torch.Tensor:
     """(Tq, Tk) boolean, True where query i may look at key j. Queries are the *last* Tq positions of the keys
-    (with a KV cache the keys include earlier tokens), so the diagonal is shifted by Tk - Tq."""
-    return torch.ones(query_len, key_len, dtype=torch.bool, device=device).tril(diagonal=key_len - query_len)
+    (with a KV cache the keys include earlier tokens), so the diagonal is shifted by Tk - Tq. With a sliding
+    `window` (Phi-3), a query also sees only the `window` most recent keys, itself included."""
+    mask = torch.ones(query_len, key_len, dtype=torch.bool, device=device).tril(diagonal=key_len - query_len)
+    return mask if window is None else mask.triu(diagonal=key_len - query_len - window + 1)
 
 
-def attention(q, k, v, causal: bool):
+def attention(q, k, v, causal: bool, window: int | None = None):
+    query_len, key_len = q.shape[-2], k.shape[-2]
+    if causal and window is not None and key_len > window:  # a sliding window that hides some keys
+        if not USE_FUSED_ATTENTION:
+            return attention_reference(q, k, v, causal, window)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(query_len, key_len, q.device, window))
     if not USE_FUSED_ATTENTION:
         return attention_reference(q, k, v, causal)
-    query_len, key_len = q.shape[-2], k.shape[-2]
     if not causal or query_len == 1:  # one new token may look at everything before it: no mask needed
         return F.scaled_dot_product_attention(q, k, v)
     if query_len == key_len:
@@ -489,6 +622,149 @@ class Phi2(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# 5b. The Llama-style decoder of Imp-2B (Qwen1.5-1.8B) and Imp-4B (Phi-3-mini). Mirrors transformers'
+#     modeling_qwen2.py / modeling_phi3.py. Read it beside Phi-2 above: the differences are in the comments.
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight: LayerNorm without the mean subtraction and without a bias (Phi-2 uses
+    LayerNorm with both). Normalised in float32, cast back, then scaled in the input dtype, as the official code."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size))
+
+    def forward(self, x):  # (B, T, C)
+        x32 = x.float()
+        normalised = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normalised.to(x.dtype)
+
+
+class LlamaAttention(nn.Module):
+    """Like PhiAttention, except: every head dim rotates (Phi-2: 32 of 80), rope_theta differs (Qwen1.5 1e6),
+    q/k/v have a bias only in Qwen and the output projection (o_proj, Phi-2's "dense") never has one, and Phi-3
+    masks keys further back than its sliding window. Phi-3's checkpoint fuses q, k, v into one qkv_proj: the
+    loader splits its rows (key_table_llama), so the module is the same for both."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.num_heads, self.num_kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
+                                                            config.head_dim)
+        kv_size = self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def project(self, x, rotary):
+        """x (B, T, C) -> queries (B, H, T, D), keys and values (B, kv heads, T, D), every dim of q and k rotated."""
+        B, T, C = x.shape
+        split = lambda t, heads: t.view(B, T, heads, self.head_dim).transpose(1, 2)  # (B, heads, T, D)
+        q = split(self.q_proj(x), self.num_heads)
+        k, v = split(self.k_proj(x), self.num_kv_heads), split(self.v_proj(x), self.num_kv_heads)
+        cos, sin = rotary
+        return apply_rotary(q, cos, sin, self.head_dim), apply_rotary(k, cos, sin, self.head_dim), v
+
+    def forward(self, x, rotary, start: int, cache: KVCache | None):
+        """x: (B, T, C), tokens at positions start .. start+T-1; rotary: their (cos, sin) tables."""
+        B, T, C = x.shape
+        q, k, v = self.project(x, rotary)
+        if cache is not None:
+            k, v = cache.update(start, k, v)  # (B, kv heads, start+T, D)
+        if self.num_kv_heads != self.num_heads:  # grouped-query attention (neither Imp member uses it)
+            k, v = (t.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1) for t in (k, v))
+        out = attention(q.to(k.dtype), k, v, causal=True, window=self.config.sliding_window).to(x.dtype)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)), no biases (Shazeer, 2020), where Phi-2 has fc2(gelu(fc1(x))) with biases. A
+    third matrix, but a narrower width (Qwen1.5-1.8B: 5504 = 2.7 x 2048; Phi-2: 4 x 2560). Phi-3's checkpoint
+    fuses gate and up into one gate_up_proj, gate rows first; the loader splits it."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaBlock(nn.Module):
+    """The *sequential* pre-norm block (GPT-2, Llama), where Phi-2's block is parallel: the MLP reads the output of
+    attention, and each has its own norm: x + Attn(RMSNorm1(x)), then x + MLP(RMSNorm2(x))."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLU(config)
+
+    def forward(self, x, rotary, start: int = 0, cache: KVCache | None = None):
+        x = x + self.self_attn(self.input_layernorm(x), rotary, start, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaDecoder(nn.Module):
+    """Token ids (or embeddings) -> next-token logits (B, T, vocab), float32; the interface of Phi2."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaBlock(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)  # Phi-2: final_layernorm, a LayerNorm
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)  # untied; Phi-2's has a bias
+        self.gradient_checkpointing = False
+
+    @property
+    def final_layernorm(self):
+        """The final norm under Phi-2's name, for code that serves every decoder (it reads its device and dtype)."""
+        return self.norm
+
+    def make_cache(self, batch_size: int, max_length: int, dtype=None) -> list:
+        weight = self.norm.weight
+        return [KVCache(batch_size, self.config.num_key_value_heads, max_length, self.config.head_dim,
+                        dtype or weight.dtype, weight.device) for _ in self.layers]
+
+    def forward(self, input_ids=None, inputs_embeds=None, start: int = 0, cache: list | None = None,
+                last_only: bool = False):
+        """As Phi2.forward."""
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        positions = torch.arange(start, start + x.shape[1], device=x.device)
+        rotary = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        if cache is None:
+            x = run_layers(self.layers, x, self.gradient_checkpointing, rotary, start, None)
+        else:
+            for layer, layer_cache in zip(self.layers, cache):
+                x = layer(x, rotary, start, layer_cache)
+        x = self.norm(x if not last_only else x[:, -1:])
+        return self.lm_head(x).float()  # (B, T, vocab)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "LlamaDecoder":
+        """A Qwen/Qwen1.5-* or microsoft/Phi-3-mini-* folder, or the language model of an Imp-2B / Imp-4B folder."""
+        checkpoint = open_checkpoint(path)
+        if checkpoint.layout == "imp":
+            return Imp.from_pretrained(path, dtype, device, with_tokenizer=False).llm
+        if checkpoint.layout != "llama":
+            raise CheckpointError(f"{path}: holds a {checkpoint.layout} checkpoint, not a Qwen2 / Phi-3 one")
+        config = parse_config(checkpoint, LlamaConfig)
+        return load_weights(build_on_meta(cls, config), checkpoint, key_table_llama(config, ours=""),
+                            [r".*\.rotary_emb\.inv_freq"], dtype, device)
+
+
+def decoder_class(config):
+    """The language-model class for a text config: Phi2 for PhiConfig, LlamaDecoder for LlamaConfig."""
+    return Phi2 if isinstance(config, PhiConfig) else LlamaDecoder
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # 6. LoRA (Hu et al., 2021): train a low-rank update B @ A beside a frozen weight W. Imp's stage 2 puts it on every
 #    Linear of the language model, lm_head included (paper section 4.2: rank 256 beats full finetuning).
 
@@ -583,7 +859,7 @@ class Imp(nn.Module):
         self.config = config
         self.vision = SigLIP(config.vision)
         self.connector = Connector(config.vision.hidden_size, config.text.hidden_size)
-        self.llm = Phi2(config.text)
+        self.llm = decoder_class(config.text)(config.text)  # Phi-2 (Imp-3B), Qwen1.5 (2B) or Phi-3 (4B)
         self.tokenizer = None  # a tokenizers.Tokenizer, set by from_pretrained
 
     def encode_images(self, pixel_values):
@@ -649,11 +925,14 @@ class Imp(nn.Module):
         return self.llm(input_ids=input_ids, start=position, cache=cache, last_only=True)[0, -1]
 
     def stop_ids(self) -> set:
-        """Generation stops at the config's eos and at "</s>" by the tokenizer's id: Imp ends every answer with
-        "</s>", but folders written by the official training code keep Phi-2's config (eos 50256, <|endoftext|>),
-        and the official evaluation stops on the string "</s>"."""
-        end_of_answer = self.tokenizer.token_to_id("</s>") if self.tokenizer is not None else None
-        return {self.config.eos_token_id} | ({end_of_answer} if end_of_answer is not None else set())
+        """Generation stops at the config's eos, at every end token of the model's template (Imp-2B, Imp-4B), and at
+        "</s>" by the tokenizer's id for Imp-3B: Imp ends every answer with "</s>", but folders written by the
+        official training code keep Phi-2's config (eos 50256, <|endoftext|>), and the official evaluation stops on
+        the string "</s>"."""
+        if self.tokenizer is None:
+            return {self.config.eos_token_id}
+        ends = [self.tokenizer.token_to_id(t) for t in STOP_TOKENS[self.config.template]]
+        return {self.config.eos_token_id} | {token for token in ends if token is not None}
 
     @torch.inference_mode()
     def generate(self, input_ids=None, pixel_values=None, max_new_tokens=256, temperature=0.0, top_k=0, top_p=1.0,
@@ -704,13 +983,16 @@ class Imp(nn.Module):
         table, unused = key_table_imp(config, checkpoint.layout)
         load_weights(model, checkpoint, table, unused, dtype, device)
         if with_tokenizer:
-            model.tokenizer = load_tokenizer(path)
+            model.tokenizer = load_tokenizer(path, config.template)
         return model
 
     @classmethod
     def from_components(cls, llm_path, vision_path, dtype=torch.float32, device="cpu") -> "Imp":
         """Stage-1 starting point: official microsoft/phi-2 + google/siglip folders and a new random connector.
-        Adds Imp's two tokens to Phi-2's tokenizer ("</s>" = 50295, "<image>" = 50296 for the real Phi-2)."""
+        Adds Imp's two tokens to Phi-2's tokenizer ("</s>" = 50295, "<image>" = 50296 for the real Phi-2).
+        A Qwen/Qwen1.5-* or microsoft/Phi-3-mini-* folder as llm_path starts Imp-2B / Imp-4B instead."""
+        if open_checkpoint(llm_path).layout == "llama":
+            return cls.from_components_llama(llm_path, vision_path, dtype, device)
         llm, vision = Phi2.from_pretrained(llm_path, dtype, device), SigLIP.from_pretrained(vision_path, dtype, device)
         tokenizer = load_tokenizer(llm_path)
         tokenizer.add_special_tokens(["</s>", "<image>"])
@@ -724,14 +1006,33 @@ class Imp(nn.Module):
         model.tokenizer = tokenizer
         return model
 
+    @classmethod
+    def from_components_llama(cls, llm_path, vision_path, dtype=torch.float32, device="cpu") -> "Imp":
+        """from_components for Imp-2B / Imp-4B: the tokenizer stays as it is (<image> is cut out of the text, not
+        a token); its id is the first free one (151646 for Qwen1.5, 32011 for Phi-3), as in the releases."""
+        llm, vision = LlamaDecoder.from_pretrained(llm_path, dtype, device), SigLIP.from_pretrained(vision_path, dtype, device)
+        family = llm.config.family
+        tokenizer, defaults = load_tokenizer(llm_path, family), FAMILY_DEFAULTS[family]
+        token = lambda name, default: default if tokenizer.token_to_id(name) is None else tokenizer.token_to_id(name)
+        image_id = token(IMAGE_PLACEHOLDER, tokenizer.get_vocab_size(with_added_tokens=True))
+        config = ImpConfig(vision=vision.config, text=llm.config, image_token_index=image_id,
+                           eos_token_id=token(STOP_TOKENS[family][0], defaults["eos_token_id"]),
+                           pad_token_id=token("<|endoftext|>", defaults["pad_token_id"]),
+                           image_aspect_ratio=defaults["image_aspect_ratio"], max_length=defaults["max_length"])
+        with torch.device("meta"):
+            model = cls(config)
+        model.vision, model.llm = vision, llm
+        model.connector = Connector(config.vision.hidden_size, config.text.hidden_size).to(device, dtype)
+        model.tokenizer = tokenizer
+        return model
+
     def save_pretrained(self, path, max_shard_bytes=2 * 1024**3, extra_config=None):
         """Write config.json, safetensors weights (sharded with an index past max_shard_bytes) and the tokenizer,
         in the current official layout, each file atomically. LoRA adapters must be merged first."""
         state = self.state_dict()
         if any(".lora_" in name for name in state):
             raise ValueError("merge the LoRA adapters (imp.merge_lora(model)) before save_pretrained")
-        rename = official_names(self.config)
-        tensors = {rename(name): tensor.contiguous() for name, tensor in state.items()}
+        tensors = official_tensors(self.config, state)
         os.makedirs(path, exist_ok=True)
         dtype = str(next(iter(state.values())).dtype).replace("torch.", "") if state else "float32"
         config = dict(self.config.to_dict(), torch_dtype=dtype, **(extra_config or {}))
@@ -882,31 +1183,61 @@ def phi2_prompt(turns) -> str:
     return text
 
 
-def build_prompt(question: str, history=(), with_image=True) -> str:
+def qwen2_prompt(turns) -> str:
+    """Imp-2B's `qwen2` template: ChatML with the fixed system text (separator style QWEN2, <|im_end|> after every
+    message): "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{q1}<|im_end|>\n<|im_start|>assistant\n"
+    then "{a1}<|im_end|>" and the next "\n<|im_start|>user\n..."; None leaves the assistant turn open."""
+    text = "<|im_start|>system\n" + SYSTEM_PROMPT + "<|im_end|>"
+    for question, answer in turns:
+        text += f"\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+        text += "" if answer is None else f"{answer}<|im_end|>"
+    return text
+
+
+def phi3_prompt(turns) -> str:
+    """Imp-4B's `phi3` template (the official one since "fix imp-4b bug"), Phi-3's chat tokens with <|end|> after
+    every message: "<|system|>\n{system}<|end|>\n<|user|>\n{q1}<|end|>\n<|assistant|>\n{a1}<|end|>..."; the
+    tokenizer puts <s> in front (encode_prompt)."""
+    text = "<|system|>\n" + SYSTEM_PROMPT + "<|end|>"
+    for question, answer in turns:
+        text += f"\n<|user|>\n{question}<|end|>\n<|assistant|>\n"
+        text += "" if answer is None else f"{answer}<|end|>"
+    return text
+
+
+PROMPTS = {"phi2": phi2_prompt, "qwen2": qwen2_prompt, "phi3": phi3_prompt}
+DECODER_NAMES = {"phi2": "Phi-2", "qwen2": "Qwen1.5", "phi3": "Phi-3-mini"}  # the language model of each template
+# Tokens that end an answer, beside config.eos_token_id: every end token of the template (Imp-2B's
+# generation_config stops at <|im_end|> and <|endoftext|>; Phi-3's at <|end|>, <|endoftext|> and <|assistant|>).
+STOP_TOKENS = {"phi2": ("</s>",), "qwen2": ("<|im_end|>", "<|endoftext|>"), "phi3": ("<|end|>", "<|endoftext|>", "<|assistant|>")}
+
+
+def build_prompt(question: str, history=(), with_image=True, template="phi2") -> str:
     """The inference prompt: <image> then a newline open the first user message (as in the official README)."""
     turns = [(q, a) for q, a in history] + [(question, None)]
     if with_image:
         turns[0] = (IMAGE_PLACEHOLDER + "\n" + turns[0][0], turns[0][1])
-    return phi2_prompt(turns)
+    return PROMPTS[template](turns)
 
 
-SPECIAL_TOKENS = ("<|endoftext|>", "</s>", "<image>")  # skipped when decoding answers
-
-
-def tokenize_prompt(tokenizer, prompt: str, image_token_id: int, num_images: int | None = None) -> list:
-    """A prompt's token ids the official way (tokenizer_image_token): split the text on the string "<image>",
-    tokenize the pieces, and put image_token_id between them. So the image goes where the prompt puts it with any
-    tokenizer, whether it has "<image>" as a token or not. num_images: only the first num_images "<image>" are
-    images (the template puts its placeholder before any user text); later ones are the user's text, kept as text."""
+def encode_prompt(tokenizer, prompt: str, config: ImpConfig, num_images: int | None = None) -> list:
+    """Prompt text -> token ids, the official way (tokenizer_image_token): the text is cut at each "<image>", the
+    pieces are tokenized apart and config.image_token_index goes between them, so the image sits where the prompt
+    says with any tokenizer, whether it has "<image>" as a token or not. num_images: only the first num_images
+    "<image>" are images (a template puts its placeholder before any user text); a user's later "<image>" is text.
+    Phi-3 starts with <s> (once, whether or not its tokenizer.json adds it); Phi-2 and Qwen have no BOS."""
     pieces = prompt.split(IMAGE_PLACEHOLDER, -1 if num_images is None else num_images)
     if num_images is not None and len(pieces) - 1 < num_images:
         raise ValueError(f"{num_images} image(s) but only {len(pieces) - 1} {IMAGE_PLACEHOLDER} in the prompt")
     ids = []
     for index, piece in enumerate(pieces):
         if index:
-            ids.append(image_token_id)
+            ids.append(config.image_token_index)
         ids += encode_text(tokenizer, piece)
-    return ids
+    return ([tokenizer.token_to_id("<s>")] if config.template == "phi3" else []) + ids
+
+
+SPECIAL_TOKENS = ("<|endoftext|>", "</s>", "<image>")  # skipped when decoding answers
 
 
 def encode_text(tokenizer, text: str) -> list:
@@ -916,24 +1247,45 @@ def encode_text(tokenizer, text: str) -> list:
         if index:  # the literal string, spelled by the BPE like any other text
             before, tokenizer.encode_special_tokens = tokenizer.encode_special_tokens, True
             try:
-                ids += tokenizer.encode(IMAGE_PLACEHOLDER).ids
+                ids += tokenizer.encode(IMAGE_PLACEHOLDER, add_special_tokens=False).ids
             finally:
                 tokenizer.encode_special_tokens = before
-        ids += tokenizer.encode(piece).ids
+        ids += tokenizer.encode(piece, add_special_tokens=False).ids
     return ids
 
 
-def load_tokenizer(path):
-    """A tokenizers.Tokenizer from a checkpoint folder: tokenizer.json when present, otherwise rebuilt from the
-    GPT-2/CodeGen files vocab.json + merges.txt (+ added_tokens.json), which is what the Imp releases ship."""
+# Qwen's pre-tokenizer: GPT-4's pattern with single digits (\p{N}, not \p{N}{1,3}), from Qwen2Tokenizer.
+QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def folder_family(path) -> str:
+    """The family ("phi2", "qwen2", "phi3") a model folder's config.json names; "phi2" without one."""
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            return config_family(json.load(f))
+    except (OSError, ValueError, AttributeError):
+        return "phi2"
+
+
+def load_tokenizer(path, family=None):
+    """A tokenizers.Tokenizer from a checkpoint folder: tokenizer.json when present, otherwise rebuilt from
+    vocab.json + merges.txt (+ added_tokens.json): GPT-2/CodeGen style for Imp-3B, which is what its releases ship,
+    or Qwen's (NFC, its regex) for Imp-2B. Phi-3 (Imp-4B) needs its tokenizer.json. family: read from config.json
+    when not given."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    family = family or folder_family(path)
     tokenizer_json = os.path.join(path, "tokenizer.json")
     vocab, merges = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
     try:
         if os.path.exists(tokenizer_json):
             return Tokenizer.from_file(tokenizer_json)
+        if family == "phi3":  # its repo's vocab.json + merges.txt are Phi-2 leftovers, not Phi-3's vocabulary
+            raise CheckpointError(f"{path}: no tokenizer.json (Phi-3's SentencePiece vocabulary is read from it)")
         if not (os.path.exists(vocab) and os.path.exists(merges)):
             raise CheckpointError(f"{path}: no tokenizer (expected tokenizer.json, or vocab.json + merges.txt)")
+        if family == "qwen2":
+            return qwen_tokenizer(path, vocab, merges)
         tokenizer = Tokenizer(models.BPE.from_file(vocab, merges))
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2: no leading space added
         tokenizer.decoder = decoders.ByteLevel()
@@ -955,19 +1307,48 @@ def load_tokenizer(path):
         raise CheckpointError(f"{path}: cannot read the tokenizer files ({error})") from None
 
 
+def qwen_tokenizer(path, vocab, merges):
+    """Qwen1.5's byte-level BPE from vocab.json + merges.txt: NFC, then its regex, then GPT-2's byte mapping
+    (no prefix space); its added tokens (<|endoftext|>, <|im_start|>, <|im_end|>) are all special."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    tokenizer = Tokenizer(models.BPE.from_file(vocab, merges))
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    added_path = os.path.join(path, "added_tokens.json")
+    added = json.load(open(added_path, encoding="utf-8")) if os.path.exists(added_path) else {}
+    for token, token_id in sorted(added.items(), key=lambda item: item[1]):
+        tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False)])
+        if tokenizer.token_to_id(token) != token_id:
+            raise CheckpointError(f"{added_path}: {token!r} should have id {token_id} but got "
+                                  f"{tokenizer.token_to_id(token)} (ids must follow vocab.json without gaps)")
+    return tokenizer
+
+
+TOKENIZER_NAMES = {  # special_tokens_map.json and the tokenizer class of each member's release
+    "phi2": (dict(bos_token="<|endoftext|>", eos_token="</s>", unk_token="<|endoftext|>", pad_token="<|endoftext|>"),
+             "CodeGenTokenizer"),
+    "qwen2": (dict(eos_token="<|endoftext|>", pad_token="<|endoftext|>"), "Qwen2Tokenizer"),
+    "phi3": (dict(bos_token="<s>", eos_token="<|endoftext|>", unk_token="<unk>", pad_token="<|endoftext|>"),
+             "LlamaTokenizer"),
+}
+
+
 def save_tokenizer(tokenizer, path, config: ImpConfig):
     """tokenizer.json (what we load first) plus the GPT-2-style files official tooling reads."""
     with tempfile.TemporaryDirectory(dir=path, prefix=f".tokenizer.tmp{os.getpid()}-") as scratch:
         tokenizer.save(os.path.join(scratch, "tokenizer.json"))
         tokenizer.model.save(scratch)  # vocab.json, merges.txt
         base_size = tokenizer.get_vocab_size(with_added_tokens=False)
-        added = {token: token_id for token, token_id in tokenizer.get_vocab(with_added_tokens=True).items()
-                 if token_id >= base_size}
+        added = {token: token_id for token, token_id in sorted(tokenizer.get_vocab(with_added_tokens=True).items(),
+                                                               key=lambda item: item[1]) if token_id >= base_size}
         write_json(os.path.join(scratch, "added_tokens.json"), added)
-        names = dict(bos_token="<|endoftext|>", eos_token="</s>", unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+        names, tokenizer_class = TOKENIZER_NAMES[config.template]
         write_json(os.path.join(scratch, "special_tokens_map.json"), names)
         write_json(os.path.join(scratch, "tokenizer_config.json"),
-                   dict(names, tokenizer_class="CodeGenTokenizer", add_prefix_space=False,
+                   dict(names, tokenizer_class=tokenizer_class, add_prefix_space=False,
                         model_max_length=config.max_length, padding_side="right"))
         for name in os.listdir(scratch):
             os.replace(os.path.join(scratch, name), os.path.join(path, name))
@@ -982,9 +1363,9 @@ def prepare_inputs(model: Imp, image=None, question="", history=(), aspect=None)
     (1, 3, S, S) or None."""
     if model.tokenizer is None:
         raise CheckpointError("this model has no tokenizer: load it from a folder with tokenizer files")
-    prompt = build_prompt(question, history, with_image=image is not None)
+    prompt = build_prompt(question, history, with_image=image is not None, template=model.config.template)
     device = model.llm.final_layernorm.weight.device
-    ids = tokenize_prompt(model.tokenizer, prompt, model.config.image_token_index, num_images=int(image is not None))
+    ids = encode_prompt(model.tokenizer, prompt, model.config, num_images=int(image is not None))
     input_ids = torch.tensor([ids], device=device)
     pixel_values = None
     if image is not None:
@@ -1032,7 +1413,7 @@ class Checkpoint:
     config: dict
     files: list          # safetensors files, in order
     shapes: dict         # key -> shape, read from the headers without loading any tensor
-    layout: str          # "imp", "imp-legacy", "phi-2" or "siglip"
+    layout: str          # "imp", "imp-legacy", "phi-2", "llama" (Qwen2 / Phi-3) or "siglip"
 
 
 def open_checkpoint(path) -> Checkpoint:
@@ -1123,6 +1504,8 @@ def detect_layout(path, keys) -> str:
         return "imp-legacy"   # the MixFormer naming of the first Imp releases (fused Wqkv)
     if any(key.startswith(("model.mm_projector.", "model.vision_tower.")) for key in keys):
         return "imp"          # current MILVLG/imp-v1-3b and Imp-v1.5-3B-Phi2 main
+    if any(key.endswith((".mlp.gate_proj.weight", ".mlp.gate_up_proj.weight")) for key in keys):
+        return "llama"        # Qwen/Qwen1.5-* or microsoft/Phi-3-mini-* (a SwiGLU decoder)
     if any(key.startswith("model.layers.") for key in keys):
         return "phi-2"        # microsoft/phi-2 in current transformers format
     if any(key.startswith(("vision_model.", "embeddings.patch_embedding.")) for key in keys):
@@ -1174,10 +1557,38 @@ def key_table_phi(config: PhiConfig, layout: str, ours: str) -> dict:
     return table
 
 
+def key_table_llama(config: LlamaConfig, ours: str) -> dict:
+    """Qwen2 / Phi-3 keys (model.layers.{i}...) -> ours. Qwen2 stores q, k, v, gate, up apart; Phi-3 fuses them:
+    qkv_proj rows are [Q; K; V] and gate_up_proj rows [gate; up] (gate first: transformers' chunk(2) order). The
+    split names are accepted for Phi-3 too: quant.py writes quantized layers under them."""
+    table = {"model.embed_tokens.weight": [(f"{ours}embed_tokens.weight", None)],
+             "model.norm.weight": [(f"{ours}norm.weight", None)], "lm_head.weight": [(f"{ours}lm_head.weight", None)]}
+    q_size, kv_size = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    parameters = ("weight", "bias") if config.attention_bias else ("weight",)
+    for i in range(config.num_hidden_layers):
+        block, mine = f"model.layers.{i}", f"{ours}layers.{i}"
+        names = ["input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.o_proj.weight",
+                 "mlp.down_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight"]
+        names += [f"self_attn.{n}_proj.{p}" for n in "qkv" for p in parameters]
+        table.update({f"{block}.{name}": [(f"{mine}.{name}", None)] for name in names})
+        if config.family == "phi3":
+            table[f"{block}.self_attn.qkv_proj.weight"] = [
+                (f"{mine}.self_attn.q_proj.weight", slice(0, q_size)),
+                (f"{mine}.self_attn.k_proj.weight", slice(q_size, q_size + kv_size)),
+                (f"{mine}.self_attn.v_proj.weight", slice(q_size + kv_size, q_size + 2 * kv_size))]
+            width = config.intermediate_size
+            table[f"{block}.mlp.gate_up_proj.weight"] = [(f"{mine}.mlp.gate_proj.weight", slice(0, width)),
+                                                         (f"{mine}.mlp.up_proj.weight", slice(width, 2 * width))]
+    return table
+
+
 def key_table_imp(config: ImpConfig, layout: str):
     """The whole Imp checkpoint in the current ("imp") or legacy ("imp-legacy") layout -> our Imp module."""
     top = "model." if layout == "imp" else "transformer."
-    table = key_table_phi(config.text, "current" if layout == "imp" else "legacy", ours="llm.")
+    if isinstance(config.text, LlamaConfig):  # Imp-2B / Imp-4B: only the current layout exists
+        table = key_table_llama(config.text, ours="llm.")
+    else:
+        table = key_table_phi(config.text, "current" if layout == "imp" else "legacy", ours="llm.")
     vision_table, unused = key_table_siglip(config.vision, f"{top}vision_tower.vision_tower.vision_model.", "vision.")
     table.update(vision_table)
     for index, ours in ((0, "linear_1"), (2, "linear_2")):  # mm_projector = Sequential(Linear, GELU, Linear)
@@ -1188,7 +1599,8 @@ def key_table_imp(config: ImpConfig, layout: str):
 
 def official_names(config: ImpConfig):
     """A function: our parameter name -> its key in the current official layout (used to save)."""
-    ours_to_official = {targets[0][0]: key for key, targets in key_table_imp(config, "imp")[0].items()}
+    ours_to_official = {targets[0][0]: key for key, targets in key_table_imp(config, "imp")[0].items()
+                        if targets[0][1] is None}  # Phi-3's fused rows: see official_tensors
 
     def rename(name):
         if name in ours_to_official:
@@ -1198,6 +1610,19 @@ def official_names(config: ImpConfig):
             return ours_to_official[module + ".weight"].rsplit(".", 1)[0] + "." + attribute
         raise KeyError(f"no official name for {name}")
     return rename
+
+
+def official_tensors(config: ImpConfig, state: dict) -> dict:
+    """Our state dict -> the official checkpoint's tensors: renamed, and Phi-3's q, k, v (gate, up) stacked back
+    into the fused qkv_proj (gate_up_proj) of Imp-4B."""
+    rename, tensors, fused = official_names(config), {}, set()
+    if config.template == "phi3":
+        for key, targets in key_table_imp(config, "imp")[0].items():
+            if len(targets) > 1 and all(name in state for name, _ in targets):
+                tensors[key] = torch.cat([state[name] for name, _ in targets]).contiguous()
+                fused.update(name for name, _ in targets)
+    tensors.update({rename(name): tensor.contiguous() for name, tensor in state.items() if name not in fused})
+    return tensors
 
 
 def build_on_meta(cls, config):

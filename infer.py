@@ -375,8 +375,8 @@ def save_attention_map(model, image, question, answer_ids, args):
 def explain_before(model, image, question, args):
     say = lambda step, text: print(f"[{step}] {text}", file=sys.stderr)
     config, timer = model.config, time.perf_counter
-    prompt = imp.build_prompt(question, with_image=image is not None)  # the official phi2 template
-    prompt_length = len(imp.tokenize_prompt(model.tokenizer, prompt, config.image_token_index, int(image is not None)))
+    prompt = imp.build_prompt(question, with_image=image is not None, template=config.template)  # the official one
+    prompt_length = len(imp.encode_prompt(model.tokenizer, prompt, config, num_images=int(image is not None)))
     if image is not None:
         size, aspect = config.vision.image_size, args.aspect or config.image_aspect_ratio
         say("image    ", f"{image.size[0]}x{image.size[1]} {image.mode}, as displayed (EXIF rotation applied, if any) -> RGB")
@@ -416,7 +416,7 @@ def explain_before(model, image, question, args):
 def explain_after(model, stats, args):
     text = model.config.text
     say = lambda step, line: print(f"[{step}] {line}", file=sys.stderr)
-    say("decoder  ", f"Phi-2, {text.num_hidden_layers} layers of {text.hidden_size} dims: prefill of "
+    say("decoder  ", f"{imp.DECODER_NAMES[model.config.template]}, {text.num_hidden_layers} layers of {text.hidden_size} dims: prefill of "
                     f"{stats['prompt_tokens']} positions at once -> KV cache + logits (1, 1, {text.vocab_size}) "
                     f"in {stats['prompt_seconds']:.2f} s; the image took {stats['vision_seconds']:.2f} s again")
     stop = ("max-new-tokens reached" if stats["generated_tokens"] >= args.max_new_tokens else
@@ -440,7 +440,7 @@ def run_chat(model, image, args):
     interactive = sys.stdin.isatty()
     if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 arrives with its bytes escaped, refused below
         sys.stdin.reconfigure(errors="surrogateescape")
-    history = []  # [(question, answer)], rendered by imp.build_prompt in the phi2 template
+    history = []  # [(question, answer)], rendered by imp.build_prompt in the model's template
     if interactive:
         print(f"chatting with {'an image' if image is not None else 'no image'}; {CHAT_HELP}", file=sys.stderr)
     while True:

@@ -9,7 +9,8 @@ flat script shaped like nanoGPT's train.py: read the data, build the model, one 
 
 The data is LLaVA's JSON (or JSON Lines): {"id", "image" (a path inside --image-folder, optional),
 "conversations": [{"from": "human" | "gpt", "value": "..."}]}, with "<image>" marking where the picture goes.
-Only the assistant's words are learned (stage 2: each answer and its "</s>"; stage 1: the caption).
+Only the assistant's words are learned (stage 2: each answer and its "</s>"; stage 1: the caption). Imp-2B and
+Imp-4B (a Qwen1.5 or Phi-3 model, or --llm a Qwen/Phi-3 folder) train in their own qwen2 / phi3 templates.
 
 Distributed: `torchrun --nproc_per_node=N train.py ...` runs one process per GPU (nccl) or per CPU worker (gloo).
 Every rank walks the same shuffled order and takes its own slice of each global batch; DistributedDataParallel
@@ -200,6 +201,56 @@ def format_plain(conversations, has_image, where):
     return text, [(len(prefix), len(text))]
 
 
+CHAT_ENDS = {"qwen2": ("<|im_end|>", "\n<|im_start|>assistant\n"), "phi3": ("<|end|>", "\n<|assistant|>\n")}
+
+
+def format_chat(conversations, has_image, where, template):
+    """Imp-2B / Imp-4B: the conversation in the qwen2 / phi3 template (imp.qwen2_prompt, imp.phi3_prompt)."""
+    turns = conversations if conversations[0]["from"] == "human" else conversations[1:]  # official: drop a lead gpt
+    for index, turn in enumerate(turns):
+        if turn["from"] != ROLES[index % 2]:
+            raise DataError(f"{where}: turns must alternate human, gpt, human, ... (turn {index} is {turn['from']})")
+    values = [move_image_to_front(t["value"]) if has_image and t["from"] == "human" and imp.IMAGE_PLACEHOLDER in t["value"]
+              else t["value"] for t in turns]
+    pairs = [(values[i], values[i + 1] if i + 1 < len(values) else "") for i in range(0, len(values), 2)]
+    return imp.PROMPTS[template](pairs)
+
+
+def chat_labels(tokenizer, text, config: ImpConfig):
+    """Token ids and labels by the official preprocess_qwen2 / preprocess_phi3 rule. The text is cut into rounds
+    at the end token (<|im_end|> / <|end|>), the system part joining round 1, each round keeping its end tokens;
+    in a round everything up to the assistant role is masked, so each answer and its end token are learned.
+    Lengths are counted by tokenizing each piece alone, Phi-3's <s> taken off each count and masked once at the
+    start; if the counts do not add up to the whole, nothing of the sample is learned (official)."""
+    end, role = CHAT_ENDS[config.template]
+    bos = int(config.template == "phi3")  # <s>: Phi-3's tokenizer starts every piece with it, Qwen has none
+    count = lambda piece: len(imp.encode_prompt(tokenizer, piece, config)) - bos
+    ids = imp.encode_prompt(tokenizer, text, config)
+    labels = list(ids)
+    pieces = text.split(end)  # [system, user 1, assistant 1, user 2, assistant 2, ..., ""]
+    rounds = [end.join(pieces[:3]) + end] + [end.join(pieces[i:i + 2]) + end for i in range(3, len(pieces) - 1, 2)]
+    labels[:bos] = [IGNORE_INDEX] * bos
+    position = bos
+    for round_text in rounds:
+        parts = round_text.split(end + role)
+        if len(parts) != 2:
+            break
+        instruction_length = count(parts[0] + end + role)
+        labels[position:position + instruction_length] = [IGNORE_INDEX] * instruction_length
+        position += count(round_text)
+    labels[position:] = [IGNORE_INDEX] * (len(labels) - position)
+    if position != len(ids):  # tokenization differs piece by piece: the official code masks the whole sample
+        labels = [IGNORE_INDEX] * len(ids)
+    return ids, labels
+
+
+def plain_labels(tokenizer, text, config: ImpConfig):
+    """Stage 1 for Imp-2B / Imp-4B (preprocess_plain): everything after "<image>" (and Phi-3's <s>) is learned."""
+    ids = imp.encode_prompt(tokenizer, text, config)
+    prefix = len(imp.encode_prompt(tokenizer, imp.IMAGE_PLACEHOLDER if imp.IMAGE_PLACEHOLDER in text else "", config))
+    return ids, [IGNORE_INDEX] * prefix + ids[prefix:]
+
+
 def tokenize(tokenizer, text, spans, image_token_id=None):
     """Token ids and labels: a token is learned when it starts inside a supervised span, else IGNORE_INDEX.
     As the official tokenizer_image_token, the text is split on the string "<image>" and image_token_id (default:
@@ -241,7 +292,7 @@ def load_dataset(path, image_folder, tokenizer, config: ImpConfig, template, max
                 skipped["missing or unreadable image"] += 1
                 continue
         text_has_image = any(imp.IMAGE_PLACEHOLDER in t["value"] for t in record["conversations"])
-        if image is not None and not text_has_image and template == "phi2":  # LLaVA data always has the tag
+        if image is not None and not text_has_image and template != "plain":  # LLaVA data always has the tag
             conversations = [dict(turn) for turn in record["conversations"]]
             first_question = next((t for t in conversations if t["from"] == "human"), None)
             if first_question is not None:
@@ -249,8 +300,15 @@ def load_dataset(path, image_folder, tokenizer, config: ImpConfig, template, max
             record = dict(record, conversations=conversations)
         if image is None and text_has_image:
             raise DataError(f"{where}: the text has <image> but the record names no image")
-        format_text = format_plain if template == "plain" else format_phi2
-        ids, labels = tokenize(tokenizer, *format_text(record["conversations"], image is not None, where), image_id)
+        if config.template == "phi2":
+            format_text = format_plain if template == "plain" else format_phi2
+            ids, labels = tokenize(tokenizer, *format_text(record["conversations"], image is not None, where),
+                                   image_id)
+        elif template == "plain":  # Imp-2B / Imp-4B: the official token-count rules
+            ids, labels = plain_labels(tokenizer, format_plain(record["conversations"], image is not None, where)[0], config)
+        else:
+            ids, labels = chat_labels(tokenizer, format_chat(record["conversations"], image is not None, where,
+                                                             config.template), config)
         images_in_ids = ids.count(image_id)
         if images_in_ids != (image is not None):
             raise DataError(f"{where}: expected {int(image is not None)} <image> tag, found {images_in_ids}")
@@ -875,7 +933,7 @@ def model_and_data(args, device, checkpointing, log):
     model.to(device).train()
     model.vision.gradient_checkpointing = model.llm.gradient_checkpointing = checkpointing
     samples, _ = load_dataset(args.data, args.image_folder, model.tokenizer, model.config,
-                              "plain" if args.stage == 1 else "phi2", args.max_length, args.strict, log)
+                              "plain" if args.stage == 1 else model.config.template, args.max_length, args.strict, log)
     if len(samples) < args.batch_size:
         raise DataError(f"{args.data}: {len(samples)} usable samples, fewer than one --batch-size ({args.batch_size})")
     return model, groups, samples

@@ -88,7 +88,8 @@ def attention_maps(model: imp.Imp, input_ids, pixel_values=None, rows=None) -> t
 
     def keep(attention, inputs, output):  # inputs: PhiAttention.forward's (x, rotary, start, cache)
         q, k, _ = attention.project(inputs[0], inputs[1])
-        probabilities = imp.attention_probabilities(q, k, causal=True)[0]  # (H, T', T')
+        window = getattr(attention.config, "sliding_window", None)  # Phi-3 (Imp-4B) only
+        probabilities = imp.attention_probabilities(q, k, causal=True, window=window)[0]  # (H, T', T')
         kept.append(probabilities if rows is None else probabilities[:, rows])
     hooks = [block.self_attn.register_forward_hook(keep) for block in model.llm.layers]
     try:

@@ -153,7 +153,8 @@ def test_tokenizer_json_or_not_the_same_ids(hub, photo):
     loader reads that one: both must give the same ids (Phi-2's whitespace runs, </s>, the image)."""
     prompt = imp.build_prompt("Two  spaces,\t\ttabs.", [("Hi.", "Hello.")], with_image=True)
     tokenizers = [imp.load_tokenizer(hub[name]) for name in ("imp-v1-3b", "tokenizer-json")]
-    ids = [imp.tokenize_prompt(t, prompt, rep.IMAGE, num_images=1) for t in tokenizers]
+    config = imp.ImpConfig(image_token_index=rep.IMAGE)
+    ids = [imp.encode_prompt(t, prompt, config, num_images=1) for t in tokenizers]
     assert ids[0] == ids[1] and rep.EOS in ids[0] and rep.ENDOFTEXT + 1 + rep.WHITESPACE.index("\t\t") in ids[0]
 
 
@@ -357,7 +358,7 @@ def test_images_without_a_place_are_an_error_not_a_text_answer(hub, photo):
     with pytest.raises(ValueError, match="0 <image> tokens but 1 images"):
         list(model.generate(text_ids, pixel_values, max_new_tokens=2))
     with pytest.raises(ValueError, match="1 image"):
-        imp.tokenize_prompt(model.tokenizer, "no place here", rep.IMAGE, num_images=1)
+        imp.encode_prompt(model.tokenizer, "no place here", model.config, num_images=1)
 
 
 def test_a_users_literal_image_tag_is_text(hub, photo):
