@@ -559,7 +559,7 @@ def test_train_stage1_stage2_lora_and_merge(members, family, tmp_path):
     assert wrapped == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"}
     assert len([n for n in adapters if ".lora_" in n]) == 2 * (2 * 7 + 1)  # 2 layers x 7 Linears + lm_head, A and B
     run("--merge", stage2 / "adapters", "--model", stage1, "--out", tmp_path / "merged")
-    ids = torch.tensor([[5, 6, IMAGE_TOKEN, 7, 8]])
+    ids = torch.tensor([[5, 6, model.config.image_token_index, 7, 8]])  # the id stage 1 gave <image>
     pixels = torch.rand(1, 3, 56, 56) * 2 - 1
     with torch.no_grad():
         trained = imp.Imp.from_pretrained(str(stage2))(ids, pixels)
