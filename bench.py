@@ -63,7 +63,7 @@ TEXT_TOKENS = 41       # the paper's prompt: 41 text tokens around one <image> (
 NEW_TOKENS = 64
 GB = 1e9
 
-# Reference figures (shared/reference/cpu-kernels.md, 2-core AMD Zen 4 with native bf16) and the issue's targets.
+# Reference figures measured on a 2-core AMD Zen 4 with native bfloat16, and the targets bench.py checks (below).
 REFERENCE = {"transformers float32": dict(t_ve_s=4.64, prompt_tok_s=22.0, gen_tok_s=1.29, total_s=90.0),
              "transformers bfloat16": dict(t_ve_s=2.40, prompt_tok_s=50.7, gen_tok_s=1.77, total_s=49.0),
              "llama.cpp Q4_0 (+ hf bf16 vision)": dict(t_ve_s=2.40, prompt_tok_s=33.7, gen_tok_s=15.0, total_s=29.5)}
@@ -603,7 +603,7 @@ def llama_cpp_decode(llama_cpp: dict, depth: int) -> float:
 
 
 def print_targets(results: dict, theirs: dict, quick: bool, llama_cpp: dict | None = None):
-    """The issue's targets, checked on this run's figures (full-size runs only: --quick is a smoke test).
+    """nanoImp's speed targets, checked on this run's figures (full-size runs only: --quick is a smoke test).
     With llama_cpp (measured here by tools/llama_cpp_reference.py) the int4 decode compares with it on this CPU."""
     def ok(condition):
         return "ok  " if condition else "MISS"

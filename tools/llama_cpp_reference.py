@@ -1,7 +1,7 @@
-"""The llama.cpp reference of issue 5, measured on *this* machine: a Phi-2-shaped decoder with random weights,
+"""The llama.cpp reference, measured on *this* machine: a Phi-2-shaped decoder with random weights,
 written as a GGUF file, quantized by llama.cpp's own llama-quantize, timed by its own llama-bench.
 
-bench.py times nanoImp; the issue's llama.cpp figures (cpu-kernels.md) were taken on another machine (Zen 4, native
+bench.py times nanoImp; its reference llama.cpp figures were taken on another machine (Zen 4, native
 bfloat16, 30-50 GB/s). This script gives the same figures here, so "int4 decode >= 0.6x llama.cpp Q4_0" compares
 two programs on one CPU. It is a tool, not part of nanoImp: it needs a llama.cpp build and the `gguf` package (a
 reference, like transformers for bench.py --compare; nanoImp's own code never imports either).
