@@ -185,7 +185,6 @@ def memory_bandwidth(gigabytes: float, repeats: int = 5) -> float:
             read()
             best = min(best, time.perf_counter() - started)
     nbytes = x.numel() * 4
-    del x, matrix
     return nbytes / best
 
 

@@ -1088,7 +1088,6 @@ class ImageError(ValueError):
 def load_image(path, notes=None) -> Image.Image:
     """Open an image file, upright (EXIF orientation applied), first frame of an animation. Anything unreadable
     raises ImageError with one clear line. Remarks worth telling the user are appended to `notes`."""
-    import warnings
     if not os.path.exists(path):
         raise ImageError(f"{path}: no such file")
     if os.path.isdir(path):

@@ -151,16 +151,22 @@ def write_tokenizer(folder):
         json.dump({"tokenizer_class": "CodeGenTokenizer", "add_prefix_space": False}, f)
 
 
-def reference_imp_logits(phi, siglip, mm, input_ids, pixel_values):
-    """Imp's forward composed from the reference parts: SigLIP hidden_states[-2] -> Linear, erf GELU, Linear ->
-    spliced in place of the <image> id -> PhiForCausalLM on the embeddings."""
+def reference_embeddings(siglip, mm, embed, input_ids, pixel_values, image_token=IMAGE_TOKEN):
+    """Imp's input embeddings composed from reference parts: SigLIP hidden_states[-2] -> Linear, erf GELU, Linear
+    -> spliced in place of the <image> id among the decoder's token embeddings (embed) -> (B, T', C)."""
     with torch.no_grad():
         features = siglip(pixel_values, output_hidden_states=True).hidden_states[-2]
         features = torch.nn.functional.linear(features, mm["0.weight"], mm["0.bias"])
         features = torch.nn.functional.linear(torch.nn.functional.gelu(features), mm["2.weight"], mm["2.bias"])
         rows = []
         for b, ids in enumerate(input_ids):
-            where = int((ids == IMAGE_TOKEN).nonzero()[0])
-            embed = phi.model.embed_tokens
+            where = int((ids == image_token).nonzero()[0])
             rows.append(torch.cat([embed(ids[:where]), features[b], embed(ids[where + 1:])]))
-        return phi(inputs_embeds=torch.stack(rows)).logits.float()
+        return torch.stack(rows)
+
+
+def reference_imp_logits(phi, siglip, mm, input_ids, pixel_values):
+    """Imp's forward composed from the reference parts: reference_embeddings -> PhiForCausalLM on them."""
+    embeddings = reference_embeddings(siglip, mm, phi.model.embed_tokens, input_ids, pixel_values)
+    with torch.no_grad():
+        return phi(inputs_embeds=embeddings).logits.float()

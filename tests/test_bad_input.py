@@ -21,7 +21,6 @@ import imp
 import infer
 import quant
 import serve
-import shapes
 import train
 
 DEEP = "[" * 5000  # deeper than the json module's recursion allows
@@ -108,15 +107,6 @@ def image(tmp_path_factory):
     from PIL import Image
     Image.new("RGB", (56, 56), (200, 30, 30)).save(path)
     return path
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    shapes.generate_dataset(str(root), 24, 8, seed=0, image_size=56, progress=False)
-    records = json.load(open(root / "captions.json")) + json.load(open(root / "train.json"))
-    shapes.train_tokenizer(shapes.corpus_texts(records), 512, str(root))
-    return root
 
 
 def scratch_args(data, out, *extra):

@@ -7,7 +7,6 @@ Bounded and repeatable: a fixed seed per format and a fixed number of cases, all
 import io
 import json
 import math
-import os
 import random
 import shutil
 import struct

@@ -128,16 +128,8 @@ def reference_logits(member, input_ids, pixel_values):
     """Imp's forward from reference parts: SigLIP hidden_states[-2] -> Linear, erf GELU, Linear -> spliced at the
     image id -> the transformers decoder on embeddings, positions 0 .. L-1."""
     siglip, mm, llm = member["siglip"], member["mm"], member["llm"]
+    embeddings = ref.reference_embeddings(siglip, mm, llm.model.embed_tokens, input_ids, pixel_values, IMAGE_TOKEN)
     with torch.no_grad():
-        features = siglip(pixel_values, output_hidden_states=True).hidden_states[-2]
-        features = torch.nn.functional.linear(features, mm["0.weight"], mm["0.bias"])
-        features = torch.nn.functional.linear(torch.nn.functional.gelu(features), mm["2.weight"], mm["2.bias"])
-        rows = []
-        for b, ids in enumerate(input_ids):
-            where = int((ids == IMAGE_TOKEN).nonzero()[0])
-            embed = llm.model.embed_tokens
-            rows.append(torch.cat([embed(ids[:where]), features[b], embed(ids[where + 1:])]))
-        embeddings = torch.stack(rows)
         positions = torch.arange(embeddings.shape[1])[None]
         return llm(inputs_embeds=embeddings, position_ids=positions).logits.float()
 

@@ -23,15 +23,6 @@ import train
 IMAGE_TAG = "<image>"
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    shapes.generate_dataset(str(root), 24, 8, seed=0, image_size=56, progress=False)
-    records = json.load(open(root / "captions.json")) + json.load(open(root / "train.json"))
-    shapes.train_tokenizer(shapes.corpus_texts(records), 512, str(root))
-    return root
-
-
 def run(*argv, threads=1):
     """train.main in this process; returns nothing, raises SystemExit on errors."""
     return train.main([str(a) for a in argv] + ["--threads", str(threads)])
