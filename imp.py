@@ -673,10 +673,16 @@ class LlamaAttention(nn.Module):
         q, k, v = self.project(x, rotary)
         if cache is not None:
             k, v = cache.update(start, k, v)  # (B, kv heads, start+T, D)
-        if self.num_kv_heads != self.num_heads:  # grouped-query attention (neither Imp member uses it)
-            k, v = (t.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1) for t in (k, v))
-        out = attention(q.to(k.dtype), k, v, causal=True, window=self.config.sliding_window).to(x.dtype)
+        out = self.attend(q, k, v).to(x.dtype)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+    def attend(self, q, k, v):
+        """Causal attention of the queries over all keys so far (within the sliding window), in the keys' dtype
+        (see PhiAttention.attend). Grouped-query attention (neither Imp member uses it) shares each key/value head
+        among num_heads / num_kv_heads query heads."""
+        if self.num_kv_heads != self.num_heads:
+            k, v = (t.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1) for t in (k, v))
+        return attention(q.to(k.dtype), k, v, causal=True, window=self.config.sliding_window)
 
 
 class SwiGLU(nn.Module):

@@ -330,8 +330,9 @@ def kv_cache_line(model, args, stats) -> str:
     positions = stats["prompt_tokens"] + stats["generated_tokens"]
     size = 2 * text.num_hidden_layers * positions * text.hidden_size * dtype.itemsize
     attention = model.llm.layers[0].self_attn
-    path = ("products in float32 (kernels.DecodeAttention)" if isinstance(attention, kernels.DecodeAttention)
-            and dtype in (torch.float16, torch.bfloat16) else f"the fused kernel in {str(dtype)[6:]}")
+    fast = isinstance(attention, (kernels.DecodeAttention, kernels.LlamaDecodeAttention))
+    path = ("products in float32 (kernels.attend_one_row)" if fast and dtype in (torch.float16, torch.bfloat16)
+            else f"the fused kernel in {str(dtype)[6:]}")
     return f"{str(dtype)[6:]}, {size / 1e9:.2f} GB for {positions} positions; decode attention: {path}"
 
 

@@ -8,7 +8,8 @@ it never changes the meaning of. A program switches it on with one call:
 Without that call everything works, the readable way, slower. What enable() does, each chosen by a capability
 check made once, and each pinned to the readable path by a test (tests/test_kernels.py, tests/test_quant.py):
   1. Phi-2's MLP computes its GELU in place when autograd is off (one (T, 10240) tensor fewer at prefill), and
-     its decode attention over a 16-bit KV cache multiplies in float32, written out (faster than the fused kernel).
+     decode attention over a 16-bit KV cache (every decoder) multiplies in float32, written out (faster than the
+     fused kernel).
   2. On CPUs without native bfloat16, a bfloat16 decode step multiplies each weight by its single row with
      torch.addmv (matrix x vector), which reads the weight faster than F.linear's general product there.
   3. QuantLinear layers become PackedQuantLinear: torch's packed int8 / int4 CPU kernels for decode (up to
@@ -44,6 +45,8 @@ def enable(model: nn.Module, int8_activations: bool = False) -> str:
             module.__class__ = InPlaceGeluMLP  # the same tensors, another forward
         elif type(module) is imp.PhiAttention:
             module.__class__ = DecodeAttention
+        elif type(module) is imp.LlamaAttention:
+            module.__class__ = LlamaDecodeAttention
     if bfloat16_is_emulated():
         for name, module in model.named_modules():
             if type(module) is nn.Linear and not name.startswith(("vision", "connector")):
@@ -96,17 +99,45 @@ class InPlaceGeluMLP(imp.PhiMLP):
         return self.fc2(torch.ops.aten.gelu_(self.fc1(x), approximate="tanh"))
 
 
+def is_decode_over_16_bit_cache(q, k) -> bool:
+    """One query row (a decode step) over a 16-bit KV cache on the CPU: where attend_one_row is the faster path."""
+    return q.shape[-2] == 1 and k.dtype in (torch.float16, torch.bfloat16) and k.device.type == "cpu"
+
+
+def attend_one_row(q, k, v):
+    """softmax(q k^T / sqrt(D)) v for one query row per head, multiplied in float32, written out: q (B, H, 1, D);
+    k, v (B, kv heads, T, D), 16-bit, kv heads dividing H (grouped-query attention: query heads g*j .. g*j + g-1
+    share key/value head j, as repeat_interleave in imp.LlamaAttention.attend lays them out) -> (B, H, 1, D).
+    torch's fused attention kernel runs its 16-bit CPU path several times slower than these products on the cache
+    converted to float32 (docs/benchmarks.md); the conversion is cheaper than the difference. The probabilities
+    and the sums are float32 in both, so only the order of the additions differs. No mask: the one new token sees
+    every cached one (a sliding window is cut off by the caller)."""
+    B, H, _, D = q.shape
+    kv_heads = k.shape[1]
+    queries = q.float().view(B, kv_heads, H // kv_heads, D)  # the query heads sharing a key/value head, as rows
+    scores = (queries @ k.float().transpose(-2, -1)) * (D ** -0.5)  # (B, kv heads, H / kv heads, T)
+    return (torch.softmax(scores, dim=-1) @ v.float()).view(B, H, 1, D)
+
+
 class DecodeAttention(imp.PhiAttention):
-    """imp.PhiAttention whose decode step (one query row) over a 16-bit KV cache multiplies in float32, written out:
-    torch's fused attention kernel runs its 16-bit CPU path several times slower than the same products on the
-    cache converted to float32 (docs/benchmarks.md), and the conversion is cheaper than the difference. The
-    probabilities and the sums are float32 in both, so only the order of the additions differs."""
+    """imp.PhiAttention whose decode step over a 16-bit KV cache goes through attend_one_row."""
 
     def attend(self, q, k, v):
-        if q.shape[-2] != 1 or k.dtype not in (torch.float16, torch.bfloat16) or k.device.type != "cpu":
+        return attend_one_row(q, k, v) if is_decode_over_16_bit_cache(q, k) else super().attend(q, k, v)
+
+
+class LlamaDecodeAttention(imp.LlamaAttention):
+    """imp.LlamaAttention (Imp-2B, Imp-4B) whose decode step over a 16-bit KV cache goes through attend_one_row,
+    the keys beyond Phi-3's sliding window cut off first (the new token sees the `window` latest, itself included),
+    and grouped-query heads shared without repeating the cache."""
+
+    def attend(self, q, k, v):
+        if not is_decode_over_16_bit_cache(q, k):
             return super().attend(q, k, v)
-        scores = (q.float() @ k.float().transpose(-2, -1)) * (q.shape[-1] ** -0.5)  # (B, H, 1, T): one row
-        return torch.softmax(scores, dim=-1) @ v.float()  # no mask: the one new token sees every cached one
+        window = self.config.sliding_window
+        if window is not None and k.shape[-2] > window:
+            k, v = k[:, :, -window:], v[:, :, -window:]
+        return attend_one_row(q, k, v)
 
 
 class RowVectorLinear(nn.Linear):

@@ -201,6 +201,26 @@ def test_kv_cache_decoding_equals_full_forward(members, family):
     assert max_diff(torch.stack(logits), full[prompt - 1:-1]) < TOLERANCE
 
 
+
+@pytest.mark.parametrize("family", ["qwen2", "phi3"])
+def test_fast_layer_decodes_a_16_bit_cache_past_the_window_like_full_forward(members, family):
+    """kernels.enable: decode attention over a 16-bit cache in float32 (window and all) against the full forward."""
+    import kernels
+    model = imp.Imp.from_pretrained(members[family]["folder"], with_tokenizer=False)
+    kernels.enable(model)
+    assert all(type(layer.self_attn) is kernels.LlamaDecodeAttention for layer in model.llm.layers)
+    ids = torch.randint(3, IMAGE_TOKEN, (1, 3 * WINDOW), generator=torch.Generator().manual_seed(8))
+    prompt = 5
+    with torch.inference_mode():
+        full = model.llm(ids)[0]  # (T, vocab): no cache, the readable attention
+        cache = model.llm.make_cache(1, ids.shape[1], dtype=RELEASE_DTYPE[family])
+        logits = [model.prefill(model.llm.embed_tokens(ids[:, :prompt]), cache)]
+        for position in range(prompt, ids.shape[1] - 1):
+            logits.append(model.decode_step(int(ids[0, position]), position, cache))
+    # the cache rounds keys and values to 16 bits: float16 ~ 2e-3, bfloat16 ~ 2e-2 on logits of size ~4; a window
+    # off by one key moves them by ~4
+    assert max_diff(torch.stack(logits), full[prompt - 1:-1]) < (0.01 if family == "qwen2" else 0.05)
+
 # -- configs ------------------------------------------------------------------------------------------------------
 
 RELEASE_2B_CONFIG = dict(  # MILVLG/Imp-v1.5-2B-Qwen1.5 config.json (no vision_tower_config, no pad_token_id)

@@ -138,3 +138,23 @@ def test_decode_attention_over_a_16_bit_cache_equals_the_fused_kernel(cache_dtyp
     assert (readable.double() - exact).abs().max() < (1e-2 if cache_dtype == torch.bfloat16 else 2e-3)
     two_rows = torch.randn(1, 2, 2, 32, generator=generator)  # a prompt chunk: the readable (causal) path
     assert torch.equal(attention.attend(two_rows, k, v), imp.attention(two_rows.to(cache_dtype), k, v, causal=True))
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kv_heads, window", [(4, None), (4, 7), (2, 7), (1, 100)])
+def test_llama_decode_attention_keeps_the_window_and_the_head_groups(cache_dtype, kv_heads, window):
+    config = imp.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=kv_heads, intermediate_size=96,
+                             num_hidden_layers=1, vocab_size=32, sliding_window=window)
+    attention = imp.LlamaAttention(config)
+    generator = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 4, 1, 16, generator=generator) * 3  # large scores: a wrong key or head shows
+    k, v = (torch.randn(1, kv_heads, 20, 16, generator=generator).to(cache_dtype) for _ in range(2))
+    readable = attention.attend(q, k, v).double()
+    attention.__class__ = kernels.LlamaDecodeAttention
+    fast = attention.attend(q, k, v)
+    visible = slice(-window, None) if window else slice(None)
+    keys, values = (t[:, :, visible].double().repeat_interleave(4 // kv_heads, dim=1) for t in (k, v))
+    exact = torch.softmax((q.double() @ keys.transpose(-2, -1)) / 16 ** 0.5, -1) @ values
+    assert fast.dtype == torch.float32 and fast.shape == (1, 4, 1, 16)
+    assert (fast.double() - exact).abs().max() < 1e-5
+    assert (readable - exact).abs().max() < (3e-2 if cache_dtype == torch.bfloat16 else 5e-3)
