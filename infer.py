@@ -240,9 +240,9 @@ def load_model(args, path):
         raise InputError("--int8-activations needs a quantized model: add --quant int8 or int4, or load a "
                          "folder written by quant.py")
     fast = kernels.enable(model, int8_activations=args.int8_activations)
-    if args.int8_activations and "unavailable" in fast:
-        print("note: --int8-activations: torch._int_mm does not work on this torch build; the float path is "
-              "used", file=sys.stderr)
+    if args.int8_activations and "int8 activations in" not in fast:
+        reason = fast[fast.index("int8 activations"):]  # enable() says it last
+        print(f"note: --int8-activations: {reason}; the float path is used", file=sys.stderr)
     trained_size = model.config.vision.image_size
     if args.image_size is not None and args.image_size != trained_size:
         # SigLIP learns one position embedding per patch of a trained grid (27 x 27 at 384 px); another size would

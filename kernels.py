@@ -37,8 +37,10 @@ FAST_PATH_MAX_ROWS = 64
 ACTIVATION_CHUNK = 2**18  # int8 activations: quantized this many at a time, a 1 MB float32 temporary (L2 cache)
 
 
-def enable(model: nn.Module, int8_activations: bool = False) -> str:
-    """Switch every fast path that works on this machine on, in place; returns one line saying which."""
+def enable(model: nn.Module, int8_activations: bool | str = False) -> str:
+    """Switch every fast path that works on this machine on, in place; returns one line saying which.
+    int8_activations: True where the CPU has int8 dot-product instructions; "always": wherever torch._int_mm
+    works (to measure it, as bench.py and quant.py --eval do)."""
     said = []
     for module in model.modules():
         if type(module) is imp.PhiMLP:
@@ -62,7 +64,10 @@ def enable(model: nn.Module, int8_activations: bool = False) -> str:
     if packed:
         kinds = [bits for bits, ok in packed_kernels_available().items() if ok]
         said.append(f"packed int{'/int'.join(map(str, kinds))} kernels" if kinds else "no packed kernels here")
-    if int8_activations:
+    if int8_activations and not (int8_products_are_native() or int8_activations == "always"):
+        said.append("int8 activations off: this CPU has no int8 dot-product instructions (VNNI, AMX), where they "
+                    "are slower than float32")
+    elif int8_activations:
         count = set_int8_activations(model, True)
         said.append(f"int8 activations in {count} layers" if count else "int8 activations unavailable here")
     return ", ".join(said) or "nothing to speed up"
@@ -73,15 +78,21 @@ def enable(model: nn.Module, int8_activations: bool = False) -> str:
 
 
 @functools.cache
+def cpu_flags() -> frozenset:
+    """The CPU's feature flags (x86 "flags", ARM "Features" in /proc/cpuinfo); empty where that file does not exist
+    (macOS, Windows): then every capability below reads "no", and the paths that are always right are taken."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return frozenset(f.read().split())
+    except OSError:
+        return frozenset()
+
+
+@functools.cache
 def best_cpu_dtype() -> torch.dtype:
     """bfloat16 where the CPU multiplies bfloat16 natively (x86 AVX-512 BF16 or AMX, ARMv8.6 BF16), else float32:
     without native support every bfloat16 product is converted in software and runs slower than float32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(f.read().split())
-    except OSError:  # not Linux (macOS, Windows): stay with the dtype that is always fast and exact
-        return torch.float32
-    return torch.bfloat16 if flags & {"avx512_bf16", "amx_bf16", "bf16"} else torch.float32
+    return torch.bfloat16 if cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"} else torch.float32
 
 
 def bfloat16_is_emulated() -> bool:
@@ -312,6 +323,13 @@ def int8_matmul_available() -> bool:
         return got.dtype == torch.int32 and torch.equal(got, (a.long() @ b.long().t()).int())
     except Exception:  # RuntimeError, NotImplementedError, AttributeError (op missing): all mean "no"
         return False
+
+
+def int8_products_are_native() -> bool:
+    """Whether this CPU multiplies int8 pairs in hardware: x86 VNNI (AVX-512 or AVX) or AMX, ARM's dot-product or
+    i8mm instructions. Without them torch._int_mm runs generic code, far slower than the float32 product it would
+    replace (docs/benchmarks.md), and enable() leaves int8 activations off."""
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm"})
 
 
 def set_int8_activations(model: nn.Module, enabled: bool = True) -> int:

@@ -732,7 +732,7 @@ def main(argv=None):
             import kernels  # the command line is a program: it runs the quantized model as users do, fast
             samples = load_samples(args.data, args.image_folder, args.limit) if args.data else None
             evaluate(args.model, args.bits, args.group_size, args.vision, samples=samples, scheme=args.scheme,
-                     speed_up=lambda model: kernels.enable(model, int8_activations=args.int8_activations))
+                     speed_up=lambda model: kernels.enable(model, int8_activations=args.int8_activations and "always"))
         else:
             convert(args.model, args.out, args.bits, args.group_size, args.vision, scheme=args.scheme)
     except (ValueError, OSError, KeyError, imp.CheckpointError) as error:  # ImageError, NotFiniteError: ValueErrors

@@ -145,6 +145,7 @@ def test_int8_activations(capsys, models, images, monkeypatch):
     if not kernels.int8_matmul_available():
         pytest.skip("torch._int_mm does not work here")
     monkeypatch.setattr(kernels, "FAST_PATH_MAX_ROWS", 4)  # this tiny prompt has ~30 rows: let them take the path
+    monkeypatch.setattr(kernels, "int8_products_are_native", lambda: True)  # VNNI or not, on this machine
     calls = []
     int_mm = torch._int_mm
     monkeypatch.setattr(torch, "_int_mm", lambda *a, **k: calls.append(a[0].shape) or int_mm(*a, **k))
@@ -157,6 +158,11 @@ def test_int8_activations(capsys, models, images, monkeypatch):
     code, out, err = call(capsys, "--model", models["chatty"], "--quant", "int8", images / "photo.png", "What?",
                           "--max-new-tokens", 3)
     assert (code, out) == (0, "aaa\n") and not calls  # off by default
+    monkeypatch.setattr(kernels, "int8_products_are_native", lambda: False)  # a CPU without VNNI / AMX
+    code, out, err = call(capsys, "--model", models["chatty"], "--quant", "int4", "--int8-activations",
+                          images / "photo.png", "What?", "--max-new-tokens", 3)
+    assert (code, out) == (0, "aaa\n") and not calls  # left off, and said why
+    assert "int8 activations off: this CPU has no int8 dot-product instructions" in err
 
 
 @pytest.mark.parametrize("argv, expected", [((), None), (("--quant", "int8"), torch.float16),
