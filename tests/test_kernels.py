@@ -158,3 +158,40 @@ def test_llama_decode_attention_keeps_the_window_and_the_head_groups(cache_dtype
     assert fast.dtype == torch.float32 and fast.shape == (1, 4, 1, 16)
     assert (fast.double() - exact).abs().max() < 1e-5
     assert (readable - exact).abs().max() < (3e-2 if cache_dtype == torch.bfloat16 else 5e-3)
+
+
+def int4_tiny_imp():
+    model = tiny_imp()
+    quant.quantize_model(model, bits=4, group_size=32)
+    return model
+
+
+@pytest.mark.skipif(not kernels.packed_kernels_available()[4] or kernels.int4_kernel_layout() is None,
+                    reason="no verified int4 kernel layout here")
+def test_fused_q_k_v_compute_what_the_three_layers_do(monkeypatch):
+    fused, separate = int4_tiny_imp(), int4_tiny_imp()
+    assert "q, k, v in one product in 2 layers" in kernels.enable(fused)
+    with monkeypatch.context() as patch:
+        patch.setattr(kernels, "fuse_projections", lambda attention: False)
+        assert "one product" not in kernels.enable(separate)
+    ids, pixels = prompt(fused)
+    with torch.inference_mode():
+        assert list(fused.generate(ids, pixels, max_new_tokens=6, stop_ids=[])) == \
+            list(separate.generate(ids, pixels, max_new_tokens=6, stop_ids=[]))
+        x = torch.randn(1, 3, 64)
+        rotary = imp.rotary_cos_sin(torch.arange(5, 8), 32, 10000.0, torch.float32)
+        attention, alone = fused.llm.layers[1].self_attn, separate.llm.layers[1].self_attn
+        for got, want in zip(attention.project(x, rotary), alone.project(x, rotary)):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)  # the same sums, in one call
+        # each layer alone (a view of the fused pairs) and as stored: unchanged by the fusion
+        for name in ("q_proj", "k_proj", "v_proj"):
+            mine, theirs = getattr(attention, name), getattr(alone, name)
+            torch.testing.assert_close(mine(x), theirs(x), rtol=0, atol=1e-6)
+            assert all(torch.equal(a, b) for a, b in zip(mine.state_dict().values(), theirs.state_dict().values()))
+            assert mine.resident_bytes() == theirs.resident_bytes()
+        # a layer that rebuilds its kernel layout (a move, a load): the fused product gives way
+        expected = attention.project(x, rotary)
+        attention.k_proj.release_kernel_tensors()
+        assert not attention.fused_qkv.valid()
+        for got, want in zip(attention.project(x, rotary), expected):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
