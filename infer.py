@@ -86,10 +86,12 @@ def parse_arguments(argv):
     parser.add_argument("--quant", choices=("int8", "int4"), help="quantize the weights while loading (quant.py)")
     parser.add_argument("--int8-activations", action="store_true", help="with a quantized model (--quant or a "
                         "quantized folder): run prefill and the vision tower as int8 x int8 products (kernels."
-                        "set_int8_activations; ~2-3x faster there on CPUs with VNNI, numbers move by ~1%%)")
+                        "set_int8_activations; ~2-3x faster there, numbers move by ~1%%; only on CPUs with int8 dot-product "
+                        "instructions, VNNI or AMX, else left off with a note)")
     parser.add_argument("--kv-cache", choices=("auto", *DTYPES), default="auto", help="dtype of the attention "
                         "cache (default auto: float16 for a quantized model computing in float32, which halves the "
-                        "cache's memory; otherwise the model's dtype), e.g. --quant int4 --kv-cache float32")
+                        "cache's memory; otherwise the model's dtype), e.g. --quant int4 --kv-cache float32: a faster decode "
+                        "attention for twice the cache's memory (--stats shows both)")
     parser.add_argument("--max-new-tokens", type=int, metavar="N", default=256, help="answer length limit (default 256)")
     parser.add_argument("--temperature", type=float, metavar="T", default=0.0, help="0 = greedy, the official setting (default)")
     parser.add_argument("--top-p", type=float, metavar="P", default=1.0, help="nucleus sampling, with --temperature > 0")

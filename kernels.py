@@ -13,8 +13,9 @@ check made once, and each pinned to the readable path by a test (tests/test_kern
   2. On CPUs without native bfloat16, a bfloat16 decode step multiplies each weight by its single row with
      torch.addmv (matrix x vector), which reads the weight faster than F.linear's general product there.
   3. QuantLinear layers become PackedQuantLinear: torch's packed int8 / int4 CPU kernels for decode (up to
-     FAST_PATH_MAX_ROWS rows), the weight held once in the kernel's own layout; large inputs dequantized a slice
-     of rows at a time into reused scratch memory; optionally int8 activations (W8A8) for prefill and vision.
+     FAST_PATH_MAX_ROWS rows), the weight held once in the kernel's own layout, an int4 attention layer's q, k, v
+     as one product; large inputs dequantized a slice of rows at a time into reused scratch memory; optionally
+     int8 activations (W8A8) for prefill and vision, on CPUs with int8 dot-product instructions.
 Measurements behind these choices are in docs/benchmarks.md and docs/quantization.md.
 """
 
@@ -197,12 +198,13 @@ class FusedProjection:
 def fuse_projections(attention) -> bool:
     """Give `attention` a FusedProjection of its q/k/v when all three are int4 PackedQuantLinear layers with the
     same settings, each holding its codes only in the kernel's layout (else fusing would copy them) in whole blocks
-    of rows (the kernel lays a partial last block out differently); True if so."""
+    of rows (the kernel lays a partial last block out differently), with no padded columns; True if so."""
     layers = [attention.q_proj, attention.k_proj, attention.v_proj]
     first = layers[0]
     if not all(isinstance(layer, PackedQuantLinear) and layer.bits == 4 and layer.kernel_tensors is not None
                and "qweight" in layer.kernel_holds and layer.kernel_tensors[0].dtype == torch.uint8
                and layer.out_features % INT4_KERNEL_LAYOUTS[layer.kernel_layout][0] == 0  # whole blocks of rows
+               and padded_in_features(layer.in_features, 4, layer.group_size) == layer.in_features  # no padding
                and (layer.in_features, layer.group_size) == (first.in_features, first.group_size)
                and (layer.bias is None) == (first.bias is None) for layer in layers):
         return False
