@@ -20,8 +20,9 @@ LayerNorm weights 1), and int8 / int4 layers are quantized one at a time (quant.
 whole model ever exists. Every row runs with the fast layer on (kernels.enable), as infer.py does. Peak RSS is
 the high-water mark of the query itself (reset after building). int8 / int4 rows keep their KV cache in float16
 when they compute in float32 (--cache-dtype; imp.KVCache). The opt-in rows int8+a8 / int4+a8 are the same models
-with int8 activations for inputs of more than kernels.FAST_PATH_MAX_ROWS rows (prefill, vision tower: int8 x int8
-GEMMs); decode is the same as without.
+with int8 activations as infer.py --int8-activations runs them: inputs of more than kernels.FAST_PATH_MAX_ROWS rows
+(prefill, vision tower) as int8 x int8 GEMMs on CPUs with int8 dot-product instructions (VNNI, AMX), and int4
+decode through the compiled int4 x int8 kernel (kernels_int4.c) where it compiled.
 
 Decode is memory-bound: every new token reads all Linear weights of the language model (lm_head included, the
 embedding not; quantized ones in the packed kernel's layout, which is what it reads) plus the KV cache. A stream
@@ -109,7 +110,7 @@ def parse_arguments(argv):
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtypes", nargs="+", choices=PRECISIONS + A8_PRECISIONS, default=list(PRECISIONS),
                         metavar="DTYPE", help=f"precisions to run, any of {' '.join(PRECISIONS + A8_PRECISIONS)} "
-                        f"(default: {' '.join(PRECISIONS)}; +a8: int8 activations for prefill and vision)")
+                        f"(default: {' '.join(PRECISIONS)}; +a8: int8 activations, as infer.py --int8-activations)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--image-size", type=int, choices=(384, 196), default=384,
                         help="384 (Imp-3B, 729 image tokens) or 196 (Imp-3B-196, 196 tokens)")
@@ -405,7 +406,7 @@ def run_worker(args) -> dict:
         quantization = quant_settings(args, precision) if precision.startswith("int") else None
         model = build_random_model(config, float_dtype, quantization)
     int8_activations = precision.endswith("+a8")
-    if "unavailable" in kernels.enable(model, int8_activations=int8_activations and "always"):
+    if "unavailable" in kernels.enable(model, int8_activations=int8_activations):  # as infer.py --int8-activations
         raise BenchError("torch._int_mm does not work on this torch build: no int8-activation rows")
     build_seconds = time.perf_counter() - build_started
     input_ids, pixel_values = make_inputs(config, TEXT_TOKENS)

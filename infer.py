@@ -85,9 +85,10 @@ def parse_arguments(argv):
                         "bfloat16, else float32)")
     parser.add_argument("--quant", choices=("int8", "int4"), help="quantize the weights while loading (quant.py)")
     parser.add_argument("--int8-activations", action="store_true", help="with a quantized model (--quant or a "
-                        "quantized folder): run prefill and the vision tower as int8 x int8 products (kernels."
-                        "set_int8_activations; ~2-3x faster there, numbers move by ~1%%; only on CPUs with int8 dot-product "
-                        "instructions, VNNI or AMX, else left off with a note)")
+                        "quantized folder): round activations to int8 for integer products, numbers move by ~1%% "
+                        "(kernels.set_int8_activations): decode through kernels.c on x86 CPUs without AVX-512 where a C "
+                        "compiler exists (~1.7x faster there); prefill and the vision tower on CPUs with int8 "
+                        "dot-product instructions, VNNI or AMX (~2-3x); where neither applies, left off with a note")
     parser.add_argument("--kv-cache", choices=("auto", *DTYPES), default="auto", help="dtype of the attention "
                         "cache (default auto: float16 for a quantized model computing in float32, which halves the "
                         "cache's memory; otherwise the model's dtype), e.g. --quant int4 --kv-cache float32: a faster decode "
@@ -242,9 +243,11 @@ def load_model(args, path):
         raise InputError("--int8-activations needs a quantized model: add --quant int8 or int4, or load a "
                          "folder written by quant.py")
     fast = kernels.enable(model, int8_activations=args.int8_activations)
-    if args.int8_activations and "int8 activations in" not in fast:
-        reason = fast[fast.index("int8 activations"):]  # enable() says it last
-        print(f"note: --int8-activations: {reason}; the float path is used", file=sys.stderr)
+    said = fast[fast.index("int8 activations"):] if args.int8_activations else ""  # enable() says it last
+    if said and not said.startswith("int8 activations in"):
+        print(f"note: --int8-activations: {said}; the float path is used", file=sys.stderr)
+    elif "in float" in said:  # decode only (kernels.c), on a CPU without int8 dot-product instructions
+        print(f"note: --int8-activations: {said}", file=sys.stderr)
     trained_size = model.config.vision.image_size
     if args.image_size is not None and args.image_size != trained_size:
         # SigLIP learns one position embedding per patch of a trained grid (27 x 27 at 384 px); another size would
@@ -333,7 +336,8 @@ def kv_cache_line(model, args, stats) -> str:
     size = 2 * text.num_hidden_layers * positions * text.hidden_size * dtype.itemsize
     attention = model.llm.layers[0].self_attn
     fast = isinstance(attention, (kernels.DecodeAttention, kernels.LlamaDecodeAttention))
-    path = ("products in float32 (kernels.attend_one_row)" if fast and dtype in (torch.float16, torch.bfloat16)
+    compiled = "kernels.c, reading the cache as it is" if kernels.compiled_kernels() else "written out in torch"
+    path = (f"products in float32 ({compiled})" if fast and dtype in (torch.float16, torch.bfloat16)
             else f"the fused kernel in {str(dtype)[6:]}")
     return f"{str(dtype)[6:]}, {size / 1e9:.2f} GB for {positions} positions; decode attention: {path}"
 

@@ -3,23 +3,31 @@ kernels.py: the fast layer. Every CPU speed path of nanoImp, beside the readable
 it never changes the meaning of. A program switches it on with one call:
 
     model = quant.load("imp-int4")      # or imp.Imp.from_pretrained(...)
-    kernels.enable(model)               # int8_activations=True: also int8 x int8 products for large inputs
+    kernels.enable(model)               # int8_activations=True: also int8 activations (W8A8 / W4A8)
 
 Without that call everything works, the readable way, slower. What enable() does, each chosen by a capability
 check made once, and each pinned to the readable path by a test (tests/test_kernels.py, tests/test_quant.py):
+  0. On x86 CPUs with AVX2, where a C compiler exists, it compiles kernels.c once (a cache folder) and checks it:
+     three decode kernels torch lacks there. Without a compiler, everything below still works, with torch's.
   1. Phi-2's MLP computes its GELU in place when autograd is off (one (T, 10240) tensor fewer at prefill), and
-     decode attention over a 16-bit KV cache (every decoder) multiplies in float32, written out (faster than the
-     fused kernel).
+     decode attention over a 16-bit KV cache (every decoder) multiplies in float32: kernels.c reading the cache as
+     it is, else written out in torch (both faster than the fused kernel).
   2. On CPUs without native bfloat16, a bfloat16 decode step multiplies each weight by its single row with
      torch.addmv (matrix x vector), which reads the weight faster than F.linear's general product there.
-  3. QuantLinear layers become PackedQuantLinear: torch's packed int8 / int4 CPU kernels for decode (up to
-     FAST_PATH_MAX_ROWS rows), the weight held once in the kernel's own layout, an int4 attention layer's q, k, v
-     as one product; large inputs dequantized a slice of rows at a time into reused scratch memory; optionally
-     int8 activations (W8A8) for prefill and vision, on CPUs with int8 dot-product instructions.
+  3. QuantLinear layers become PackedQuantLinear. Decode (up to FAST_PATH_MAX_ROWS rows): torch's packed int8 /
+     int4 kernels, the weight held once in the kernel's own layout, an int4 attention layer's q, k, v as one
+     product; with int8_activations, on CPUs without AVX-512, kernels.c's integer products instead. Large inputs:
+     dequantized a slice of rows at a time into reused scratch memory, or with int8_activations int8 x int8
+     products (W8A8) on CPUs with int8 dot-product instructions.
 Measurements behind these choices are in docs/benchmarks.md and docs/quantization.md.
 """
 
+import ctypes
 import functools
+import hashlib
+import os
+import shutil
+import subprocess
 import threading
 
 import torch
@@ -40,8 +48,9 @@ ACTIVATION_CHUNK = 2**18  # int8 activations: quantized this many at a time, a 1
 
 def enable(model: nn.Module, int8_activations: bool | str = False) -> str:
     """Switch every fast path that works on this machine on, in place; returns one line saying which.
-    int8_activations: True where the CPU has int8 dot-product instructions; "always": wherever torch._int_mm
-    works (to measure it, as bench.py and quant.py --eval do)."""
+    int8_activations: True: for large inputs where the CPU has int8 dot-product instructions, and for decode where
+    kernels.c's products pay; "always": for large inputs wherever torch._int_mm works (to measure it, as
+    quant.py --eval does)."""
     said = []
     for module in model.modules():
         if type(module) is imp.PhiMLP:
@@ -50,6 +59,8 @@ def enable(model: nn.Module, int8_activations: bool | str = False) -> str:
             module.__class__ = DecodeAttention
         elif type(module) is imp.LlamaAttention:
             module.__class__ = LlamaDecodeAttention
+    if compiled_kernels() is not None:
+        said.append("decode attention by kernels.c")
     if bfloat16_is_emulated():
         for name, module in model.named_modules():
             if type(module) is nn.Linear and not name.startswith(("vision", "connector")):
@@ -59,6 +70,9 @@ def enable(model: nn.Module, int8_activations: bool | str = False) -> str:
     for layer in packed:
         if not isinstance(layer, PackedQuantLinear):
             layer.__class__ = PackedQuantLinear
+    large_inputs = int8_products_are_native() or int8_activations == "always"
+    count = set_int8_activations(model, True, large_inputs) if int8_activations else 0
+    for layer in packed:
         if layer.fast_path_supported():
             layer.prepare_fast_path()
     fused = sum(fuse_projections(module) for module in model.modules()
@@ -69,17 +83,29 @@ def enable(model: nn.Module, int8_activations: bool | str = False) -> str:
         said.append(f"packed int{'/int'.join(map(str, kinds))} kernels" if kinds else "no packed kernels here")
         if fused:
             said.append(f"q, k, v in one product in {fused} layers")
-    if int8_activations and not (int8_products_are_native() or int8_activations == "always"):
-        said.append("int8 activations off: this CPU has no int8 dot-product instructions (VNNI, AMX), where they "
-                    "are slower than float32")
-    elif int8_activations:
-        count = set_int8_activations(model, True)
-        said.append(f"int8 activations in {count} layers" if count else "int8 activations unavailable here")
+    if int8_activations:
+        said.append(int8_activations_said(packed, count, large_inputs))
     return ", ".join(said) or "nothing to speed up"
 
 
+def int8_activations_said(layers, count, large_inputs) -> str:
+    """enable()'s words on int8 activations: where they apply here, and why not where they do not."""
+    decode = sum(1 for layer in layers if layer.int8_decode)
+    large = large_inputs and int8_matmul_available()
+    why_not_large = "torch._int_mm does not work here" if large_inputs else \
+        "this CPU has no int8 dot-product instructions (VNNI, AMX), where they are slower than float32"
+    if not count:
+        return "int8 activations unavailable here" if large_inputs else \
+            f"int8 activations off: {why_not_large}, and no compiled decode kernels (kernels.c)"
+    through = f"{decode} layers decoding through kernels.c"
+    if not large:
+        return f"int8 activations in {through}; prefill and vision in float: {why_not_large}"
+    return f"int8 activations in {count} layers" + (f", {through}" if decode else "")
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# 1-2. Float models: in-place GELU, decode attention over a 16-bit cache, bfloat16 single rows.
+# 0. kernels.c, the compiled part: three decode kernels for x86 CPUs with AVX2, where torch's are slow (its header
+#    says why), compiled once per machine into a cache folder where a C compiler exists, checked, loaded with ctypes.
 
 
 @functools.cache
@@ -91,6 +117,93 @@ def cpu_flags() -> frozenset:
             return frozenset(f.read().split())
     except OSError:
         return frozenset()
+
+
+COMPILED_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.c")
+COMPILER_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
+
+
+def compiled_kernel_folder() -> str:
+    """Where the compiled library is kept: $NANOIMP_CACHE, else ~/.cache/nanoimp."""
+    return os.environ.get("NANOIMP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nanoimp")
+
+
+def compile_kernels() -> str:
+    """Compile kernels.c into the cache folder, once (the file name holds a hash of the source, the compiler
+    and its flags), and return the library's path. Written under a temporary name, then renamed: a half-written
+    library is never loaded, and two processes compiling at once both end with a whole one."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        raise FileNotFoundError("no C compiler (cc, gcc, clang or $CC)")
+    with open(COMPILED_SOURCE, "rb") as f:
+        source = f.read()
+    digest = hashlib.sha256(source + repr((compiler, COMPILER_FLAGS)).encode()).hexdigest()[:16]
+    folder = compiled_kernel_folder()
+    library = os.path.join(folder, f"kernels-{digest}.so")
+    if not os.path.exists(library):
+        os.makedirs(folder, exist_ok=True)
+        temporary = f"{library}.{os.getpid()}.tmp"
+        try:
+            subprocess.run([compiler, *COMPILER_FLAGS, COMPILED_SOURCE, "-o", temporary, "-lm"], check=True,
+                           capture_output=True, timeout=120)
+            os.replace(temporary, library)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+    return library
+
+
+@functools.cache
+def compiled_kernels():
+    """kernels.c as a ctypes library where it works here, else None: an x86 CPU with AVX2, FMA and F16C, a C
+    compiler, and the right numbers on small random inputs. NANOIMP_COMPILE=0 in the environment turns it off."""
+    if os.environ.get("NANOIMP_COMPILE") == "0" or not {"avx2", "fma", "f16c"} <= cpu_flags():
+        return None
+    try:
+        library = ctypes.CDLL(compile_kernels())
+        pointer, integer = ctypes.c_void_p, ctypes.c_int
+        library.int4_matmul.argtypes = [pointer] * 3 + [integer] * 2 + [pointer] + [integer] * 2 + [pointer, integer]
+        library.attend_one_row.argtypes = [pointer] * 4 + [integer] * 5 + [ctypes.c_int64] * 2 + [integer, ctypes.c_float]
+        library.int8_matmul.argtypes = [pointer, pointer, integer, pointer, integer, pointer, integer]
+        library.int4_matmul.restype = library.int8_matmul.restype = library.attend_one_row.restype = integer
+        return library if compiled_kernels_agree(library) else None
+    except (OSError, subprocess.SubprocessError, AttributeError):  # no compiler, a failed compile, a bad library
+        return None
+
+
+def compiled_kernels_agree(library) -> bool:
+    """Whether the kernels match the readable path on small random inputs: int4_matmul and int8_matmul
+    quant.QuantLinear's product within the activations' rounding (~0.5%; both int4 schemes, groups of 32 and of 64
+    with padding, an odd number of blocks, five rows: a tile of 4 and one more), and
+    attend_one_row attend_one_row_in_torch within float32 rounding (both 16-bit dtypes, grouped heads, a cache
+    preallocated longer than the keys)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 288, generator=generator)  # 288 columns: 9 blocks, 9 groups of 32 (8 at a time, and 1)
+    for scheme, group_size in (("symmetric", 32), ("asymmetric", 64)):
+        layer = quant.QuantLinear.from_linear(nn.Linear(288, 48, bias=False), 4, group_size, scheme=scheme)
+        with torch.no_grad():
+            layer.load_quantized(torch.randn(48, 288, generator=generator))
+        want = layer(x)
+        got = int4_matmul_compiled(x, layer.qweight, layer.scales, layer._buffers.get("zeros"), group_size, library)
+        if not (got - want).norm() < 2e-2 * want.norm():
+            return False
+    layer = quant.QuantLinear.from_linear(nn.Linear(288, 48, bias=False), 8)
+    with torch.no_grad():
+        layer.load_quantized(torch.randn(48, 288, generator=generator))
+    got, want = int8_matmul_compiled(x, layer.qweight, layer.scales, library), layer(x)
+    if not (got - want).norm() < 2e-2 * want.norm():
+        return False
+    for dtype in (torch.float16, torch.bfloat16):
+        q = torch.randn(1, 4, 1, 16, generator=generator)
+        k, v = (torch.randn(1, 2, 40, 16, generator=generator).to(dtype)[:, :, :37] for _ in range(2))
+        if not torch.allclose(attend_one_row_compiled(q, k, v, library), attend_one_row_in_torch(q, k, v),
+                              rtol=1e-4, atol=1e-5):
+            return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1-2. Float models: in-place GELU, decode attention over a 16-bit cache, bfloat16 single rows.
 
 
 @functools.cache
@@ -121,6 +234,15 @@ def is_decode_over_16_bit_cache(q, k) -> bool:
 
 
 def attend_one_row(q, k, v):
+    """softmax(q k^T / sqrt(D)) v for one query row per head over a 16-bit cache: kernels.c where it applies (it
+    reads the cache as it is: half the memory traffic of a float32 copy, and no copy), else in torch."""
+    library = compiled_kernels()
+    if library is not None and compiled_attention_applies(q, k, v):
+        return attend_one_row_compiled(q, k, v, library)
+    return attend_one_row_in_torch(q, k, v)
+
+
+def attend_one_row_in_torch(q, k, v):
     """softmax(q k^T / sqrt(D)) v for one query row per head, multiplied in float32, written out: q (B, H, 1, D);
     k, v (B, kv heads, T, D), 16-bit, kv heads dividing H (grouped-query attention: query heads g*j .. g*j + g-1
     share key/value head j, as repeat_interleave in imp.LlamaAttention.attend lays them out) -> (B, H, 1, D).
@@ -133,6 +255,26 @@ def attend_one_row(q, k, v):
     queries = q.float().view(B, kv_heads, H // kv_heads, D)  # the query heads sharing a key/value head, as rows
     scores = (queries @ k.float().transpose(-2, -1)) * (D ** -0.5)  # (B, kv heads, H / kv heads, T)
     return (torch.softmax(scores, dim=-1) @ v.float()).view(B, H, 1, D)
+
+
+def compiled_attention_applies(q, k, v) -> bool:
+    """kernels.c's attend_one_row takes keys and values laid out alike, each row D contiguous numbers (a slice of
+    a preallocated cache is), D a multiple of 8 up to 256."""
+    D = q.shape[-1]
+    return (k.stride() == v.stride() and k.stride(-1) == 1 and k.stride(-2) == D and D % 8 == 0 and D <= 256
+            and q.shape[0] == k.shape[0] and q.device.type == "cpu")
+
+
+def attend_one_row_compiled(q, k, v, library):
+    """attend_one_row_in_torch by kernels.c: q (B, H, 1, D), k, v (B, kv heads, T, D) 16-bit -> (B, H, 1, D)
+    float32."""
+    B, H, _, D = q.shape
+    query = q.float().contiguous()
+    out = torch.empty(B, H, 1, D)
+    if library.attend_one_row(query.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, H, k.shape[1],
+                              k.shape[2], D, k.stride(0), k.stride(1), k.dtype == torch.bfloat16, D ** -0.5):
+        raise MemoryError("kernels.c: no memory for the attention scores")
+    return out
 
 
 class DecodeAttention(imp.PhiAttention):
@@ -405,16 +547,26 @@ def int8_products_are_native() -> bool:
     return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm"})
 
 
-def set_int8_activations(model: nn.Module, enabled: bool = True) -> int:
-    """Switch the int8-activation path of every quantized Linear in `model` on (or off again); returns how many
-    layers it now applies to (0 when torch._int_mm does not work here). Used for inputs of more than
-    FAST_PATH_MAX_ROWS rows; decode keeps the packed kernels."""
+def set_int8_activations(model: nn.Module, enabled: bool = True, large_inputs: bool = True) -> int:
+    """Switch int8 activations in every quantized Linear of `model` on (or off again); returns how many layers they
+    now apply to. Large inputs (more than FAST_PATH_MAX_ROWS rows: prefill, the vision tower) take torch._int_mm
+    where it works here and `large_inputs` is set; decode goes through kernels.c where it pays."""
     layers = [module for module in model.modules() if isinstance(module, quant.QuantLinear)]
     for layer in layers:
         if not isinstance(layer, PackedQuantLinear):
             layer.__class__ = PackedQuantLinear
-        layer.int8_activations = enabled
-    return len(layers) if enabled and int8_matmul_available() else 0
+        layer.int8_activations = enabled and large_inputs
+    for layer in layers:
+        decode = enabled and compiled_products_pay() and (layer.bits == 4 or layer.in_features % BLOCK == 0)
+        if decode != layer.int8_decode:
+            layer.release_kernel_tensors()  # the other decode kernel reads another layout: built again when used
+            layer.int8_decode = decode
+    for module in model.modules():  # a fused q/k/v whose layers gave their kernel layout up
+        fused = module.__dict__.get("fused_qkv")
+        if fused is not None and not fused.valid():
+            del module.__dict__["fused_qkv"]
+    large = int8_matmul_available() and large_inputs
+    return sum(1 for layer in layers if enabled and (large or layer.int8_decode))
 
 
 def quantize_activations(x2d):
@@ -446,7 +598,53 @@ def rescale_int32_(acc, row_scale, channel_scale, bias, out):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 3d. PackedQuantLinear: quant.QuantLinear with the fast paths. Same buffers, same file format, same numbers
+# 3d. int8 activations for decode (W4A8, W8A8), by kernels.c, on x86 CPUs without AVX-512.
+#
+# There torch's int4 and int8 kernels run their AVX2 code, bound by arithmetic rather than by memory: they convert
+# every weight to a float and multiply it by a bfloat16 activation. torch has no int4 x int8 product for x86.
+# kernels.c rounds the activations to int8 per block of 32 and multiplies the codes by them as integers, 32 to an
+# instruction, the way llama.cpp's Q4_0 / Q8_0 x Q8_0 products do, reading our formats as stored (qweight and the
+# float16 scales: no second layout). A decode step goes through it with --int8-activations; large inputs (prefill,
+# vision) keep the paths above.
+
+BLOCK = 32  # activations per int8 step in kernels.c (llama.cpp's Q8_0 block): 16 bytes of int4 codes
+
+
+def compiled_products_pay() -> bool:
+    """Whether kernels.c's int4 / int8 products (int8 activations) beat torch's kernels here: where it compiled and
+    the CPU has no AVX-512. There torch's packed kernels run their AVX2 code, bound by arithmetic (docs/benchmarks.md);
+    with AVX-512 they read the weights near the memory's speed (measured on a Zen 5), and are kept."""
+    return compiled_kernels() is not None and "avx512f" not in cpu_flags()
+
+
+def int4_matmul_compiled(x, qweight, scales, zeros, group_size, library=None):
+    """x (..., K) times the int4 weight stored as qweight [N, Kp/2], scales (and zeros) [N, Kp/G] float16, the
+    activations rounded to int8 per block of 32 -> (..., N) float32, by kernels.c."""
+    library = library or compiled_kernels()
+    out_features, padded = qweight.shape[0], qweight.shape[1] * 2
+    x2d = x.reshape(-1, x.shape[-1]).float().contiguous()  # [M, K]: the kernel lays it out itself
+    y = torch.empty(x2d.shape[0], out_features, dtype=torch.float32)
+    if library.int4_matmul(qweight.data_ptr(), scales.data_ptr(), None if zeros is None else zeros.data_ptr(),
+                           padded // BLOCK, (group_size // BLOCK).bit_length() - 1, x2d.data_ptr(), x2d.shape[1],
+                           x2d.shape[0], y.data_ptr(), out_features):
+        raise MemoryError("kernels.c: no memory for the rounded activations")
+    return y.view(*x.shape[:-1], out_features)
+
+
+def int8_matmul_compiled(x, qweight, scales, library=None):
+    """x (..., K) times the int8 weight qweight [N, K] (K a multiple of 32), scales [N] float16, the activations
+    rounded to int8 per block of 32 -> (..., N) float32, by kernels.c."""
+    library = library or compiled_kernels()
+    x2d = x.reshape(-1, x.shape[-1]).float().contiguous()
+    y = torch.empty(x2d.shape[0], qweight.shape[0], dtype=torch.float32)
+    if library.int8_matmul(qweight.data_ptr(), scales.data_ptr(), x2d.shape[1] // BLOCK, x2d.data_ptr(), x2d.shape[0],
+                           y.data_ptr(), qweight.shape[0]):
+        raise MemoryError("kernels.c: no memory for the rounded activations")
+    return y.view(*x.shape[:-1], qweight.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3e. PackedQuantLinear: quant.QuantLinear with the fast paths. Same buffers, same file format, same numbers
 #     within the kernels' bfloat16 rounding of the activations.
 
 
@@ -459,6 +657,8 @@ class PackedQuantLinear(quant.QuantLinear):
     kernel_layout = None   # an INT4_KERNEL_LAYOUTS name when the codes live only in kernel_tensors[0]
     kernel_holds = ()      # the buffers whose only copy is in kernel_tensors (dropped from _buffers)
     int8_activations = False  # the opt-in W8A8 path for large inputs (set_int8_activations)
+    int8_decode = False       # decode with int8 activations, by kernels.c (set_int8_activations)
+    compiled = False          # ... and kernels.c is ready: it reads qweight and scales, no kernel layout
 
     def forward(self, x):  # x: (..., K) -> (..., N)
         rows = x.numel() // self.in_features
@@ -534,10 +734,10 @@ class PackedQuantLinear(quant.QuantLinear):
             buffers.update(self._buffers)  # anything else (check_buffers names it) after them
             self._buffers.clear()
             self._buffers.update(buffers)
-        self.kernel_tensors, self.kernel_layout, self.kernel_holds = None, None, ()
+        self.kernel_tensors, self.kernel_layout, self.kernel_holds, self.compiled = None, None, (), False
 
     def load_quantized(self, weight):
-        self.kernel_tensors, self.kernel_layout, self.kernel_holds = None, None, ()  # built from the old weight
+        self.kernel_tensors, self.kernel_layout, self.kernel_holds, self.compiled = None, None, (), False  # old
         super().load_quantized(weight)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -584,7 +784,11 @@ class PackedQuantLinear(quant.QuantLinear):
         # Shape limits, measured on torch 2.13 (every Linear of Imp meets them): the int4 kernel refuses N that is
         # not a multiple of 16, and the int8 kernel returns NaN or crashes when K is not a multiple of 16.
         scales = self.kernel_tensors[1] if "scales" in self.kernel_holds else self.scales
-        return (scales.device.type == "cpu" and packed_kernels_available()[self.bits]
+        if scales.device.type != "cpu":
+            return False
+        if self.compiled or (self.int8_decode and self.kernel_tensors is None and compiled_kernels() is not None):
+            return True
+        return (packed_kernels_available()[self.bits]
                 and self.in_features % 16 == 0 and (self.bits == 8 or self.out_features % 16 == 0))
 
     def prepare_fast_path(self):
@@ -596,6 +800,12 @@ class PackedQuantLinear(quant.QuantLinear):
         bfloat16 hold, so when the pairs give the float16 buffers back bit for bit, those are dropped too. A file
         whose scales bfloat16 does not hold (an older quant.py) keeps them beside the pairs."""
         if self.kernel_tensors is not None:
+            return self.kernel_tensors
+        if self.int8_decode and compiled_kernels() is not None:  # kernels.c reads the stored buffers as they are
+            for name in self.expected_buffers():
+                self._buffers[name] = self._buffers[name].contiguous()
+            self.kernel_tensors = tuple(self._buffers[name] for name in self.expected_buffers())  # what it reads
+            self.compiled = True
             return self.kernel_tensors
         if self.bits == 8:  # scales must have the activations' dtype
             self.qweight = aligned(self.qweight)  # same values, so the stored format is unchanged
@@ -625,7 +835,9 @@ class PackedQuantLinear(quant.QuantLinear):
     def forward_fast(self, x):  # only where fast_path_supported(); forward() checks
         # A decode step calls this ~190 times for Imp-3B, so every operation counts (~5 us each): no pad that pads
         # nothing, and the bias add also casts the output back (bfloat16 + float32 -> float32), in one operation.
-        weight, scales = self.kernel_tensors or self.prepare_fast_path()  # built once, then reused
+        weight, scales = self.kernel_tensors[:2] if self.kernel_tensors else self.prepare_fast_path()[:2]  # built once
+        if self.compiled:
+            return self.forward_compiled(x)
         x2d = aligned(x.reshape(-1, self.in_features).to(KERNEL_DTYPE))  # (M, K): the kernels take 2-D inputs only
         if self.bits == 8:
             y = torch._weight_int8pack_mm(x2d, weight, scales)
@@ -642,6 +854,14 @@ class PackedQuantLinear(quant.QuantLinear):
             return torch.add(y, bias)  # type promotion: bfloat16 + float32 sums in (and returns) float32
         y = y.to(x.dtype)
         return y if bias is None else y + bias.to(x.dtype)
+
+    def forward_compiled(self, x):  # kernels.c, from the stored buffers; float32 sums, in x's dtype
+        if self.bits == 4:
+            y = int4_matmul_compiled(x, self.qweight, self.scales, self._buffers.get("zeros"), self.group_size)
+        else:
+            y = int8_matmul_compiled(x, self.qweight, self.scales)
+        bias = self._parameters.get("bias")
+        return (y if bias is None else y.add_(bias)).to(x.dtype)
 
     def int8_activations_supported(self, x) -> bool:
         # On the CPU only, and not where autograd needs a gradient through x: the rounding has none.

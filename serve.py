@@ -620,8 +620,8 @@ def parse_arguments(argv):
     parser.add_argument("--dtype", choices=infer.DTYPES, help="weights' dtype (default: bfloat16 if the CPU has "
                         "native bfloat16, else float32)")
     parser.add_argument("--quant", choices=("int8", "int4"), help="quantize the weights while loading (quant.py)")
-    parser.add_argument("--int8-activations", action="store_true", help="with a quantized model: int8 x int8 "
-                        "prefill and vision tower (see infer.py --help)")
+    parser.add_argument("--int8-activations", action="store_true", help="with a quantized model: int8 "
+                        "activations, for decode (kernels.c) and/or prefill and vision (see infer.py --help)")
     parser.add_argument("--kv-cache", choices=("auto", *infer.DTYPES), default="auto", help="dtype of the "
                         "attention cache (default auto, as infer.py)")
     parser.add_argument("--aspect", choices=("square", "pad"), help="squash images to a square, or pad them to one "

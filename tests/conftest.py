@@ -34,3 +34,11 @@ def data(tmp_path_factory):
     records = json.load(open(root / "captions.json")) + json.load(open(root / "train.json"))
     shapes.train_tokenizer(shapes.corpus_texts(records), 512, str(root))
     return root
+
+
+@pytest.fixture
+def torch_int4_kernel(monkeypatch):
+    """int4 decode through torch's packed kernel, not kernels.c (which kernels.py uses where it compiles):
+    for the tests of torch's kernel and of the layouts kernels.py keeps for it."""
+    import kernels
+    monkeypatch.setattr(kernels, "compiled_kernels", lambda: None)

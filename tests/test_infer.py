@@ -159,6 +159,13 @@ def test_int8_activations(capsys, models, images, monkeypatch):
                           "--max-new-tokens", 3)
     assert (code, out) == (0, "aaa\n") and not calls  # off by default
     monkeypatch.setattr(kernels, "int8_products_are_native", lambda: False)  # a CPU without VNNI / AMX
+    if kernels.compiled_products_pay():  # x86 without AVX-512: decode through kernels.c, prefill in float
+        code, out, err = call(capsys, "--model", models["chatty"], "--quant", "int4", "--int8-activations", "--stats",
+                              images / "photo.png", "What?", "--max-new-tokens", 3)
+        assert (code, out) == (0, "aaa\n") and not calls
+        assert "note: --int8-activations: int8 activations in" in err
+        assert "decoding through kernels.c; prefill and vision in float: this CPU has no int8 dot-product" in err
+    monkeypatch.setattr(kernels, "compiled_kernels", lambda: None)  # ... and no C compiler
     code, out, err = call(capsys, "--model", models["chatty"], "--quant", "int4", "--int8-activations",
                           images / "photo.png", "What?", "--max-new-tokens", 3)
     assert (code, out) == (0, "aaa\n") and not calls  # left off, and said why

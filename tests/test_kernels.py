@@ -122,8 +122,18 @@ def test_enable_chooses_the_row_vector_product_by_capability(monkeypatch, emulat
     assert all(type(m) is kernels.InPlaceGeluMLP for m in model.llm.modules() if isinstance(m, imp.PhiMLP))
 
 
+@pytest.fixture(params=["in torch", "kernels.c"])
+def attention_path(request, monkeypatch):
+    """Decode attention over a 16-bit cache both ways: in torch, and by kernels.c where it compiled."""
+    if request.param == "in torch":
+        monkeypatch.setattr(kernels, "compiled_kernels", lambda: None)
+    elif kernels.compiled_kernels() is None:
+        pytest.skip("no compiled kernels here")
+    return request.param
+
+
 @pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16])
-def test_decode_attention_over_a_16_bit_cache_equals_the_fused_kernel(cache_dtype):
+def test_decode_attention_over_a_16_bit_cache_equals_the_fused_kernel(cache_dtype, attention_path):
     attention = tiny_imp().llm.layers[0].self_attn
     generator = torch.Generator().manual_seed(4)
     q = torch.randn(1, 2, 1, 32, generator=generator)  # one decode row, float32 (the model's dtype)
@@ -142,13 +152,14 @@ def test_decode_attention_over_a_16_bit_cache_equals_the_fused_kernel(cache_dtyp
 
 @pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kv_heads, window", [(4, None), (4, 7), (2, 7), (1, 100)])
-def test_llama_decode_attention_keeps_the_window_and_the_head_groups(cache_dtype, kv_heads, window):
+def test_llama_decode_attention_keeps_the_window_and_the_head_groups(cache_dtype, kv_heads, window, attention_path):
     config = imp.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=kv_heads, intermediate_size=96,
                              num_hidden_layers=1, vocab_size=32, sliding_window=window)
     attention = imp.LlamaAttention(config)
     generator = torch.Generator().manual_seed(5)
     q = torch.randn(1, 4, 1, 16, generator=generator) * 3  # large scores: a wrong key or head shows
-    k, v = (torch.randn(1, kv_heads, 20, 16, generator=generator).to(cache_dtype) for _ in range(2))
+    # the first 20 positions of a cache preallocated for 24, as imp.KVCache.update returns them
+    k, v = (torch.randn(1, kv_heads, 24, 16, generator=generator).to(cache_dtype)[:, :, :20] for _ in range(2))
     readable = attention.attend(q, k, v).double()
     attention.__class__ = kernels.LlamaDecodeAttention
     fast = attention.attend(q, k, v)
@@ -168,7 +179,7 @@ def int4_tiny_imp():
 
 @pytest.mark.skipif(not kernels.packed_kernels_available()[4] or kernels.int4_kernel_layout() is None,
                     reason="no verified int4 kernel layout here")
-def test_fused_q_k_v_compute_what_the_three_layers_do(monkeypatch):
+def test_fused_q_k_v_compute_what_the_three_layers_do(monkeypatch, torch_int4_kernel):
     fused, separate = int4_tiny_imp(), int4_tiny_imp()
     assert "q, k, v in one product in 2 layers" in kernels.enable(fused)
     with monkeypatch.context() as patch:
@@ -195,3 +206,180 @@ def test_fused_q_k_v_compute_what_the_three_layers_do(monkeypatch):
         assert not attention.fused_qkv.valid()
         for got, want in zip(attention.project(x, rotary), expected):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# kernels.c, the compiled int4 kernel (x86 with AVX2, where a C compiler exists)
+
+needs_compiled = pytest.mark.skipif(kernels.compiled_kernels() is None, reason="no compiled int4 kernel here")
+
+
+@pytest.mark.skipif(not ({"avx2", "fma", "f16c"} <= kernels.cpu_flags() and kernels.shutil.which("cc")),
+                    reason="needs x86 AVX2 and a C compiler")
+def test_the_compiled_kernel_is_found_where_it_can_be_built():
+    # Else a broken build or check would turn every @needs_compiled test into a silent skip.
+    assert kernels.compiled_kernels() is not None
+
+
+def int4_layer(out_features, in_features, group_size, scheme, bias, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    layer = quant.QuantLinear.from_linear(nn.Linear(in_features, out_features, bias=bias), 4, group_size, scheme=scheme)
+    weight = torch.randn(out_features, in_features, generator=generator) * 0.08
+    weight[1] = 0.0  # an all-zero row: scale 0
+    with torch.no_grad():
+        layer.load_quantized(weight)
+        if bias:
+            layer.bias.normal_(0, 0.5, generator=generator)
+    return layer
+
+
+def rounded(x):
+    """x as kernels.c rounds it: each block of 32 columns to step * q, step = the block's max |x| / 127."""
+    padded = F.pad(x, (0, -x.shape[-1] % 32))  # the padding columns are zeros
+    blocks = padded.view(*x.shape[:-1], -1, 32)
+    step = blocks.abs().amax(-1, keepdim=True) / 127
+    step[step == 0] = 1.0
+    return ((blocks / step).round() * step).view_as(padded)[..., :x.shape[-1]]
+
+
+@needs_compiled
+@pytest.mark.parametrize("out_features, in_features, group_size, scheme", [
+    (48, 256, 32, "symmetric"), (24, 200, 64, "asymmetric"),  # 24 rows (torch's kernel wants 16s), padded columns
+    (40, 384, 128, "symmetric"), (17, 96, 32, "asymmetric")])
+@pytest.mark.parametrize("rows", [1, 3, 6])  # within one tile of 4 rows, and past it
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_decode_of_int4_is_the_readable_product_of_the_rounded_activations(out_features, in_features,
+                                                                                group_size, scheme, rows, bias):
+    layer = int4_layer(out_features, in_features, group_size, scheme, bias)
+    x = torch.randn(1, rows, in_features) * 2
+    x[..., :32] = 0.0  # an all-zero block of activations
+    x[..., 40] = 30.0  # an outlier: its block's step is large, the other blocks' are not
+    readable = layer(x)
+    fast = kernels.PackedQuantLinear.from_linear(nn.Linear(in_features, out_features, bias=bias), 4, group_size,
+                                                 scheme=scheme)
+    fast.load_state_dict(layer.state_dict())
+    fast.int8_decode = True
+    assert fast.fast_path_supported()
+    got = fast(x)
+    assert fast.compiled and got.shape == readable.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, layer(rounded(x)), rtol=1e-5, atol=1e-4)  # exactly the rounded activations
+    # they do round: ~0.5% from the float product, more around the outlier (its block shares its large step)
+    assert 1e-4 < (got - readable).norm() / readable.norm() < 0.05
+
+
+@needs_compiled
+def test_int8_decode_keeps_the_stored_tensors_and_rebuilds_after_a_move_or_a_load():
+    layer = int4_layer(64, 128, 32, "asymmetric", True)
+    fast = kernels.PackedQuantLinear.from_linear(nn.Linear(128, 64), 4, 32, scheme="asymmetric")
+    fast.load_state_dict(layer.state_dict())
+    fast.int8_decode = True
+    x = torch.randn(1, 128)
+    fast(x)
+    assert fast.compiled and fast.kernel_holds == () and fast.kernel_tensors[0] is fast.qweight
+    assert fast.resident_bytes() == fast.stored_bytes()  # no second layout
+    assert all(torch.equal(a, b) for a, b in zip(fast.state_dict().values(), layer.state_dict().values()))
+    other = int4_layer(64, 128, 32, "asymmetric", True, seed=5)
+    fast.load_state_dict(other.state_dict())  # the new weight, not the old one
+    assert not fast.compiled
+    torch.testing.assert_close(fast(x), other(rounded(x)), rtol=1e-5, atol=1e-4)
+    fast.to(torch.float32)
+    assert not fast.compiled
+    torch.testing.assert_close(fast(x), other(rounded(x)), rtol=1e-5, atol=1e-4)
+
+
+@needs_compiled
+def test_enable_with_int8_activations_decodes_through_the_compiled_kernels(monkeypatch):
+    model, readable = int4_tiny_imp(), int4_tiny_imp()  # int4 layers, and the int8 lm_head
+    calls = []
+    for name in ("int4_matmul_compiled", "int8_matmul_compiled"):
+        compiled = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, f=compiled, n=name, **k: calls.append(n) or f(*a, **k))
+    monkeypatch.setattr(kernels, "int8_products_are_native", lambda: False)  # a CPU without VNNI: decode only
+    flags = kernels.cpu_flags() - {"avx512f"}  # a CPU without AVX-512
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: flags)
+    said = kernels.enable(model, int8_activations=True)
+    layers = [m for m in model.modules() if isinstance(m, kernels.PackedQuantLinear)]
+    assert {m.bits for m in layers} == {4, 8}
+    assert f"int8 activations in {len(layers)} layers decoding through kernels.c" in said
+    assert all(m.compiled and m.int8_decode and not m.int8_activations for m in layers)
+    assert not any(m.__dict__.get("fused_qkv") for m in model.modules())  # q, k, v read from qweight, unfused
+    ids, pixels = prompt(model)
+    with torch.inference_mode():
+        got, want = model(ids, pixels), readable(ids, pixels)  # 14 rows: all through the compiled kernels
+    assert sorted(calls) == sorted(f"int{m.bits}_matmul_compiled" for m in layers)
+    assert 1e-4 < (got - want).norm() / want.norm() < 0.05
+    # switched off again: torch's kernels, from the same stored tensors
+    assert kernels.set_int8_activations(model, False) == 0
+    calls.clear()
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids, pixels), want, rtol=0.02, atol=0.02)  # bfloat16 activations
+    assert not calls and not any(m.compiled or m.int8_decode for m in layers)
+
+
+@needs_compiled
+@pytest.mark.parametrize("rows", [1, 5])
+def test_int8_decode_of_int8_is_the_readable_product_of_the_rounded_activations(rows):
+    generator = torch.Generator().manual_seed(0)
+    layer = quant.QuantLinear.from_linear(nn.Linear(96, 40), 8)
+    with torch.no_grad():
+        layer.load_quantized(torch.randn(40, 96, generator=generator) * 0.08)
+        layer.bias.normal_(0, 0.5, generator=generator)
+        layer.qweight[0, :3] = torch.tensor([-127, 127, -127], dtype=torch.int8)  # the extremes, beside big x
+    x = torch.randn(1, rows, 96, generator=generator) * 2
+    x[..., 0] = 40.0
+    fast = kernels.PackedQuantLinear.from_linear(nn.Linear(96, 40), 8)
+    fast.load_state_dict(layer.state_dict())
+    fast.int8_decode = True
+    got = fast(x)
+    assert fast.compiled and fast.kernel_tensors[0] is fast.qweight
+    torch.testing.assert_close(got, layer(rounded(x)), rtol=1e-5, atol=1e-4)
+    assert 1e-4 < (got - layer(x)).norm() / layer(x).norm() < 0.05
+    odd = kernels.PackedQuantLinear.from_linear(nn.Linear(80, 16), 8)  # 80 columns: not whole blocks of 32
+    kernels.set_int8_activations(odd, True)
+    assert not odd.int8_decode
+
+
+@needs_compiled
+@pytest.mark.parametrize("avx512", [False, True])
+def test_int8_decode_is_chosen_by_capability(monkeypatch, avx512):
+    flags = kernels.cpu_flags() | {"avx512f"} if avx512 else kernels.cpu_flags() - {"avx512f"}
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: flags)
+    model = int4_tiny_imp()
+    kernels.enable(model, int8_activations=True)
+    layers = [m for m in model.modules() if isinstance(m, kernels.PackedQuantLinear)]
+    # with AVX-512, torch's kernels read the weights near the memory's speed: kept
+    assert all(m.int8_decode == m.compiled == (not avx512) for m in layers)
+    plain = int4_tiny_imp()
+    kernels.enable(plain)  # without int8 activations: torch's kernels everywhere
+    assert not any(m.compiled or m.int8_decode for m in plain.modules() if isinstance(m, kernels.PackedQuantLinear))
+
+
+def test_no_compiler_or_a_failed_compile_means_no_compiled_kernel(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOIMP_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    assert kernels.compiled_kernels.__wrapped__() is None
+    failing = tmp_path / "failing-cc"
+    # a compiler that writes half a library (the file after -o), then fails
+    failing.write_text('#!/bin/sh\nwhile [ "$1" != "-o" ]; do shift; done\necho half > "$2"\nexit 1\n')
+    failing.chmod(0o755)
+    monkeypatch.setenv("CC", str(failing))
+    assert kernels.compiled_kernels.__wrapped__() is None
+    assert [p.name for p in tmp_path.iterdir()] == ["failing-cc"]  # nothing half-written left in the cache
+    monkeypatch.setenv("NANOIMP_COMPILE", "0")
+    monkeypatch.delenv("CC")
+    assert kernels.compiled_kernels.__wrapped__() is None
+
+
+@needs_compiled
+def test_a_compiled_kernel_with_wrong_numbers_is_not_used(tmp_path, monkeypatch):
+    source = open(kernels.COMPILED_SOURCE).read()
+    broken = source.replace("- 8.0f * s", "- 7.0f * s").replace("set1_ps(8.0f)", "set1_ps(7.0f)")  # wrong offsets
+    assert broken.count("(7.0f)") + broken.count("- 7.0f") == 2
+    (tmp_path / "kernels.c").write_text(broken)
+    monkeypatch.setattr(kernels, "COMPILED_SOURCE", str(tmp_path / "kernels.c"))
+    monkeypatch.setenv("NANOIMP_CACHE", str(tmp_path / "cache"))
+    assert kernels.compiled_kernels.__wrapped__() is None
+    monkeypatch.setattr(kernels, "COMPILED_SOURCE", str(tmp_path / "kernels.c"))
+    (tmp_path / "kernels.c").write_text(source)  # the right source: compiled (a new hash) and used
+    assert kernels.compiled_kernels.__wrapped__() is not None
+    assert len(list((tmp_path / "cache").iterdir())) == 2

@@ -13,6 +13,12 @@ from safetensors.torch import load_file, save_file
 import kernels
 import quant
 
+@pytest.fixture(autouse=True)
+def use_torch_int4_kernel(torch_int4_kernel):
+    """Here the packed path is torch's kernels and the layouts kept for them; kernels.c is tested in
+    tests/test_kernels.py."""
+
+
 needs_kernels = pytest.mark.skipif(not all(kernels.packed_kernels_available().values()),
                                    reason="torch's packed int8/int4 CPU kernels are not available here")
 
