@@ -21,8 +21,8 @@ whole model ever exists. Every row runs with the fast layer on (kernels.enable),
 the high-water mark of the query itself (reset after building). int8 / int4 rows keep their KV cache in float16
 when they compute in float32 (--cache-dtype; imp.KVCache). The opt-in rows int8+a8 / int4+a8 are the same models
 with int8 activations as infer.py --int8-activations runs them: inputs of more than kernels.FAST_PATH_MAX_ROWS rows
-(prefill, vision tower) as int8 x int8 GEMMs on CPUs with int8 dot-product instructions (VNNI, AMX), and int4
-decode through the compiled int4 x int8 kernel (kernels_int4.c) where it compiled.
+(prefill, vision tower) as int8 x int8 GEMMs on CPUs with int8 dot-product instructions (VNNI, AMX), and decode
+through kernels.c's int4 / int8 x int8 products on x86 CPUs without AVX-512, where it compiled.
 
 Decode is memory-bound: every new token reads all Linear weights of the language model (lm_head included, the
 embedding not; quantized ones in the packed kernel's layout, which is what it reads) plus the KV cache. A stream

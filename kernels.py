@@ -658,7 +658,6 @@ class PackedQuantLinear(quant.QuantLinear):
     kernel_holds = ()      # the buffers whose only copy is in kernel_tensors (dropped from _buffers)
     int8_activations = False  # the opt-in W8A8 path for large inputs (set_int8_activations)
     int8_decode = False       # decode with int8 activations, by kernels.c (set_int8_activations)
-    compiled = False          # ... and kernels.c is ready: it reads qweight and scales, no kernel layout
 
     def forward(self, x):  # x: (..., K) -> (..., N)
         rows = x.numel() // self.in_features
@@ -734,10 +733,10 @@ class PackedQuantLinear(quant.QuantLinear):
             buffers.update(self._buffers)  # anything else (check_buffers names it) after them
             self._buffers.clear()
             self._buffers.update(buffers)
-        self.kernel_tensors, self.kernel_layout, self.kernel_holds, self.compiled = None, None, (), False
+        self.kernel_tensors, self.kernel_layout, self.kernel_holds = None, None, ()
 
     def load_quantized(self, weight):
-        self.kernel_tensors, self.kernel_layout, self.kernel_holds, self.compiled = None, None, (), False  # old
+        self.kernel_tensors, self.kernel_layout, self.kernel_holds = None, None, ()  # built from the old weight
         super().load_quantized(weight)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -786,7 +785,7 @@ class PackedQuantLinear(quant.QuantLinear):
         scales = self.kernel_tensors[1] if "scales" in self.kernel_holds else self.scales
         if scales.device.type != "cpu":
             return False
-        if self.compiled or (self.int8_decode and self.kernel_tensors is None and compiled_kernels() is not None):
+        if self.int8_decode and compiled_kernels() is not None:
             return True
         return (packed_kernels_available()[self.bits]
                 and self.in_features % 16 == 0 and (self.bits == 8 or self.out_features % 16 == 0))
@@ -805,7 +804,6 @@ class PackedQuantLinear(quant.QuantLinear):
             for name in self.expected_buffers():
                 self._buffers[name] = self._buffers[name].contiguous()
             self.kernel_tensors = tuple(self._buffers[name] for name in self.expected_buffers())  # what it reads
-            self.compiled = True
             return self.kernel_tensors
         if self.bits == 8:  # scales must have the activations' dtype
             self.qweight = aligned(self.qweight)  # same values, so the stored format is unchanged
@@ -835,9 +833,11 @@ class PackedQuantLinear(quant.QuantLinear):
     def forward_fast(self, x):  # only where fast_path_supported(); forward() checks
         # A decode step calls this ~190 times for Imp-3B, so every operation counts (~5 us each): no pad that pads
         # nothing, and the bias add also casts the output back (bfloat16 + float32 -> float32), in one operation.
-        weight, scales = self.kernel_tensors[:2] if self.kernel_tensors else self.prepare_fast_path()[:2]  # built once
-        if self.compiled:
+        if self.kernel_tensors is None:
+            self.prepare_fast_path()  # built once, then reused
+        if self.int8_decode:  # (prepare_fast_path made the kernel tensors kernels.c's)
             return self.forward_compiled(x)
+        weight, scales = self.kernel_tensors
         x2d = aligned(x.reshape(-1, self.in_features).to(KERNEL_DTYPE))  # (M, K): the kernels take 2-D inputs only
         if self.bits == 8:
             y = torch._weight_int8pack_mm(x2d, weight, scales)
@@ -854,6 +854,11 @@ class PackedQuantLinear(quant.QuantLinear):
             return torch.add(y, bias)  # type promotion: bfloat16 + float32 sums in (and returns) float32
         y = y.to(x.dtype)
         return y if bias is None else y + bias.to(x.dtype)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether decode reads the stored buffers through kernels.c (no kernel layout)."""
+        return self.int8_decode and self.kernel_tensors is not None
 
     def forward_compiled(self, x):  # kernels.c, from the stored buffers; float32 sums, in x's dtype
         if self.bits == 4:

@@ -38,7 +38,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture
 def torch_int4_kernel(monkeypatch):
-    """int4 decode through torch's packed kernel, not kernels.c (which kernels.py uses where it compiles):
-    for the tests of torch's kernel and of the layouts kernels.py keeps for it."""
+    """No kernels.c: decode through torch's packed kernels even with int8 activations, over torch's attention;
+    for the tests of torch's kernels and of the layouts kernels.py keeps for them."""
     import kernels
     monkeypatch.setattr(kernels, "compiled_kernels", lambda: None)
