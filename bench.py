@@ -56,8 +56,8 @@ import quant
 
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PRECISIONS = ("float32", "bfloat16", "int8", "int4")
-# Opt-in rows: the same int8 / int4 model with int8 activations for prefill and the vision tower (kernels.py:
-# int8 x int8 GEMMs on VNNI; decode is unchanged). Not in the default list: they change the
+# Opt-in rows: the same int8 / int4 model with int8 activations (kernels.py: int8 x int8 GEMMs for prefill and the
+# vision tower on VNNI / AMX; decode through kernels.c on x86 without AVX-512). Not in the default list: they change the
 # numbers a little, and a full-size row takes minutes.
 A8_PRECISIONS = ("int8+a8", "int4+a8")
 TEXT_TOKENS = 41       # the paper's prompt: 41 text tokens around one <image> (729 image tokens at 384 px)

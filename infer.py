@@ -87,7 +87,8 @@ def parse_arguments(argv):
     parser.add_argument("--int8-activations", action="store_true", help="with a quantized model (--quant or a "
                         "quantized folder): round activations to int8 for integer products, numbers move by ~1%% "
                         "(kernels.set_int8_activations): decode through kernels.c on x86 CPUs without AVX-512 where a C "
-                        "compiler exists (~1.7x faster there); prefill and the vision tower on CPUs with int8 "
+                        "compiler exists (which decodes with 16-bit activations without it: a few %% faster); "
+                        "prefill and the vision tower on CPUs with int8 "
                         "dot-product instructions, VNNI or AMX (~2-3x); where neither applies, left off with a note")
     parser.add_argument("--kv-cache", choices=("auto", *DTYPES), default="auto", help="dtype of the attention "
                         "cache (default auto: float16 for a quantized model computing in float32, which halves the "

@@ -8,15 +8,16 @@ it never changes the meaning of. A program switches it on with one call:
 Without that call everything works, the readable way, slower. What enable() does, each chosen by a capability
 check made once, and each pinned to the readable path by a test (tests/test_kernels.py, tests/test_quant.py):
   0. On x86 CPUs with AVX2, where a C compiler exists, it compiles kernels.c once (a cache folder) and checks it:
-     three decode kernels torch lacks there. Without a compiler, everything below still works, with torch's.
+     decode kernels torch lacks there. Without a compiler, everything below still works, with torch's.
   1. Phi-2's MLP computes its GELU in place when autograd is off (one (T, 10240) tensor fewer at prefill), and
      decode attention over a 16-bit KV cache (every decoder) multiplies in float32: kernels.c reading the cache as
      it is, else written out in torch (both faster than the fused kernel).
   2. On CPUs without native bfloat16, a bfloat16 decode step multiplies each weight by its single row with
      torch.addmv (matrix x vector), which reads the weight faster than F.linear's general product there.
-  3. QuantLinear layers become PackedQuantLinear. Decode (up to FAST_PATH_MAX_ROWS rows): torch's packed int8 /
-     int4 kernels, the weight held once in the kernel's own layout, an int4 attention layer's q, k, v as one
-     product; with int8_activations, on CPUs without AVX-512, kernels.c's integer products instead. Large inputs:
+  3. QuantLinear layers become PackedQuantLinear. Decode (up to FAST_PATH_MAX_ROWS rows): on CPUs without AVX-512,
+     kernels.c's integer products (16-bit activations; int8 ones with int8_activations), reading the stored
+     tensors; elsewhere torch's packed int8 / int4 kernels, the weight held once in the kernel's own layout, an
+     int4 attention layer's q, k, v as one product. Large inputs:
      dequantized a slice of rows at a time into reused scratch memory, or with int8_activations int8 x int8
      products (W8A8) on CPUs with int8 dot-product instructions.
 Measurements behind these choices are in docs/benchmarks.md and docs/quantization.md.
@@ -71,6 +72,7 @@ def enable(model: nn.Module, int8_activations: bool | str = False) -> str:
         if not isinstance(layer, PackedQuantLinear):
             layer.__class__ = PackedQuantLinear
     large_inputs = int8_products_are_native() or int8_activations == "always"
+    choose_decode_kernels(packed, int8_activations=False)
     count = set_int8_activations(model, True, large_inputs) if int8_activations else 0
     for layer in packed:
         if layer.fast_path_supported():
@@ -83,6 +85,9 @@ def enable(model: nn.Module, int8_activations: bool | str = False) -> str:
         said.append(f"packed int{'/int'.join(map(str, kinds))} kernels" if kinds else "no packed kernels here")
         if fused:
             said.append(f"q, k, v in one product in {fused} layers")
+        sixteen = sum(1 for layer in packed if layer.int16_decode)
+        if sixteen:
+            said.append(f"{sixteen} layers decoding through kernels.c (16-bit activations)")
     if int8_activations:
         said.append(int8_activations_said(packed, count, large_inputs))
     return ", ".join(said) or "nothing to speed up"
@@ -163,9 +168,13 @@ def compiled_kernels():
         library = ctypes.CDLL(compile_kernels())
         pointer, integer = ctypes.c_void_p, ctypes.c_int
         library.int4_matmul.argtypes = [pointer] * 3 + [integer] * 2 + [pointer] + [integer] * 2 + [pointer, integer]
+        library.int4_matmul16.argtypes = library.int4_matmul.argtypes
         library.attend_one_row.argtypes = [pointer] * 4 + [integer] * 5 + [ctypes.c_int64] * 2 + [integer, ctypes.c_float]
         library.int8_matmul.argtypes = [pointer, pointer, integer, pointer, integer, pointer, integer]
-        library.int4_matmul.restype = library.int8_matmul.restype = library.attend_one_row.restype = integer
+        library.int8_matmul16.argtypes = library.int8_matmul.argtypes
+        for kernel in (library.int4_matmul, library.int4_matmul16, library.int8_matmul, library.int8_matmul16,
+                       library.attend_one_row):
+            kernel.restype = integer
         return library if compiled_kernels_agree(library) else None
     except (OSError, subprocess.SubprocessError, AttributeError):  # no compiler, a failed compile, a bad library
         return None
@@ -173,8 +182,9 @@ def compiled_kernels():
 
 def compiled_kernels_agree(library) -> bool:
     """Whether the kernels match the readable path on small random inputs: int4_matmul and int8_matmul
-    quant.QuantLinear's product within the activations' rounding (~0.5%; both int4 schemes, groups of 32 and of 64
-    with padding, an odd number of blocks, five rows: a tile of 4 and one more), and
+    quant.QuantLinear's product within the activations' rounding (~0.5%), int4_matmul16 within 1e-4 (both int4
+    schemes, groups of 32 and of 64 with padding, an odd number of blocks; one row, a decode step, and five: a tile
+    of 4 and one more), and
     attend_one_row attend_one_row_in_torch within float32 rounding (both 16-bit dtypes, grouped heads, a cache
     preallocated longer than the keys)."""
     generator = torch.Generator().manual_seed(0)
@@ -183,16 +193,19 @@ def compiled_kernels_agree(library) -> bool:
         layer = quant.QuantLinear.from_linear(nn.Linear(288, 48, bias=False), 4, group_size, scheme=scheme)
         with torch.no_grad():
             layer.load_quantized(torch.randn(48, 288, generator=generator))
-        want = layer(x)
-        got = int4_matmul_compiled(x, layer.qweight, layer.scales, layer._buffers.get("zeros"), group_size, library)
-        if not (got - want).norm() < 2e-2 * want.norm():
-            return False
+        for rows, bits, tolerance in ((5, 8, 2e-2), (1, 8, 2e-2), (5, 16, 1e-4), (1, 16, 1e-4)):
+            want = layer(x[:rows])
+            got = int4_matmul_compiled(x[:rows], layer.qweight, layer.scales, layer._buffers.get("zeros"),
+                                       group_size, library, bits)
+            if not (got - want).norm() < tolerance * want.norm():
+                return False
     layer = quant.QuantLinear.from_linear(nn.Linear(288, 48, bias=False), 8)
     with torch.no_grad():
         layer.load_quantized(torch.randn(48, 288, generator=generator))
-    got, want = int8_matmul_compiled(x, layer.qweight, layer.scales, library), layer(x)
-    if not (got - want).norm() < 2e-2 * want.norm():
-        return False
+    for rows, bits, tolerance in ((5, 8, 2e-2), (1, 8, 2e-2), (5, 16, 1e-4), (1, 16, 1e-4)):
+        got, want = int8_matmul_compiled(x[:rows], layer.qweight, layer.scales, library, bits), layer(x[:rows])
+        if not (got - want).norm() < tolerance * want.norm():
+            return False
     for dtype in (torch.float16, torch.bfloat16):
         q = torch.randn(1, 4, 1, 16, generator=generator)
         k, v = (torch.randn(1, 2, 40, 16, generator=generator).to(dtype)[:, :, :37] for _ in range(2))
@@ -556,17 +569,26 @@ def set_int8_activations(model: nn.Module, enabled: bool = True, large_inputs: b
         if not isinstance(layer, PackedQuantLinear):
             layer.__class__ = PackedQuantLinear
         layer.int8_activations = enabled and large_inputs
-    for layer in layers:
-        decode = enabled and compiled_products_pay() and (layer.bits == 4 or layer.in_features % BLOCK == 0)
-        if decode != layer.int8_decode:
-            layer.release_kernel_tensors()  # the other decode kernel reads another layout: built again when used
-            layer.int8_decode = decode
+    choose_decode_kernels(layers, int8_activations=enabled)
     for module in model.modules():  # a fused q/k/v whose layers gave their kernel layout up
         fused = module.__dict__.get("fused_qkv")
         if fused is not None and not fused.valid():
             del module.__dict__["fused_qkv"]
     large = int8_matmul_available() and large_inputs
     return sum(1 for layer in layers if enabled and (large or layer.int8_decode))
+
+
+def choose_decode_kernels(layers, int8_activations: bool):
+    """Which kernel decodes each PackedQuantLinear: where kernels.c's products pay, it does, with 16-bit
+    activations, or with int8 ones when int8_activations (int8 layers: where K is a multiple of 32); elsewhere
+    torch's packed kernels (bfloat16 activations)."""
+    pay = compiled_products_pay()
+    for layer in layers:
+        int8 = int8_activations and pay and (layer.bits == 4 or layer.in_features % BLOCK == 0)
+        int16 = pay and (layer.bits == 4 or layer.in_features % BLOCK == 0) and not int8
+        if (int8, int16) != (layer.int8_decode, layer.int16_decode):
+            layer.release_kernel_tensors()  # the other decode kernel reads another layout: built again when used
+            layer.int8_decode, layer.int16_decode = int8, int16
 
 
 def quantize_activations(x2d):
@@ -598,46 +620,50 @@ def rescale_int32_(acc, row_scale, channel_scale, bias, out):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 3d. int8 activations for decode (W4A8, W8A8), by kernels.c, on x86 CPUs without AVX-512.
+# 3d. Decode by kernels.c's integer products, on x86 CPUs without AVX-512.
 #
 # There torch's int4 and int8 kernels run their AVX2 code, bound by arithmetic rather than by memory: they convert
-# every weight to a float and multiply it by a bfloat16 activation. torch has no int4 x int8 product for x86.
-# kernels.c rounds the activations to int8 per block of 32 and multiplies the codes by them as integers, 32 to an
-# instruction, the way llama.cpp's Q4_0 / Q8_0 x Q8_0 products do, reading our formats as stored (qweight and the
-# float16 scales: no second layout). A decode step goes through it with --int8-activations; large inputs (prefill,
-# vision) keep the paths above.
+# every weight to a float and multiply it by a bfloat16 activation. kernels.c rounds the activations to integers
+# per block of 32 and multiplies the codes by them as integers, reading our formats as stored (qweight and the
+# float16 scales: no second layout, so less memory than torch's). By default to 16 bits (~1e-5 from the float
+# product, closer than torch's bfloat16 activations), with --int8-activations to 8 bits (~0.5%, 32 products to an
+# instruction, the way llama.cpp's Q4_0 / Q8_0 x Q8_0 products do). Large inputs (prefill, vision) keep the paths
+# above.
 
-BLOCK = 32  # activations per int8 step in kernels.c (llama.cpp's Q8_0 block): 16 bytes of int4 codes
+BLOCK = 32  # activations per rounding step in kernels.c (llama.cpp's Q8_0 block): 16 bytes of int4 codes
 
 
 def compiled_products_pay() -> bool:
-    """Whether kernels.c's int4 / int8 products (int8 activations) beat torch's kernels here: where it compiled and
-    the CPU has no AVX-512. There torch's packed kernels run their AVX2 code, bound by arithmetic (docs/benchmarks.md);
-    with AVX-512 they read the weights near the memory's speed (measured on a Zen 5), and are kept."""
+    """Whether kernels.c's int4 / int8 products beat torch's kernels here: where it compiled and the CPU has no
+    AVX-512. There torch's packed kernels run their AVX2 code, bound by arithmetic (docs/benchmarks.md); with
+    AVX-512 they read the weights near the memory's speed (measured on a Zen 5), and are kept."""
     return compiled_kernels() is not None and "avx512f" not in cpu_flags()
 
 
-def int4_matmul_compiled(x, qweight, scales, zeros, group_size, library=None):
+def int4_matmul_compiled(x, qweight, scales, zeros, group_size, library=None, activation_bits=8):
     """x (..., K) times the int4 weight stored as qweight [N, Kp/2], scales (and zeros) [N, Kp/G] float16, the
-    activations rounded to int8 per block of 32 -> (..., N) float32, by kernels.c."""
+    activations rounded to int8 (activation_bits 8) or int16 (16) per block of 32 -> (..., N) float32, by
+    kernels.c."""
     library = library or compiled_kernels()
     out_features, padded = qweight.shape[0], qweight.shape[1] * 2
     x2d = x.reshape(-1, x.shape[-1]).float().contiguous()  # [M, K]: the kernel lays it out itself
     y = torch.empty(x2d.shape[0], out_features, dtype=torch.float32)
-    if library.int4_matmul(qweight.data_ptr(), scales.data_ptr(), None if zeros is None else zeros.data_ptr(),
-                           padded // BLOCK, (group_size // BLOCK).bit_length() - 1, x2d.data_ptr(), x2d.shape[1],
-                           x2d.shape[0], y.data_ptr(), out_features):
+    product = library.int4_matmul if activation_bits == 8 else library.int4_matmul16
+    if product(qweight.data_ptr(), scales.data_ptr(), None if zeros is None else zeros.data_ptr(),
+               padded // BLOCK, (group_size // BLOCK).bit_length() - 1, x2d.data_ptr(), x2d.shape[1],
+               x2d.shape[0], y.data_ptr(), out_features):
         raise MemoryError("kernels.c: no memory for the rounded activations")
     return y.view(*x.shape[:-1], out_features)
 
 
-def int8_matmul_compiled(x, qweight, scales, library=None):
+def int8_matmul_compiled(x, qweight, scales, library=None, activation_bits=8):
     """x (..., K) times the int8 weight qweight [N, K] (K a multiple of 32), scales [N] float16, the activations
-    rounded to int8 per block of 32 -> (..., N) float32, by kernels.c."""
+    rounded to int8 (activation_bits 8) or int16 (16) per block of 32 -> (..., N) float32, by kernels.c."""
     library = library or compiled_kernels()
     x2d = x.reshape(-1, x.shape[-1]).float().contiguous()
     y = torch.empty(x2d.shape[0], qweight.shape[0], dtype=torch.float32)
-    if library.int8_matmul(qweight.data_ptr(), scales.data_ptr(), x2d.shape[1] // BLOCK, x2d.data_ptr(), x2d.shape[0],
+    product = library.int8_matmul if activation_bits == 8 else library.int8_matmul16
+    if product(qweight.data_ptr(), scales.data_ptr(), x2d.shape[1] // BLOCK, x2d.data_ptr(), x2d.shape[0],
                            y.data_ptr(), qweight.shape[0]):
         raise MemoryError("kernels.c: no memory for the rounded activations")
     return y.view(*x.shape[:-1], qweight.shape[0])
@@ -649,15 +675,17 @@ def int8_matmul_compiled(x, qweight, scales, library=None):
 
 
 class PackedQuantLinear(quant.QuantLinear):
-    """Decode (<= FAST_PATH_MAX_ROWS rows) through the packed kernels; larger inputs dequantized a slice of rows at
-    a time into scratch memory (or with int8 activations); the int4 codes and scales held once, in the kernel's
-    layout, when that layout is verified to give them back exactly."""
+    """Decode (<= FAST_PATH_MAX_ROWS rows) through kernels.c's products (reading the stored tensors) or torch's
+    packed kernels; larger inputs dequantized a slice of rows at a time into scratch memory (or with int8
+    activations). For torch's int4 kernel the codes and scales are held once, in its layout, when that layout is
+    verified to give them back exactly."""
 
     kernel_tensors = None  # the packed kernels' private layout, built by prepare_fast_path, never saved
     kernel_layout = None   # an INT4_KERNEL_LAYOUTS name when the codes live only in kernel_tensors[0]
     kernel_holds = ()      # the buffers whose only copy is in kernel_tensors (dropped from _buffers)
     int8_activations = False  # the opt-in W8A8 path for large inputs (set_int8_activations)
     int8_decode = False       # decode with int8 activations, by kernels.c (set_int8_activations)
+    int16_decode = False      # decode with 16-bit activations, by kernels.c (choose_decode_kernels)
 
     def forward(self, x):  # x: (..., K) -> (..., N)
         rows = x.numel() // self.in_features
@@ -785,7 +813,7 @@ class PackedQuantLinear(quant.QuantLinear):
         scales = self.kernel_tensors[1] if "scales" in self.kernel_holds else self.scales
         if scales.device.type != "cpu":
             return False
-        if self.int8_decode and compiled_kernels() is not None:
+        if (self.int8_decode or self.int16_decode) and compiled_kernels() is not None:
             return True
         return (packed_kernels_available()[self.bits]
                 and self.in_features % 16 == 0 and (self.bits == 8 or self.out_features % 16 == 0))
@@ -800,7 +828,8 @@ class PackedQuantLinear(quant.QuantLinear):
         whose scales bfloat16 does not hold (an older quant.py) keeps them beside the pairs."""
         if self.kernel_tensors is not None:
             return self.kernel_tensors
-        if self.int8_decode and compiled_kernels() is not None:  # kernels.c reads the stored buffers as they are
+        if (self.int8_decode or self.int16_decode) and compiled_kernels() is not None:  # kernels.c reads the
+            # stored buffers as they are
             for name in self.expected_buffers():
                 self._buffers[name] = self._buffers[name].contiguous()
             self.kernel_tensors = tuple(self._buffers[name] for name in self.expected_buffers())  # what it reads
@@ -835,7 +864,7 @@ class PackedQuantLinear(quant.QuantLinear):
         # nothing, and the bias add also casts the output back (bfloat16 + float32 -> float32), in one operation.
         if self.kernel_tensors is None:
             self.prepare_fast_path()  # built once, then reused
-        if self.int8_decode:  # (prepare_fast_path made the kernel tensors kernels.c's)
+        if self.int8_decode or self.int16_decode:  # (prepare_fast_path made the kernel tensors kernels.c's)
             return self.forward_compiled(x)
         weight, scales = self.kernel_tensors
         x2d = aligned(x.reshape(-1, self.in_features).to(KERNEL_DTYPE))  # (M, K): the kernels take 2-D inputs only
@@ -858,13 +887,14 @@ class PackedQuantLinear(quant.QuantLinear):
     @property
     def compiled(self) -> bool:
         """Whether decode reads the stored buffers through kernels.c (no kernel layout)."""
-        return self.int8_decode and self.kernel_tensors is not None
+        return (self.int8_decode or self.int16_decode) and self.kernel_tensors is not None
 
     def forward_compiled(self, x):  # kernels.c, from the stored buffers; float32 sums, in x's dtype
         if self.bits == 4:
-            y = int4_matmul_compiled(x, self.qweight, self.scales, self._buffers.get("zeros"), self.group_size)
+            y = int4_matmul_compiled(x, self.qweight, self.scales, self._buffers.get("zeros"), self.group_size,
+                                     activation_bits=8 if self.int8_decode else 16)
         else:
-            y = int8_matmul_compiled(x, self.qweight, self.scales)
+            y = int8_matmul_compiled(x, self.qweight, self.scales, activation_bits=8 if self.int8_decode else 16)
         bias = self._parameters.get("bias")
         return (y if bias is None else y.add_(bias)).to(x.dtype)
 

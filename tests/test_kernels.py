@@ -233,11 +233,12 @@ def int4_layer(out_features, in_features, group_size, scheme, bias, seed=0):
     return layer
 
 
-def rounded(x):
-    """x as kernels.c rounds it: each block of 32 columns to step * q, step = the block's max |x| / 127."""
+def rounded(x, limit=127):
+    """x as kernels.c rounds it: each block of 32 columns to step * q, step = the block's max |x| / limit (127:
+    int8 activations, 32767: 16-bit ones)."""
     padded = F.pad(x, (0, -x.shape[-1] % 32))  # the padding columns are zeros
     blocks = padded.view(*x.shape[:-1], -1, 32)
-    step = blocks.abs().amax(-1, keepdim=True) / 127
+    step = blocks.abs().amax(-1, keepdim=True) / limit
     step[step == 0] = 1.0
     return ((blocks / step).round() * step).view_as(padded)[..., :x.shape[-1]]
 
@@ -265,6 +266,48 @@ def test_int8_decode_of_int4_is_the_readable_product_of_the_rounded_activations(
     torch.testing.assert_close(got, layer(rounded(x)), rtol=1e-5, atol=1e-4)  # exactly the rounded activations
     # they do round: ~0.5% from the float product, more around the outlier (its block shares its large step)
     assert 1e-4 < (got - readable).norm() / readable.norm() < 0.05
+
+
+@needs_compiled
+@pytest.mark.parametrize("out_features, in_features, group_size, scheme", [
+    (48, 288, 32, "symmetric"), (24, 200, 64, "asymmetric"),  # 9 blocks: the last of a pair alone; padding
+    (40, 384, 128, "symmetric"), (17, 96, 32, "asymmetric")])
+@pytest.mark.parametrize("rows", [1, 3, 6])
+def test_16_bit_decode_of_int4_is_the_readable_product_within_its_rounding(out_features, in_features, group_size,
+                                                                          scheme, rows):
+    layer = int4_layer(out_features, in_features, group_size, scheme, bias=True)
+    x = torch.randn(1, rows, in_features) * 2
+    x[..., :32] = 0.0  # an all-zero block
+    x[..., 40] = 30.0  # an outlier
+    fast = kernels.PackedQuantLinear.from_linear(nn.Linear(in_features, out_features), 4, group_size, scheme=scheme)
+    fast.load_state_dict(layer.state_dict())
+    fast.int16_decode = True
+    got = fast(x)
+    assert fast.compiled and not fast.int8_decode
+    torch.testing.assert_close(got, layer(rounded(x, 32767)), rtol=1e-5, atol=1e-5)  # the rounded activations
+    readable = layer(x)
+    # 16 bits per block: ~1e-5 from the float product (bfloat16 activations, torch's kernel: ~3e-3)
+    assert (got - readable).norm() / readable.norm() < 1e-4
+
+
+@needs_compiled
+@pytest.mark.parametrize("rows", [1, 5])
+def test_16_bit_decode_of_int8_is_the_readable_product_within_its_rounding(rows):
+    generator = torch.Generator().manual_seed(0)
+    layer = quant.QuantLinear.from_linear(nn.Linear(96, 40), 8)
+    with torch.no_grad():
+        layer.load_quantized(torch.randn(40, 96, generator=generator) * 0.08)
+        layer.bias.normal_(0, 0.5, generator=generator)
+        layer.qweight[0, :3] = torch.tensor([-127, 127, -127], dtype=torch.int8)  # the extremes, beside big x
+    x = torch.randn(1, rows, 96, generator=generator) * 2
+    x[..., 0] = 40.0
+    fast = kernels.PackedQuantLinear.from_linear(nn.Linear(96, 40), 8)
+    fast.load_state_dict(layer.state_dict())
+    fast.int16_decode = True
+    got = fast(x)
+    assert fast.compiled and fast.kernel_tensors[0] is fast.qweight
+    torch.testing.assert_close(got, layer(rounded(x, 32767)), rtol=1e-5, atol=1e-5)
+    assert (got - layer(x)).norm() / layer(x).norm() < 1e-4
 
 
 @needs_compiled
@@ -308,12 +351,14 @@ def test_enable_with_int8_activations_decodes_through_the_compiled_kernels(monke
         got, want = model(ids, pixels), readable(ids, pixels)  # 14 rows: all through the compiled kernels
     assert sorted(calls) == sorted(f"int{m.bits}_matmul_compiled" for m in layers)
     assert 1e-4 < (got - want).norm() / want.norm() < 0.05
-    # switched off again: torch's kernels, from the same stored tensors
+    # switched off again: kernels.c with 16-bit activations, from the same stored tensors
     assert kernels.set_int8_activations(model, False) == 0
     calls.clear()
     with torch.inference_mode():
-        torch.testing.assert_close(model(ids, pixels), want, rtol=0.02, atol=0.02)  # bfloat16 activations
-    assert not calls and not any(m.compiled or m.int8_decode for m in layers)
+        got = model(ids, pixels)
+    assert sorted(calls) == sorted(f"int{m.bits}_matmul_compiled" for m in layers)
+    assert all(m.compiled and m.int16_decode and not m.int8_decode for m in layers)
+    assert (got - want).norm() / want.norm() < 1e-3
 
 
 @needs_compiled
@@ -341,17 +386,18 @@ def test_int8_decode_of_int8_is_the_readable_product_of_the_rounded_activations(
 
 @needs_compiled
 @pytest.mark.parametrize("avx512", [False, True])
-def test_int8_decode_is_chosen_by_capability(monkeypatch, avx512):
+def test_compiled_decode_is_chosen_by_capability(monkeypatch, avx512):
     flags = kernels.cpu_flags() | {"avx512f"} if avx512 else kernels.cpu_flags() - {"avx512f"}
     monkeypatch.setattr(kernels, "cpu_flags", lambda: flags)
     model = int4_tiny_imp()
     kernels.enable(model, int8_activations=True)
     layers = [m for m in model.modules() if isinstance(m, kernels.PackedQuantLinear)]
     # with AVX-512, torch's kernels read the weights near the memory's speed: kept
-    assert all(m.int8_decode == m.compiled == (not avx512) for m in layers)
+    assert all(m.int8_decode == m.compiled == (not avx512) and not m.int16_decode for m in layers)
     plain = int4_tiny_imp()
-    kernels.enable(plain)  # without int8 activations: torch's kernels everywhere
-    assert not any(m.compiled or m.int8_decode for m in plain.modules() if isinstance(m, kernels.PackedQuantLinear))
+    kernels.enable(plain)  # without int8 activations: 16-bit ones, through kernels.c where it pays
+    layers = [m for m in plain.modules() if isinstance(m, kernels.PackedQuantLinear)]
+    assert all(m.int16_decode == m.compiled == (not avx512) and not m.int8_decode for m in layers)
 
 
 def test_no_compiler_or_a_failed_compile_means_no_compiled_kernel(tmp_path, monkeypatch):
