@@ -1,10 +1,9 @@
 /*
  * kernels.c: the fast layer's compiled part, for x86 CPUs with AVX2, FMA and F16C. The kernels of a decode step
  * where torch's own are slow on such CPUs (docs/benchmarks.md has the measurements):
- *   int4_matmul16   int4 weights times 16-bit integer activations: the default int4 decode
- *   int8_matmul16   int8 weights times 16-bit integer activations: the default int8 decode (an int4 model's lm_head)
- *   int4_matmul     int4 weights times int8 activations (W4A8), for --int8-activations
- *   int8_matmul     int8 weights times int8 activations (W8A8), the same for int8 layers
+ *   int4_matmul     int4 weights times 16-bit integer activations: the default int4 decode; or times int8
+ *                   activations (W4A8), for --int8-activations
+ *   int8_matmul     the same for int8 weights (an int4 model's lm_head; int8 models)
  *   attend_one_row  one query row's attention over a 16-bit KV cache, without a float32 copy of the cache
  * kernels.py compiles this file on first use where a C compiler exists, checks each kernel against the readable
  * path, and calls them through ctypes; without a compiler, nothing changes. The work of each call is shared out
@@ -25,13 +24,14 @@
  * Per block b of a group with (scale, zero), the dot product is then
  *   sum_{k in b} w_k x_k = scale * step_b * (sum_k code_k xq_k)  +  (zero - 8 scale) * step_b * (sum_k xq_k)
  * The first sum is integer arithmetic on unsigned codes (0..15); the second is the block's own, computed once per
- * row of activations (and summed per group). Each weight row is read from memory once per call (per pass, for
- * many rows), and prefetched ahead of its use.
+ * row of activations (and summed per group). Each weight row is read from memory once per call, and prefetched
+ * ahead of its use.
  */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+
 
 static inline float horizontal_sum(__m256 v) {
     __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -39,28 +39,30 @@ static inline float horizontal_sum(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)));
 }
 
-/* ---- The activations, rounded to int8 once per call, for all weight rows ---------------------------------- */
-
-/* x [M, K] float32 -> per block of 32 columns (columns past K, the padding of the int4 groups, are zeros): codes
-   q = round(x / step), step = max |x| / 127 of the block (half to even, as torch.round does), with `split` each
-   block's 16 even columns then its 16 odd ones; and each group's (2^group_shift blocks) sum of step * q. */
-typedef struct {
-    int8_t *codes;    /* [M][Kp] */
-    float *steps;     /* [M][Kp/32] */
-    float *sums;      /* [M][groups] */
-} Activations;
-
-static void free_activations(Activations *a) { free(a->codes), free(a->steps), free(a->sums); }
-
 static inline float horizontal_max(__m256 v) {
     __m128 r = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     r = _mm_max_ps(r, _mm_movehl_ps(r, r));
     return _mm_cvtss_f32(_mm_max_ss(r, _mm_movehdup_ps(r)));
 }
 
+/* ---- The activations, rounded to integers once per call, for all weight rows ------------------------------ */
+
+/* x [M, K] float32 -> per block of 32 columns (columns past K, the padding of the int4 groups, are zeros): codes
+   q = round(x / step), step = max |x| / 127 (bits 8) or / 32767 (bits 16) of the block; each block's step; and
+   each group's (2^group_shift blocks) sum of step * q. The codes of a block are laid out the way the product
+   that reads them wants (position() below); a row holds its blocks rounded up to an even number. */
+typedef struct {
+    int bits, row_length;  /* 8 or 16; codes per row: 32 per block, the blocks rounded up to pairs */
+    int8_t *codes8;        /* [M][row_length], bits 8 */
+    int16_t *codes16;      /* [M][row_length], bits 16 */
+    float *steps;          /* [M][row_length / 32] */
+    float *sums;           /* [M][groups] */
+} Activations;
+
+static void free_activations(Activations *a) { free(a->codes8), free(a->codes16), free(a->steps), free(a->sums); }
+
 /* Block b (32 columns; zeros past K) of one row of x rounded to integers: q = round(x / step), half to even
-   as torch.round does, step = max |x| / limit (127 for int8, 32767 for int16; an all-zero block: any step, 1).
-   Returns the step. */
+   as torch.round does, step = max |x| / limit (an all-zero block: any step, 1). Returns the step. */
 static inline float round_block(const float *row, int in_features, int b, float limit, int32_t q[32]) {
     float padded[32];
     const float *block = row + 32 * b;
@@ -82,48 +84,54 @@ static inline float round_block(const float *row, int in_features, int b, float 
     return step;
 }
 
-static int round_activations(Activations *a, const float *x, int rows, int in_features, int blocks, int split,
-                             int group_shift) {
-    a->codes = malloc((size_t)rows * blocks * 32), a->steps = malloc(sizeof(float) * rows * blocks);
-    a->sums = calloc((size_t)rows * (blocks >> group_shift), sizeof(float));
-    if (!a->codes || !a->steps || !a->sums) {
+/* Where column j of block b goes in its row of codes. For int8 weights, in order. For int4 weights: with int8
+   activations, each block's 16 even columns then its 16 odd ones, to meet the low and the high nibbles of the
+   block's 16 bytes (unpack_int4); with 16-bit ones, per pair of blocks p and per t = j % 4, 16 values: column
+   4i + t of block 2p (i = 0..7), then of block 2p + 1, to meet the 16-bit words of the weight (dot_int16_pair). */
+static inline int position(int bits, int for_int4, int b, int j) {
+    if (!for_int4)
+        return 32 * b + j;
+    if (bits == 8)
+        return 32 * b + (j & 1) * 16 + j / 2;
+    return 64 * (b / 2) + (b & 1) * 8 + (j & 3) * 16 + j / 4;
+}
+
+static int round_activations(Activations *a, const float *x, int rows, int in_features, int blocks, int group_shift,
+                             int bits, int for_int4) {
+    const int groups = blocks >> group_shift;
+    a->bits = bits, a->row_length = 32 * (blocks + (blocks & 1));
+    a->codes8 = bits == 8 ? calloc((size_t)rows * a->row_length, 1) : NULL;
+    a->codes16 = bits == 16 ? calloc((size_t)rows * a->row_length, sizeof(int16_t)) : NULL;
+    a->steps = calloc((size_t)rows * a->row_length / 32, sizeof(float));
+    a->sums = calloc((size_t)rows * groups, sizeof(float));
+    if (!(a->codes8 || a->codes16) || !a->steps || !a->sums) {
         free_activations(a);
         return -1;
     }
     for (int m = 0; m < rows; m++)
         for (int b = 0; b < blocks; b++) {
-            int32_t q[32];
-            float step = round_block(x + (int64_t)m * in_features, in_features, b, 127.0f, q);
-            int8_t *codes = a->codes + ((int64_t)m * blocks + b) * 32;
-            int sum = 0;
+            int32_t q[32], sum = 0;
+            float step = round_block(x + (int64_t)m * in_features, in_features, b, bits == 8 ? 127.0f : 32767.0f, q);
             for (int j = 0; j < 32; j++) {
-                codes[split ? (j & 1) * 16 + j / 2 : j] = (int8_t)q[j];
+                int64_t at = (int64_t)m * a->row_length + position(bits, for_int4, b, j);
+                if (bits == 8)
+                    a->codes8[at] = (int8_t)q[j];
+                else
+                    a->codes16[at] = (int16_t)q[j];
                 sum += q[j];
             }
-            a->steps[(int64_t)m * blocks + b] = step;
-            a->sums[(int64_t)m * (blocks >> group_shift) + (b >> group_shift)] += step * (float)sum;
+            a->steps[(int64_t)m * a->row_length / 32 + b] = step;
+            a->sums[(int64_t)m * groups + (b >> group_shift)] += step * (float)sum;
         }
     return 0;
 }
 
-/* The weights are read PREFETCH_AHEAD bytes ahead of the products (see int4_row) */
+/* ---- What every weight row needs ------------------------------------------------------------------------- */
+
+/* The weights are read PREFETCH_AHEAD bytes ahead of the products: the hardware prefetchers alone leave the loops
+   waiting for memory, reading the weight at about half the speed the memory gives a plain sum. Rows are
+   contiguous, so this runs on into the next row. */
 #define PREFETCH_AHEAD 4096
-
-/* ---- int4 weights ------------------------------------------------------------------------------------------ */
-
-/* the 32 int4 codes of one block's 16 bytes: low nibbles (even columns), then high nibbles (odd columns). The
-   rounded activations of a block are laid out to match (its 16 even columns, then its 16 odd ones): no shuffle. */
-static inline __m256i unpack_int4(const uint8_t *bytes) {
-    __m128i packed = _mm_loadu_si128((const __m128i *)bytes);
-    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0F));
-}
-
-/* 32 unsigned codes times 32 signed int8 activations: products added in pairs (vpmaddubsw; |pair sum| <= 2 * 15 *
-   127 = 3810, far from the 16-bit limit), then in fours (vpmaddwd), 8 int32 sums as float32 (exact: < 2^24) */
-static inline __m256 dot_int8(__m256i unsigned_codes, const int8_t *x) {
-    __m256i pairs = _mm256_maddubs_epi16(unsigned_codes, _mm256_loadu_si256((const __m256i *)x));
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
-}
 
 /* One weight row's scales and zero - 8 scale, float16 -> float32, 8 groups at a time */
 static inline void row_scales(const uint16_t *scale, const uint16_t *zero, int groups, float *scales, float *shifts) {
@@ -140,71 +148,17 @@ static inline void row_scales(const uint16_t *scale, const uint16_t *zero, int g
     }
 }
 
-/* Outputs of one weight row for `count` (1..4) rows of activations from row m0 on: the sum over blocks of
-   scale * step * (codes . q), plus the offset term, the sum over groups of (zero - 8 scale) * (the group's sum
-   of x). Per block the codes are unpacked once and used for each row, and each row sums in its own accumulator.
-   always_inline: called with a constant count, the loops over the rows unroll. */
-static inline __attribute__((always_inline)) void int4_tile(const uint8_t *weight, const float *scale,
-                                                            const float *shift, int blocks, int group_shift,
-                                                            const Activations *a, int64_t m0, int count, float *out) {
-    const int groups = blocks >> group_shift;
-    __m256 acc[4], offset[4];
-    for (int i = 0; i < count; i++)
-        acc[i] = offset[i] = _mm256_setzero_ps();
-    for (int b = 0; b < blocks; b++) {
-        if ((b & 3) == 0)  /* each cache line of codes once */
-            _mm_prefetch((const char *)(weight + 16 * b + PREFETCH_AHEAD), _MM_HINT_T0);
-        __m256 s = _mm256_broadcast_ss(scale + (b >> group_shift));
-        __m256i codes = unpack_int4(weight + 16 * b);
-        for (int i = 0; i < count; i++) {
-            int64_t block = (m0 + i) * blocks + b;  /* of the activations */
-            acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(s, _mm256_broadcast_ss(a->steps + block)),
-                                     dot_int8(codes, a->codes + 32 * block), acc[i]);
-        }
-    }
-    for (int i = 0; i < count; i++) {  /* the offset term, 8 groups at a time */
-        const float *sums = a->sums + (m0 + i) * groups;
-        float rest = 0.0f;
-        int g = 0;
-        for (; g + 8 <= groups; g += 8)
-            offset[i] = _mm256_fmadd_ps(_mm256_loadu_ps(shift + g), _mm256_loadu_ps(sums + g), offset[i]);
-        for (; g < groups; g++)
-            rest += shift[g] * sums[g];
-        out[i] = horizontal_sum(_mm256_add_ps(acc[i], offset[i])) + rest;
-    }
-}
-
-/* A decode step has one row of activations: each weight row's dot product then has nothing to share its
-   unpacked codes with, and the loop would wait on one accumulator's latency. So four blocks go to four
-   accumulators, and the weight is prefetched PREFETCH_AHEAD bytes ahead of the reading (rows are contiguous, so
-   this runs on into the next row): the hardware prefetchers alone leave the loop waiting for memory, reading the
-   weight at about half the speed the memory gives a plain sum. scaled_steps[b] = the scale of block b's group
-   times the block's activation step. */
-static inline float int4_row(const uint8_t *weight, const float *scaled_steps, int blocks, const int8_t *x) {
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+/* block_scale[b] = the scale of block b's group, times the block's activation step where steps is given (one
+   row of activations). The entry past the last block is 0: the missing half of an odd last pair. */
+static inline void scale_blocks(const float *scale, const float *steps, int blocks, int group_shift,
+                                float *block_scale) {
     int b = 0;
-    for (; b + 4 <= blocks; b += 4) {  /* 4 blocks: 64 bytes of codes, one cache line */
-        _mm_prefetch((const char *)(weight + 16 * b + PREFETCH_AHEAD), _MM_HINT_T0);
-        for (int i = 0; i < 4; i++)
-            acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(scaled_steps + b + i),
-                                     dot_int8(unpack_int4(weight + 16 * (b + i)), x + 32 * (b + i)), acc[i]);
-    }
-    for (; b < blocks; b++)
-        acc[0] = _mm256_fmadd_ps(_mm256_broadcast_ss(scaled_steps + b), dot_int8(unpack_int4(weight + 16 * b),
-                                                                                 x + 32 * b), acc[0]);
-    return horizontal_sum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
-}
-
-/* scaled_steps[b] = the scale of block b's group times the block's activation step; returns scaled_steps */
-static inline float *scaled_row_steps(const float *scale, const float *steps, int blocks, int group_shift,
-                                      float *scaled_steps) {
-    int b = 0;
-    if (group_shift == 0)  /* groups of 32: a scale per block */
+    if (group_shift == 0 && steps)  /* groups of 32: a scale per block */
         for (; b + 8 <= blocks; b += 8)
-            _mm256_storeu_ps(scaled_steps + b, _mm256_mul_ps(_mm256_loadu_ps(scale + b), _mm256_loadu_ps(steps + b)));
+            _mm256_storeu_ps(block_scale + b, _mm256_mul_ps(_mm256_loadu_ps(scale + b), _mm256_loadu_ps(steps + b)));
     for (; b < blocks; b++)
-        scaled_steps[b] = scale[b >> group_shift] * steps[b];
-    return scaled_steps;
+        block_scale[b] = scale[b >> group_shift] * (steps ? steps[b] : 1.0f);
+    block_scale[blocks] = 0.0f;
 }
 
 /* The offset term of one weight row: the sum over groups of (zero - 8 scale) * (the group's sum of x) */
@@ -219,98 +173,72 @@ static inline float offset_term(const float *shift, const float *sums, int group
     return horizontal_sum(offset) + rest;
 }
 
-/* y [M, N] = x [M, K] float32, rounded to int8, times the int4 weight; 0, or -1 without memory. */
-int int4_matmul(const uint8_t *qweight, const uint16_t *scales, const uint16_t *zeros, int blocks, int group_shift,
-                const float *x, int in_features, int rows, float *y, int n_total) {
-    const int groups = blocks >> group_shift;  /* a group is 2^group_shift blocks: 32, 64 or 128 columns */
-    int failed = 0;
-    Activations a;
-    if (round_activations(&a, x, rows, in_features, blocks, 1, group_shift))
-        return -1;
-    #pragma omp parallel
-    {
-        float *scale = malloc(sizeof(float) * (2 * groups + blocks));  /* per thread */
-        float *shift = scale ? scale + groups : NULL, *scaled_steps = scale ? scale + 2 * groups : NULL;
-        #pragma omp for schedule(static)
-        for (int n = 0; n < n_total; n++) {
-            if (!scale)
-                continue;
-            const uint8_t *weight = qweight + (int64_t)n * blocks * 16;
-            row_scales(scales + (int64_t)n * groups, zeros ? zeros + (int64_t)n * groups : 0, groups, scale, shift);
-            if (rows == 1) {  /* a decode step */
-                y[n] = int4_row(weight, scaled_row_steps(scale, a.steps, blocks, group_shift, scaled_steps), blocks,
-                                a.codes) + offset_term(shift, a.sums, groups);
-                continue;
-            }
-            for (int m0 = 0; m0 < rows; m0 += 4) {  /* each weight row read from memory once, for all M rows of x */
-                float out[4];
-                int count = rows - m0 < 4 ? rows - m0 : 4;
-                switch (count) {  /* a constant in each call */
-                    case 1: int4_tile(weight, scale, shift, blocks, group_shift, &a, m0, 1, out); break;
-                    case 2: int4_tile(weight, scale, shift, blocks, group_shift, &a, m0, 2, out); break;
-                    case 3: int4_tile(weight, scale, shift, blocks, group_shift, &a, m0, 3, out); break;
-                    default: int4_tile(weight, scale, shift, blocks, group_shift, &a, m0, 4, out); break;
-                }
-                for (int i = 0; i < count; i++)
-                    y[(m0 + i) * (int64_t)n_total + n] = out[i];
-            }
-        }
-        if (!scale)
-            #pragma omp atomic write
-            failed = 1;
-        free(scale);
-    }
-    free_activations(&a);
-    return failed ? -1 : 0;
+/* ---- int4 weights times int8 activations -------------------------------------------------------------------- */
+
+/* the 32 int4 codes of one block's 16 bytes: low nibbles (even columns), then high nibbles (odd columns) */
+static inline __m256i unpack_int4(const uint8_t *bytes) {
+    __m128i packed = _mm_loadu_si128((const __m128i *)bytes);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0F));
 }
 
-/* ---- int4 weights times 16-bit activations: the default decode -------------------------------------------- */
-
-/* The same product with the activations rounded to 16-bit integers per block of 32 (step = max |x| / 32767): an
-   error of at most 1/65534 of the block's largest activation, far below the bfloat16 rounding (1/512 of each
-   value) of torch's int4 kernel. Integer products again, by vpmaddwd: 16 int16 x int16 products, added in pairs
-   (|pair sum| <= 2 * 15 * 32767, inside 32 bits).
-   The codes need no widening: read as 16-bit words, each word of the weight holds 4 codes (columns 4i .. 4i+3 of
-   word i in its bits 0-3, 4-7, 8-11, 12-15), so one mask and three shifts give four vectors of 16-bit codes, one
-   per position t in the word. Two blocks' 32 bytes go at once; the activations are laid out to match, per pair
-   of blocks p and per t: 16 values, column 4i + t of block 2p (i = 0..7), then of block 2p + 1. The products of
-   the four vectors added, lanes 0-3 hold block 2p's sums and lanes 4-7 block 2p + 1's. */
-typedef struct {
-    int16_t *codes;   /* [M][pairs * 64] */
-    float *steps;     /* [M][2 * pairs] */
-    float *sums;      /* [M][groups] */
-} Activations16;
-
-static void free_activations16(Activations16 *a) { free(a->codes), free(a->steps), free(a->sums); }
-
-/* paired: the int4 layout above; else (for int8 weights) each block's 32 values in column order */
-static int round_activations16(Activations16 *a, const float *x, int rows, int in_features, int blocks,
-                               int group_shift, int paired) {
-    const int pairs = (blocks + 1) / 2;
-    a->codes = calloc((size_t)rows * pairs * 64, sizeof(int16_t)), a->steps = calloc((size_t)rows * 2 * pairs, 4);
-    a->sums = calloc((size_t)rows * (blocks >> group_shift), sizeof(float));
-    if (!a->codes || !a->steps || !a->sums) {
-        free_activations16(a);
-        return -1;
-    }
-    for (int m = 0; m < rows; m++)
-        for (int b = 0; b < blocks; b++) {
-            int32_t q[32];
-            float step = round_block(x + (int64_t)m * in_features, in_features, b, 32767.0f, q);
-            int16_t *codes = a->codes + ((int64_t)m * pairs + b / 2) * 64 + (b & 1) * (paired ? 8 : 32);
-            int sum = 0;
-            for (int j = 0; j < 32; j++) {
-                codes[paired ? (j & 3) * 16 + j / 4 : j] = (int16_t)q[j];
-                sum += q[j];
-            }
-            a->steps[(int64_t)m * 2 * pairs + b] = step;
-            a->sums[(int64_t)m * (blocks >> group_shift) + (b >> group_shift)] += step * (float)sum;
-        }
-    return 0;
+/* 32 unsigned codes times 32 signed int8 activations: products added in pairs (vpmaddubsw; |pair sum| <= 2 * 15 *
+   127 = 3810, far from the 16-bit limit), then in fours (vpmaddwd), 8 int32 sums as float32 (exact: < 2^24) */
+static inline __m256 dot_int8(__m256i unsigned_codes, const int8_t *x) {
+    __m256i pairs = _mm256_maddubs_epi16(unsigned_codes, _mm256_loadu_si256((const __m256i *)x));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
 
-/* Blocks 2p and 2p + 1 of a weight row (with `whole` false only 2p: the last block of an odd count) times one
-   row of laid-out activations: lanes 0-3 sum block 2p, lanes 4-7 block 2p + 1, as float32 (exact: < 2^24) */
+/* One weight row times `count` (1..4) rows of activations from m0 on: per block the codes are unpacked once and
+   used for each row, and each row sums in its own accumulator. always_inline: called with a constant count, the
+   loops over the rows unroll. The offset term is added by the caller. */
+static inline __attribute__((always_inline)) void int4_tile8(const uint8_t *weight, const float *block_scale,
+                                                             int blocks, const Activations *a, int64_t m0,
+                                                             int count, float *out) {
+    __m256 acc[4];
+    for (int i = 0; i < count; i++)
+        acc[i] = _mm256_setzero_ps();
+    for (int b = 0; b < blocks; b++) {
+        if ((b & 3) == 0)  /* each cache line of codes once */
+            _mm_prefetch((const char *)(weight + 16 * b + PREFETCH_AHEAD), _MM_HINT_T0);
+        __m256 s = _mm256_broadcast_ss(block_scale + b);
+        __m256i codes = unpack_int4(weight + 16 * b);
+        for (int i = 0; i < count; i++) {
+            int64_t row = m0 + i;
+            __m256 step = _mm256_broadcast_ss(a->steps + row * a->row_length / 32 + b);
+            acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(s, step),
+                                     dot_int8(codes, a->codes8 + row * a->row_length + 32 * b), acc[i]);
+        }
+    }
+    for (int i = 0; i < count; i++)
+        out[i] = horizontal_sum(acc[i]);
+}
+
+/* A decode step has one row of activations: each weight row's dot product then has nothing to share its unpacked
+   codes with, and the loop would wait on one accumulator's latency. So four blocks go to four accumulators.
+   scaled_steps: scale_blocks with the row's steps. */
+static inline float int4_row8(const uint8_t *weight, const float *scaled_steps, int blocks, const int8_t *x) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    int b = 0;
+    for (; b + 4 <= blocks; b += 4) {  /* 4 blocks: 64 bytes of codes, one cache line */
+        _mm_prefetch((const char *)(weight + 16 * b + PREFETCH_AHEAD), _MM_HINT_T0);
+        for (int i = 0; i < 4; i++)
+            acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(scaled_steps + b + i),
+                                     dot_int8(unpack_int4(weight + 16 * (b + i)), x + 32 * (b + i)), acc[i]);
+    }
+    for (; b < blocks; b++)
+        acc[0] = _mm256_fmadd_ps(_mm256_broadcast_ss(scaled_steps + b), dot_int8(unpack_int4(weight + 16 * b),
+                                                                                 x + 32 * b), acc[0]);
+    return horizontal_sum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+}
+
+/* ---- int4 weights times 16-bit activations ------------------------------------------------------------------ */
+
+/* vpmaddwd: 16 int16 x int16 products, added in pairs (|pair sum| <= 2 * 15 * 32767, inside 32 bits). The codes
+   need no widening: read as 16-bit words, each word of the weight holds 4 codes (columns 4i .. 4i+3 of word i in
+   its bits 0-3, 4-7, 8-11, 12-15), so one mask and three shifts give four vectors of 16-bit codes, one per
+   position t in the word, and two blocks' 32 bytes go at once. The products of the four vectors added, lanes 0-3
+   hold block 2p's sums and lanes 4-7 block 2p + 1's, as float32 (exact: < 2^24). With `whole` false only block 2p
+   is read (the last block of an odd count). */
 static inline __m256 dot_int16_pair(const uint8_t *bytes, int whole, const int16_t *x) {
     __m256i words = whole ? _mm256_loadu_si256((const __m256i *)bytes)
                           : _mm256_inserti128_si256(_mm256_setzero_si256(), _mm_loadu_si128((const __m128i *)bytes), 0);
@@ -324,17 +252,15 @@ static inline __m256 dot_int16_pair(const uint8_t *bytes, int whole, const int16
     return _mm256_cvtepi32_ps(_mm256_add_epi32(s01, s23));
 }
 
-/* [v[0] x 4, v[1] x 4] */
+/* [v[0] x 4, v[1] x 4]: the scales of a pair of blocks, lane for lane */
 static inline __m256 two_broadcasts(const float *v) {
     return _mm256_set_m128(_mm_broadcast_ss(v + 1), _mm_broadcast_ss(v));
 }
 
-/* Outputs of one weight row for `count` (1..4) rows of activations from m0 on, two blocks at a time, the weight
-   prefetched ahead. scale: per block (scaled_row_steps with steps of 1: see int4_matmul16). */
+/* As int4_tile8, two blocks at a time */
 static inline __attribute__((always_inline)) void int4_tile16(const uint8_t *weight, const float *block_scale,
-                                                              const float *shift, int blocks, int groups,
-                                                              const Activations16 *a, int64_t m0, int count,
-                                                              float *out) {
+                                                              int blocks, const Activations *a, int64_t m0,
+                                                              int count, float *out) {
     const int pairs = (blocks + 1) / 2;
     __m256 acc[4];
     for (int i = 0; i < count; i++)
@@ -345,20 +271,21 @@ static inline __attribute__((always_inline)) void int4_tile16(const uint8_t *wei
         __m256 s = two_broadcasts(block_scale + 2 * p);
         for (int i = 0; i < count; i++) {
             int64_t row = m0 + i;
-            __m256 d = dot_int16_pair(weight + 32 * p, 2 * p + 1 < blocks, a->codes + (row * pairs + p) * 64);
-            acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(s, two_broadcasts(a->steps + row * 2 * pairs + 2 * p)), d, acc[i]);
+            __m256 d = dot_int16_pair(weight + 32 * p, 2 * p + 1 < blocks, a->codes16 + row * a->row_length + 64 * p);
+            __m256 steps = two_broadcasts(a->steps + row * a->row_length / 32 + 2 * p);
+            acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(s, steps), d, acc[i]);
         }
     }
     for (int i = 0; i < count; i++)
-        out[i] = horizontal_sum(acc[i]) + offset_term(shift, a->sums + (m0 + i) * groups, groups);
+        out[i] = horizontal_sum(acc[i]);
 }
 
-/* One row of activations: the scale of each block already times its step, two accumulators */
+/* As int4_row8: two pairs of blocks to two accumulators */
 static inline float int4_row16(const uint8_t *weight, const float *scaled_steps, int blocks, const int16_t *x) {
     const int pairs = (blocks + 1) / 2;
     __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
     int p = 0;
-    for (; p + 2 <= blocks / 2; p += 2) {
+    for (; p + 2 <= blocks / 2; p += 2) {  /* 2 whole pairs: 64 bytes, one cache line */
         _mm_prefetch((const char *)(weight + 32 * p + PREFETCH_AHEAD), _MM_HINT_T0);
         for (int i = 0; i < 2; i++)
             acc[i] = _mm256_fmadd_ps(two_broadcasts(scaled_steps + 2 * (p + i)),
@@ -370,18 +297,35 @@ static inline float int4_row16(const uint8_t *weight, const float *scaled_steps,
     return horizontal_sum(_mm256_add_ps(acc[0], acc[1]));
 }
 
-/* y [M, N] = x [M, K] float32, rounded to 16 bits per block of 32, times the int4 weight; 0, or -1 without
-   memory. */
-int int4_matmul16(const uint8_t *qweight, const uint16_t *scales, const uint16_t *zeros, int blocks,
-                  int group_shift, const float *x, int in_features, int rows, float *y, int n_total) {
-    const int groups = blocks >> group_shift;
+/* ---- The int4 product ------------------------------------------------------------------------------------- */
+
+/* One weight row times rows m0 .. m0 + count - 1 (count 1..4) of the activations, with their bits */
+static inline void int4_tile(const uint8_t *weight, const float *block_scale, int blocks, const Activations *a,
+                             int64_t m0, int count, float *out) {
+    switch (a->bits == 8 ? count : 4 + count) {  /* a constant count in each call: the loops unroll */
+        case 1: int4_tile8(weight, block_scale, blocks, a, m0, 1, out); break;
+        case 2: int4_tile8(weight, block_scale, blocks, a, m0, 2, out); break;
+        case 3: int4_tile8(weight, block_scale, blocks, a, m0, 3, out); break;
+        case 4: int4_tile8(weight, block_scale, blocks, a, m0, 4, out); break;
+        case 5: int4_tile16(weight, block_scale, blocks, a, m0, 1, out); break;
+        case 6: int4_tile16(weight, block_scale, blocks, a, m0, 2, out); break;
+        case 7: int4_tile16(weight, block_scale, blocks, a, m0, 3, out); break;
+        default: int4_tile16(weight, block_scale, blocks, a, m0, 4, out); break;
+    }
+}
+
+/* y [M, N] = x [M, K] float32, rounded to `bits` (8 or 16) per block of 32, times the int4 weight; 0, or -1
+   without memory. */
+int int4_matmul(const uint8_t *qweight, const uint16_t *scales, const uint16_t *zeros, int blocks, int group_shift,
+                const float *x, int in_features, int rows, float *y, int n_total, int bits) {
+    const int groups = blocks >> group_shift;  /* a group is 2^group_shift blocks: 32, 64 or 128 columns */
     int failed = 0;
-    Activations16 a;
-    if (round_activations16(&a, x, rows, in_features, blocks, group_shift, 1))
+    Activations a;
+    if (round_activations(&a, x, rows, in_features, blocks, group_shift, bits, 1))
         return -1;
     #pragma omp parallel
     {
-        float *scale = malloc(sizeof(float) * (2 * groups + 2 * blocks + 2));  /* per thread */
+        float *scale = malloc(sizeof(float) * (2 * groups + blocks + 1));  /* per thread */
         float *shift = scale ? scale + groups : NULL, *block_scale = scale ? scale + 2 * groups : NULL;
         #pragma omp for schedule(static)
         for (int n = 0; n < n_total; n++) {
@@ -389,25 +333,20 @@ int int4_matmul16(const uint8_t *qweight, const uint16_t *scales, const uint16_t
                 continue;
             const uint8_t *weight = qweight + (int64_t)n * blocks * 16;
             row_scales(scales + (int64_t)n * groups, zeros ? zeros + (int64_t)n * groups : 0, groups, scale, shift);
-            block_scale[blocks] = 0.0f;  /* the missing half of an odd last pair */
-            if (rows == 1) {
-                y[n] = int4_row16(weight, scaled_row_steps(scale, a.steps, blocks, group_shift, block_scale), blocks,
-                                  a.codes) + offset_term(shift, a.sums, groups);
+            if (rows == 1) {  /* a decode step */
+                scale_blocks(scale, a.steps, blocks, group_shift, block_scale);
+                float dot = bits == 8 ? int4_row8(weight, block_scale, blocks, a.codes8)
+                                      : int4_row16(weight, block_scale, blocks, a.codes16);
+                y[n] = dot + offset_term(shift, a.sums, groups);
                 continue;
             }
-            for (int b = 0; b < blocks; b++)  /* the scale of each block */
-                block_scale[b] = scale[b >> group_shift];
-            for (int m0 = 0; m0 < rows; m0 += 4) {
+            scale_blocks(scale, NULL, blocks, group_shift, block_scale);
+            for (int m0 = 0; m0 < rows; m0 += 4) {  /* each weight row read from memory once, for all M rows of x */
                 float out[4];
                 int count = rows - m0 < 4 ? rows - m0 : 4;
-                switch (count) {
-                    case 1: int4_tile16(weight, block_scale, shift, blocks, groups, &a, m0, 1, out); break;
-                    case 2: int4_tile16(weight, block_scale, shift, blocks, groups, &a, m0, 2, out); break;
-                    case 3: int4_tile16(weight, block_scale, shift, blocks, groups, &a, m0, 3, out); break;
-                    default: int4_tile16(weight, block_scale, shift, blocks, groups, &a, m0, 4, out); break;
-                }
+                int4_tile(weight, block_scale, blocks, &a, m0, count, out);
                 for (int i = 0; i < count; i++)
-                    y[(m0 + i) * (int64_t)n_total + n] = out[i];
+                    y[(m0 + i) * (int64_t)n_total + n] = out[i] + offset_term(shift, a.sums + (m0 + i) * groups, groups);
             }
         }
         if (!scale)
@@ -415,14 +354,15 @@ int int4_matmul16(const uint8_t *qweight, const uint16_t *scales, const uint16_t
             failed = 1;
         free(scale);
     }
-    free_activations16(&a);
+    free_activations(&a);
     return failed ? -1 : 0;
 }
 
 /* ---- int8 weights (weight = qweight * scale, one float16 scale per row, as quant.py stores it) --------------- */
 
-/* Signed times signed: vpmaddubsw wants its first operand unsigned, so it gets |w| and the activations take w's
-   sign (vpsignb), as llama.cpp's Q8_0 x Q8_0 product does; |pair sums| <= 2 * 128 * 127, inside 16 bits. */
+/* 32 signed int8 weights times 32 int8 activations. vpmaddubsw wants its first operand unsigned, so it gets |w|
+   and the activations take w's sign (vpsignb), as llama.cpp's Q8_0 x Q8_0 product does; |pair sums| <= 2 * 128 *
+   127, inside 16 bits. */
 static inline __m256 dot_signed_int8(const int8_t *weight, const int8_t *x) {
     __m256i w = _mm256_loadu_si256((const __m256i *)weight);
     __m256i x_signed = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)x), w);
@@ -430,104 +370,41 @@ static inline __m256 dot_signed_int8(const int8_t *weight, const int8_t *x) {
                                                 _mm256_set1_epi16(1)));
 }
 
-static inline __attribute__((always_inline)) void int8_tile(const int8_t *weight, float scale, int blocks,
-                                                            const Activations *a, int64_t m0, int count, float *out) {
-    __m256 acc[4];
-    for (int i = 0; i < count; i++)
-        acc[i] = _mm256_setzero_ps();
-    for (int b = 0; b < blocks; b++)
-        for (int i = 0; i < count; i++) {
-            int64_t block = (m0 + i) * blocks + b;
-            acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(a->steps + block),
-                                     dot_signed_int8(weight + 32 * b, a->codes + 32 * block), acc[i]);
-        }
-    for (int i = 0; i < count; i++)
-        out[i] = horizontal_sum(acc[i]) * scale;
+/* ... times 32 16-bit activations: the weights sign-extended to 16 bits (vpmovsxbw), vpmaddwd as above */
+static inline __m256 dot_signed_int16(const int8_t *weight, const int16_t *x) {
+    __m256i low = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)weight));
+    __m256i high = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(weight + 16)));
+    return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(low, _mm256_loadu_si256((const __m256i *)x)),
+                                               _mm256_madd_epi16(high, _mm256_loadu_si256((const __m256i *)(x + 16)))));
 }
 
-/* One row of activations: as int4_row, four accumulators, and the weight prefetched ahead */
-static inline float int8_row(const int8_t *weight, const Activations *a, int blocks) {
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    int b = 0;
-    for (; b + 4 <= blocks; b += 4) {  /* 4 blocks: 128 bytes, two cache lines */
-        _mm_prefetch((const char *)(weight + 32 * b + PREFETCH_AHEAD), _MM_HINT_T0);
-        _mm_prefetch((const char *)(weight + 32 * b + PREFETCH_AHEAD + 64), _MM_HINT_T0);
-        for (int i = 0; i < 4; i++)
-            acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(a->steps + b + i),
-                                     dot_signed_int8(weight + 32 * (b + i), a->codes + 32 * (b + i)), acc[i]);
-    }
-    for (; b < blocks; b++)
-        acc[0] = _mm256_fmadd_ps(_mm256_broadcast_ss(a->steps + b), dot_signed_int8(weight + 32 * b,
-                                                                                    a->codes + 32 * b), acc[0]);
-    return horizontal_sum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
-}
-
-/* y [M, N] = x [M, K] float32, rounded to int8, times the int8 weight qweight [N, K], K a multiple of 32; 0, or -1
-   without memory. */
-int int8_matmul(const int8_t *qweight, const uint16_t *scales, int blocks, const float *x, int rows, float *y,
-                int n_total) {
-    Activations a;
-    if (round_activations(&a, x, rows, blocks * 32, blocks, 0, 0))
-        return -1;
-    if (rows == 1) {
-        #pragma omp parallel for schedule(static)
-        for (int n = 0; n < n_total; n++)
-            y[n] = int8_row(qweight + (int64_t)n * blocks * 32, &a, blocks) * _cvtsh_ss(scales[n]);
-        free_activations(&a);
-        return 0;
-    }
-    #pragma omp parallel for schedule(static)
-    for (int n = 0; n < n_total; n++)
-        for (int m0 = 0; m0 < rows; m0 += 4) {
-            const int8_t *weight = qweight + (int64_t)n * blocks * 32;
-            float out[4], scale = _cvtsh_ss(scales[n]);
-            int count = rows - m0 < 4 ? rows - m0 : 4;
-            switch (count) {
-                case 1: int8_tile(weight, scale, blocks, &a, m0, 1, out); break;
-                case 2: int8_tile(weight, scale, blocks, &a, m0, 2, out); break;
-                case 3: int8_tile(weight, scale, blocks, &a, m0, 3, out); break;
-                default: int8_tile(weight, scale, blocks, &a, m0, 4, out); break;
-            }
-            for (int i = 0; i < count; i++)
-                y[(m0 + i) * (int64_t)n_total + n] = out[i];
-        }
-    free_activations(&a);
-    return 0;
-}
-
-/* int8 weights times 16-bit activations, the default decode of the int8 layers (the lm_head of an int4 model):
-   the weights sign-extended to 16 bits (vpmovsxbw), vpmaddwd as above (|pair sum| <= 2 * 128 * 32767). 32 bytes
-   of weight per block: one accumulator keeps up with the memory, and the tile needs no pairing of blocks. */
-static inline __attribute__((always_inline)) void int8_tile16(const int8_t *weight, float scale, int blocks,
-                                                              const Activations16 *a, int64_t m0, int count,
-                                                              float *out) {
-    const int pairs = (blocks + 1) / 2;
+/* One weight row times `count` rows of activations. 32 bytes of weight per block: one accumulator per row keeps up
+   with the memory (the int4 rows above need more). */
+static inline __attribute__((always_inline)) void int8_tile(const int8_t *weight, int blocks, const Activations *a,
+                                                            int64_t m0, int count, float *out) {
     __m256 acc[4];
     for (int i = 0; i < count; i++)
         acc[i] = _mm256_setzero_ps();
     for (int b = 0; b < blocks; b++) {
         if ((b & 1) == 0)  /* 2 blocks: 64 bytes, one cache line */
             _mm_prefetch((const char *)(weight + 32 * b + PREFETCH_AHEAD), _MM_HINT_T0);
-        __m256i low = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(weight + 32 * b)));
-        __m256i high = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(weight + 32 * b + 16)));
         for (int i = 0; i < count; i++) {
-            const int16_t *x = a->codes + (m0 + i) * pairs * 64 + 32 * b;
-            __m256i sums = _mm256_add_epi32(_mm256_madd_epi16(low, _mm256_loadu_si256((const __m256i *)x)),
-                                            _mm256_madd_epi16(high, _mm256_loadu_si256((const __m256i *)(x + 16))));
-            acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(a->steps + (m0 + i) * 2 * pairs + b),
-                                     _mm256_cvtepi32_ps(sums), acc[i]);
+            int64_t row = m0 + i, at = row * a->row_length + 32 * b;
+            __m256 d = a->bits == 8 ? dot_signed_int8(weight + 32 * b, a->codes8 + at)
+                                    : dot_signed_int16(weight + 32 * b, a->codes16 + at);
+            acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(a->steps + row * a->row_length / 32 + b), d, acc[i]);
         }
     }
     for (int i = 0; i < count; i++)
-        out[i] = horizontal_sum(acc[i]) * scale;
+        out[i] = horizontal_sum(acc[i]);
 }
 
-/* y [M, N] = x [M, K] float32, rounded to 16 bits per block of 32, times the int8 weight qweight [N, K], K a
-   multiple of 32; 0, or -1 without memory. */
-int int8_matmul16(const int8_t *qweight, const uint16_t *scales, int blocks, const float *x, int rows, float *y,
-                  int n_total) {
-    Activations16 a;
-    if (round_activations16(&a, x, rows, blocks * 32, blocks, 0, 0))
+/* y [M, N] = x [M, K] float32, rounded to `bits` (8 or 16) per block of 32, times the int8 weight qweight [N, K], K
+   a multiple of 32; 0, or -1 without memory. */
+int int8_matmul(const int8_t *qweight, const uint16_t *scales, int blocks, const float *x, int rows, float *y,
+                int n_total, int bits) {
+    Activations a;
+    if (round_activations(&a, x, rows, blocks * 32, blocks, 0, bits, 0))
         return -1;
     #pragma omp parallel for schedule(static)
     for (int n = 0; n < n_total; n++)
@@ -535,16 +412,16 @@ int int8_matmul16(const int8_t *qweight, const uint16_t *scales, int blocks, con
             const int8_t *weight = qweight + (int64_t)n * blocks * 32;
             float out[4], scale = _cvtsh_ss(scales[n]);
             int count = rows - m0 < 4 ? rows - m0 : 4;
-            switch (count) {
-                case 1: int8_tile16(weight, scale, blocks, &a, m0, 1, out); break;
-                case 2: int8_tile16(weight, scale, blocks, &a, m0, 2, out); break;
-                case 3: int8_tile16(weight, scale, blocks, &a, m0, 3, out); break;
-                default: int8_tile16(weight, scale, blocks, &a, m0, 4, out); break;
+            switch (count) {  /* a constant in each call */
+                case 1: int8_tile(weight, blocks, &a, m0, 1, out); break;
+                case 2: int8_tile(weight, blocks, &a, m0, 2, out); break;
+                case 3: int8_tile(weight, blocks, &a, m0, 3, out); break;
+                default: int8_tile(weight, blocks, &a, m0, 4, out); break;
             }
             for (int i = 0; i < count; i++)
-                y[(m0 + i) * (int64_t)n_total + n] = out[i];
+                y[(m0 + i) * (int64_t)n_total + n] = out[i] * scale;
         }
-    free_activations16(&a);
+    free_activations(&a);
     return 0;
 }
 

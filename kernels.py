@@ -167,13 +167,10 @@ def compiled_kernels():
     try:
         library = ctypes.CDLL(compile_kernels())
         pointer, integer = ctypes.c_void_p, ctypes.c_int
-        library.int4_matmul.argtypes = [pointer] * 3 + [integer] * 2 + [pointer] + [integer] * 2 + [pointer, integer]
-        library.int4_matmul16.argtypes = library.int4_matmul.argtypes
+        library.int4_matmul.argtypes = [pointer] * 3 + [integer] * 2 + [pointer] + [integer] * 2 + [pointer] + [integer] * 2
         library.attend_one_row.argtypes = [pointer] * 4 + [integer] * 5 + [ctypes.c_int64] * 2 + [integer, ctypes.c_float]
-        library.int8_matmul.argtypes = [pointer, pointer, integer, pointer, integer, pointer, integer]
-        library.int8_matmul16.argtypes = library.int8_matmul.argtypes
-        for kernel in (library.int4_matmul, library.int4_matmul16, library.int8_matmul, library.int8_matmul16,
-                       library.attend_one_row):
+        library.int8_matmul.argtypes = [pointer, pointer, integer, pointer, integer, pointer, integer, integer]
+        for kernel in (library.int4_matmul, library.int8_matmul, library.attend_one_row):
             kernel.restype = integer
         return library if compiled_kernels_agree(library) else None
     except (OSError, subprocess.SubprocessError, AttributeError):  # no compiler, a failed compile, a bad library
@@ -182,7 +179,7 @@ def compiled_kernels():
 
 def compiled_kernels_agree(library) -> bool:
     """Whether the kernels match the readable path on small random inputs: int4_matmul and int8_matmul
-    quant.QuantLinear's product within the activations' rounding (~0.5%), int4_matmul16 within 1e-4 (both int4
+    quant.QuantLinear's product within the activations' rounding (int8 ones ~0.5%, 16-bit ones within 1e-4; both int4
     schemes, groups of 32 and of 64 with padding, an odd number of blocks; one row, a decode step, and five: a tile
     of 4 and one more), and
     attend_one_row attend_one_row_in_torch within float32 rounding (both 16-bit dtypes, grouped heads, a cache
@@ -648,10 +645,9 @@ def int4_matmul_compiled(x, qweight, scales, zeros, group_size, library=None, ac
     out_features, padded = qweight.shape[0], qweight.shape[1] * 2
     x2d = x.reshape(-1, x.shape[-1]).float().contiguous()  # [M, K]: the kernel lays it out itself
     y = torch.empty(x2d.shape[0], out_features, dtype=torch.float32)
-    product = library.int4_matmul if activation_bits == 8 else library.int4_matmul16
-    if product(qweight.data_ptr(), scales.data_ptr(), None if zeros is None else zeros.data_ptr(),
-               padded // BLOCK, (group_size // BLOCK).bit_length() - 1, x2d.data_ptr(), x2d.shape[1],
-               x2d.shape[0], y.data_ptr(), out_features):
+    if library.int4_matmul(qweight.data_ptr(), scales.data_ptr(), None if zeros is None else zeros.data_ptr(),
+                           padded // BLOCK, (group_size // BLOCK).bit_length() - 1, x2d.data_ptr(), x2d.shape[1],
+                           x2d.shape[0], y.data_ptr(), out_features, activation_bits):
         raise MemoryError("kernels.c: no memory for the rounded activations")
     return y.view(*x.shape[:-1], out_features)
 
@@ -662,9 +658,8 @@ def int8_matmul_compiled(x, qweight, scales, library=None, activation_bits=8):
     library = library or compiled_kernels()
     x2d = x.reshape(-1, x.shape[-1]).float().contiguous()
     y = torch.empty(x2d.shape[0], qweight.shape[0], dtype=torch.float32)
-    product = library.int8_matmul if activation_bits == 8 else library.int8_matmul16
-    if product(qweight.data_ptr(), scales.data_ptr(), x2d.shape[1] // BLOCK, x2d.data_ptr(), x2d.shape[0],
-                           y.data_ptr(), qweight.shape[0]):
+    if library.int8_matmul(qweight.data_ptr(), scales.data_ptr(), x2d.shape[1] // BLOCK, x2d.data_ptr(), x2d.shape[0],
+                           y.data_ptr(), qweight.shape[0], activation_bits):
         raise MemoryError("kernels.c: no memory for the rounded activations")
     return y.view(*x.shape[:-1], qweight.shape[0])
 

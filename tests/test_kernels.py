@@ -243,71 +243,47 @@ def rounded(x, limit=127):
     return ((blocks / step).round() * step).view_as(padded)[..., :x.shape[-1]]
 
 
+def decode_through(layer, bits):
+    """A PackedQuantLinear holding `layer`'s tensors, decoding through kernels.c with `bits`-bit activations."""
+    fast = kernels.PackedQuantLinear.from_linear(nn.Linear(layer.in_features, layer.out_features,
+                                                           bias=layer.bias is not None),
+                                                 layer.bits, layer.group_size or 32, scheme=layer.scheme or "symmetric")
+    fast.load_state_dict(layer.state_dict())
+    fast.int8_decode, fast.int16_decode = bits == 8, bits == 16
+    assert fast.fast_path_supported()
+    return fast
+
+
+def assert_rounded_product(got, layer, x, bits):
+    """got is the readable product of exactly the rounded activations, and as far from the float product as that
+    rounding moves it: int8 ~0.5% (more around an outlier, whose block shares its large step), 16 bits ~1e-5
+    (closer than torch's kernels, whose bfloat16 activations move it ~3e-3)."""
+    readable = layer(x)
+    assert got.shape == readable.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, layer(rounded(x, 127 if bits == 8 else 32767)), rtol=1e-5,
+                               atol=1e-4 if bits == 8 else 1e-5)
+    error = (got - readable).norm() / readable.norm()
+    assert 1e-4 < error < 0.05 if bits == 8 else error < 1e-4
+
+
 @needs_compiled
 @pytest.mark.parametrize("out_features, in_features, group_size, scheme", [
-    (48, 256, 32, "symmetric"), (24, 200, 64, "asymmetric"),  # 24 rows (torch's kernel wants 16s), padded columns
-    (40, 384, 128, "symmetric"), (17, 96, 32, "asymmetric")])
-@pytest.mark.parametrize("rows", [1, 3, 6])  # within one tile of 4 rows, and past it
+    (48, 288, 32, "symmetric"), (24, 200, 64, "asymmetric"),  # 9 blocks (the last of a pair alone); padded columns
+    (40, 384, 128, "symmetric"), (17, 96, 32, "asymmetric")])  # 17 rows: torch's kernel would want 16s
+@pytest.mark.parametrize("rows", [1, 3, 6])  # a decode step, within one tile of 4 rows, and past it
 @pytest.mark.parametrize("bias", [True, False])
-def test_int8_decode_of_int4_is_the_readable_product_of_the_rounded_activations(out_features, in_features,
-                                                                                group_size, scheme, rows, bias):
+@pytest.mark.parametrize("bits", [8, 16])
+def test_compiled_decode_of_int4_is_the_readable_product_of_the_rounded_activations(out_features, in_features,
+                                                                                    group_size, scheme, rows, bias,
+                                                                                    bits):
     layer = int4_layer(out_features, in_features, group_size, scheme, bias)
     x = torch.randn(1, rows, in_features) * 2
     x[..., :32] = 0.0  # an all-zero block of activations
     x[..., 40] = 30.0  # an outlier: its block's step is large, the other blocks' are not
-    readable = layer(x)
-    fast = kernels.PackedQuantLinear.from_linear(nn.Linear(in_features, out_features, bias=bias), 4, group_size,
-                                                 scheme=scheme)
-    fast.load_state_dict(layer.state_dict())
-    fast.int8_decode = True
-    assert fast.fast_path_supported()
+    fast = decode_through(layer, bits)
     got = fast(x)
-    assert fast.compiled and got.shape == readable.shape and got.dtype == torch.float32
-    torch.testing.assert_close(got, layer(rounded(x)), rtol=1e-5, atol=1e-4)  # exactly the rounded activations
-    # they do round: ~0.5% from the float product, more around the outlier (its block shares its large step)
-    assert 1e-4 < (got - readable).norm() / readable.norm() < 0.05
-
-
-@needs_compiled
-@pytest.mark.parametrize("out_features, in_features, group_size, scheme", [
-    (48, 288, 32, "symmetric"), (24, 200, 64, "asymmetric"),  # 9 blocks: the last of a pair alone; padding
-    (40, 384, 128, "symmetric"), (17, 96, 32, "asymmetric")])
-@pytest.mark.parametrize("rows", [1, 3, 6])
-def test_16_bit_decode_of_int4_is_the_readable_product_within_its_rounding(out_features, in_features, group_size,
-                                                                          scheme, rows):
-    layer = int4_layer(out_features, in_features, group_size, scheme, bias=True)
-    x = torch.randn(1, rows, in_features) * 2
-    x[..., :32] = 0.0  # an all-zero block
-    x[..., 40] = 30.0  # an outlier
-    fast = kernels.PackedQuantLinear.from_linear(nn.Linear(in_features, out_features), 4, group_size, scheme=scheme)
-    fast.load_state_dict(layer.state_dict())
-    fast.int16_decode = True
-    got = fast(x)
-    assert fast.compiled and not fast.int8_decode
-    torch.testing.assert_close(got, layer(rounded(x, 32767)), rtol=1e-5, atol=1e-5)  # the rounded activations
-    readable = layer(x)
-    # 16 bits per block: ~1e-5 from the float product (bfloat16 activations, torch's kernel: ~3e-3)
-    assert (got - readable).norm() / readable.norm() < 1e-4
-
-
-@needs_compiled
-@pytest.mark.parametrize("rows", [1, 5])
-def test_16_bit_decode_of_int8_is_the_readable_product_within_its_rounding(rows):
-    generator = torch.Generator().manual_seed(0)
-    layer = quant.QuantLinear.from_linear(nn.Linear(96, 40), 8)
-    with torch.no_grad():
-        layer.load_quantized(torch.randn(40, 96, generator=generator) * 0.08)
-        layer.bias.normal_(0, 0.5, generator=generator)
-        layer.qweight[0, :3] = torch.tensor([-127, 127, -127], dtype=torch.int8)  # the extremes, beside big x
-    x = torch.randn(1, rows, 96, generator=generator) * 2
-    x[..., 0] = 40.0
-    fast = kernels.PackedQuantLinear.from_linear(nn.Linear(96, 40), 8)
-    fast.load_state_dict(layer.state_dict())
-    fast.int16_decode = True
-    got = fast(x)
-    assert fast.compiled and fast.kernel_tensors[0] is fast.qweight
-    torch.testing.assert_close(got, layer(rounded(x, 32767)), rtol=1e-5, atol=1e-5)
-    assert (got - layer(x)).norm() / layer(x).norm() < 1e-4
+    assert fast.compiled
+    assert_rounded_product(got, layer, x, bits)
 
 
 @needs_compiled
@@ -363,7 +339,8 @@ def test_enable_with_int8_activations_decodes_through_the_compiled_kernels(monke
 
 @needs_compiled
 @pytest.mark.parametrize("rows", [1, 5])
-def test_int8_decode_of_int8_is_the_readable_product_of_the_rounded_activations(rows):
+@pytest.mark.parametrize("bits", [8, 16])
+def test_compiled_decode_of_int8_is_the_readable_product_of_the_rounded_activations(rows, bits):
     generator = torch.Generator().manual_seed(0)
     layer = quant.QuantLinear.from_linear(nn.Linear(96, 40), 8)
     with torch.no_grad():
@@ -372,13 +349,10 @@ def test_int8_decode_of_int8_is_the_readable_product_of_the_rounded_activations(
         layer.qweight[0, :3] = torch.tensor([-127, 127, -127], dtype=torch.int8)  # the extremes, beside big x
     x = torch.randn(1, rows, 96, generator=generator) * 2
     x[..., 0] = 40.0
-    fast = kernels.PackedQuantLinear.from_linear(nn.Linear(96, 40), 8)
-    fast.load_state_dict(layer.state_dict())
-    fast.int8_decode = True
+    fast = decode_through(layer, bits)
     got = fast(x)
     assert fast.compiled and fast.kernel_tensors[0] is fast.qweight
-    torch.testing.assert_close(got, layer(rounded(x)), rtol=1e-5, atol=1e-4)
-    assert 1e-4 < (got - layer(x)).norm() / layer(x).norm() < 0.05
+    assert_rounded_product(got, layer, x, bits)
     odd = kernels.PackedQuantLinear.from_linear(nn.Linear(80, 16), 8)  # 80 columns: not whole blocks of 32
     kernels.set_int8_activations(odd, True)
     assert not odd.int8_decode
