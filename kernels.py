@@ -243,6 +243,16 @@ def is_decode_over_16_bit_cache(q, k) -> bool:
     return q.shape[-2] == 1 and k.dtype in (torch.float16, torch.bfloat16) and k.device.type == "cpu"
 
 
+def in_float32_over_16_bit_cache(q, k, v):
+    """(q, k, v) for a prompt chunk of a float32 model over a 16-bit KV cache: the keys and values so far
+    converted to float32 (a transient copy, ~16 MB a layer at Imp's 770 positions), where torch's fused kernel is
+    faster than over float16 or bfloat16 on CPUs without native 16-bit arithmetic, and multiplies float32 queries
+    unrounded (docs/benchmarks.md). Anything else as it is."""
+    if q.dtype == torch.float32 and k.dtype in (torch.float16, torch.bfloat16) and k.device.type == "cpu":
+        return q, k.float(), v.float()
+    return q, k, v
+
+
 def attend_one_row(q, k, v):
     """softmax(q k^T / sqrt(D)) v for one query row per head over a 16-bit cache: kernels.c where it applies (it
     reads the cache as it is: half the memory traffic of a float32 copy, and no copy), else in torch."""
@@ -288,19 +298,21 @@ def attend_one_row_compiled(q, k, v, library):
 
 
 class DecodeAttention(imp.PhiAttention):
-    """imp.PhiAttention whose decode step over a 16-bit KV cache goes through attend_one_row, and whose q, k, v
-    come from one FusedProjection where fuse_projections made one."""
+    """imp.PhiAttention whose decode step over a 16-bit KV cache goes through attend_one_row (a prompt chunk, in
+    float32), and whose q, k, v come from one FusedProjection where fuse_projections made one."""
 
     def project(self, x, rotary):
         return project_fused(self, x, rotary, self.config.rotary_dim) or super().project(x, rotary)
 
     def attend(self, q, k, v):
-        return attend_one_row(q, k, v) if is_decode_over_16_bit_cache(q, k) else super().attend(q, k, v)
+        if is_decode_over_16_bit_cache(q, k):
+            return attend_one_row(q, k, v)
+        return super().attend(*in_float32_over_16_bit_cache(q, k, v))
 
 
 class LlamaDecodeAttention(imp.LlamaAttention):
-    """imp.LlamaAttention (Imp-2B, Imp-4B) whose decode step over a 16-bit KV cache goes through attend_one_row,
-    the keys beyond Phi-3's sliding window cut off first (the new token sees the `window` latest, itself included),
+    """imp.LlamaAttention (Imp-2B, Imp-4B) whose decode step over a 16-bit KV cache goes through attend_one_row (a
+    prompt chunk, in float32), the keys beyond Phi-3's sliding window cut off first (the new token sees the `window` latest, itself included),
     and grouped-query heads shared without repeating the cache; q, k, v fused as in DecodeAttention."""
 
     def project(self, x, rotary):
@@ -308,7 +320,7 @@ class LlamaDecodeAttention(imp.LlamaAttention):
 
     def attend(self, q, k, v):
         if not is_decode_over_16_bit_cache(q, k):
-            return super().attend(q, k, v)
+            return super().attend(*in_float32_over_16_bit_cache(q, k, v))
         window = self.config.sliding_window
         if window is not None and k.shape[-2] > window:
             k, v = k[:, :, -window:], v[:, :, -window:]

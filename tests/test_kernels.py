@@ -146,8 +146,12 @@ def test_decode_attention_over_a_16_bit_cache_equals_the_fused_kernel(cache_dtyp
     # both are float32 sums of the same 16-bit numbers; the fused kernel rounds q to the cache's dtype first
     assert (fast.double() - exact).abs().max() < 1e-5
     assert (readable.double() - exact).abs().max() < (1e-2 if cache_dtype == torch.bfloat16 else 2e-3)
-    two_rows = torch.randn(1, 2, 2, 32, generator=generator)  # a prompt chunk: the readable (causal) path
-    assert torch.equal(attention.attend(two_rows, k, v), imp.attention(two_rows.to(cache_dtype), k, v, causal=True))
+    two_rows = torch.randn(1, 2, 2, 32, generator=generator)  # a prompt chunk: the fused kernel, in float32
+    fast = attention.attend(two_rows, k, v)
+    assert fast.dtype == torch.float32
+    assert torch.equal(fast, imp.attention(two_rows, k.float(), v.float(), causal=True))
+    exact = imp.attention(two_rows.double(), k.double(), v.double(), causal=True)
+    assert (fast.double() - exact).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16])
@@ -169,6 +173,9 @@ def test_llama_decode_attention_keeps_the_window_and_the_head_groups(cache_dtype
     assert fast.dtype == torch.float32 and fast.shape == (1, 4, 1, 16)
     assert (fast.double() - exact).abs().max() < 1e-5
     assert (readable - exact).abs().max() < (3e-2 if cache_dtype == torch.bfloat16 else 5e-3)
+    two_rows = torch.randn(1, 4, 2, 16, generator=generator)  # a prompt chunk: the readable path, in float32
+    assert torch.equal(attention.attend(two_rows, k, v),
+                       imp.LlamaAttention.attend(attention, two_rows, k.float(), v.float()))
 
 
 def int4_tiny_imp():
