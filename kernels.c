@@ -346,7 +346,8 @@ int int4_matmul(const uint8_t *qweight, const uint16_t *scales, const uint16_t *
                 int count = rows - m0 < 4 ? rows - m0 : 4;
                 int4_tile(weight, block_scale, blocks, &a, m0, count, out);
                 for (int i = 0; i < count; i++)
-                    y[(m0 + i) * (int64_t)n_total + n] = out[i] + offset_term(shift, a.sums + (m0 + i) * groups, groups);
+                    y[(m0 + i) * (int64_t)n_total + n] = out[i] + offset_term(shift, a.sums + (m0 + i) * groups,
+                                                                              groups);
             }
         }
         if (!scale)

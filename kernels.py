@@ -167,7 +167,9 @@ def compiled_kernels():
     try:
         library = ctypes.CDLL(compile_kernels())
         pointer, integer = ctypes.c_void_p, ctypes.c_int
-        library.int4_matmul.argtypes = [pointer] * 3 + [integer] * 2 + [pointer] + [integer] * 2 + [pointer] + [integer] * 2
+        # int4_matmul(qweight, scales, zeros, blocks, group_shift, x, K, rows, y, N, bits)
+        library.int4_matmul.argtypes = [pointer] * 3 + [integer] * 2 + [pointer] + [integer] * 2 + [pointer] + \
+            [integer] * 2
         library.attend_one_row.argtypes = [pointer] * 4 + [integer] * 5 + [ctypes.c_int64] * 2 + [integer, ctypes.c_float]
         library.int8_matmul.argtypes = [pointer, pointer, integer, pointer, integer, pointer, integer, integer]
         for kernel in (library.int4_matmul, library.int8_matmul, library.attend_one_row):
@@ -298,8 +300,9 @@ def attend_one_row_compiled(q, k, v, library):
 
 
 class DecodeAttention(imp.PhiAttention):
-    """imp.PhiAttention whose decode step over a 16-bit KV cache goes through attend_one_row (a prompt chunk, in
-    float32), and whose q, k, v come from one FusedProjection where fuse_projections made one."""
+    """imp.PhiAttention whose decode step over a 16-bit KV cache goes through attend_one_row and whose prompt
+    chunks over it attend in float32, and whose q, k, v come from one FusedProjection where fuse_projections made
+    one."""
 
     def project(self, x, rotary):
         return project_fused(self, x, rotary, self.config.rotary_dim) or super().project(x, rotary)
@@ -311,9 +314,9 @@ class DecodeAttention(imp.PhiAttention):
 
 
 class LlamaDecodeAttention(imp.LlamaAttention):
-    """imp.LlamaAttention (Imp-2B, Imp-4B) whose decode step over a 16-bit KV cache goes through attend_one_row (a
-    prompt chunk, in float32), the keys beyond Phi-3's sliding window cut off first (the new token sees the `window` latest, itself included),
-    and grouped-query heads shared without repeating the cache; q, k, v fused as in DecodeAttention."""
+    """imp.LlamaAttention (Imp-2B, Imp-4B) whose decode step over a 16-bit KV cache goes through attend_one_row,
+    the keys beyond Phi-3's sliding window cut off first (the new token sees the `window` latest, itself included),
+    and grouped-query heads shared without repeating the cache; prompt chunks and q, k, v as in DecodeAttention."""
 
     def project(self, x, rotary):
         return project_fused(self, x, rotary, self.head_dim) or super().project(x, rotary)

@@ -82,9 +82,9 @@ def test_quick_quantized_rows_hold_their_weights_once_and_a_16_bit_cache(quick):
     if compiled:  # x86 without AVX-512: no kernel layout at all
         assert int4["resident_weight_bytes"] == int4["weight_bytes"]
         return
-    # In memory (torch's int4 kernel): the kernel's bfloat16 (scale, zero) pairs in place of the float16 scales, +2 bytes per group (+11%
-    # of an int4 layer at G=32, +6% of this model); the float16 scales kept beside them would make that +22% of an
-    # int4 layer (+12% here), a second copy of the 4-bit codes 89% more.
+    # In memory (torch's int4 kernel): the kernel's bfloat16 (scale, zero) pairs in place of the float16 scales, +2
+    # bytes per group (+11% of an int4 layer at G=32, +6% of this model); the float16 scales kept beside them would
+    # make that +22% of an int4 layer (+12% here), a second copy of the 4-bit codes 89% more.
     assert int4["weight_bytes"] < int4["resident_weight_bytes"] < (1.1 if layout_known else 2.2) * int4["weight_bytes"]
 
 
