@@ -72,8 +72,11 @@ def enable(model: nn.Module, int8_activations: bool | str = False) -> str:
         if not isinstance(layer, PackedQuantLinear):
             layer.__class__ = PackedQuantLinear
     large_inputs = int8_products_are_native() or int8_activations == "always"
-    choose_decode_kernels(packed, int8_activations=False)
-    count = set_int8_activations(model, True, large_inputs) if int8_activations else 0
+    if int8_activations:  # (it chooses the decode kernels too)
+        count = set_int8_activations(model, True, large_inputs)
+    else:
+        count = 0
+        choose_decode_kernels(packed, int8_activations=False)
     for layer in packed:
         if layer.fast_path_supported():
             layer.prepare_fast_path()
@@ -596,8 +599,8 @@ def choose_decode_kernels(layers, int8_activations: bool):
     torch's packed kernels (bfloat16 activations)."""
     pay = compiled_products_pay()
     for layer in layers:
-        int8 = int8_activations and pay and (layer.bits == 4 or layer.in_features % BLOCK == 0)
-        int16 = pay and (layer.bits == 4 or layer.in_features % BLOCK == 0) and not int8
+        compiled = pay and (layer.bits == 4 or layer.in_features % BLOCK == 0)
+        int8, int16 = compiled and int8_activations, compiled and not int8_activations
         if (int8, int16) != (layer.int8_decode, layer.int16_decode):
             layer.release_kernel_tensors()  # the other decode kernel reads another layout: built again when used
             layer.int8_decode, layer.int16_decode = int8, int16
@@ -823,7 +826,7 @@ class PackedQuantLinear(quant.QuantLinear):
         scales = self.kernel_tensors[1] if "scales" in self.kernel_holds else self.scales
         if scales.device.type != "cpu":
             return False
-        if (self.int8_decode or self.int16_decode) and compiled_kernels() is not None:
+        if self.decodes_in_c:
             return True
         return (packed_kernels_available()[self.bits]
                 and self.in_features % 16 == 0 and (self.bits == 8 or self.out_features % 16 == 0))
@@ -838,8 +841,7 @@ class PackedQuantLinear(quant.QuantLinear):
         whose scales bfloat16 does not hold (an older quant.py) keeps them beside the pairs."""
         if self.kernel_tensors is not None:
             return self.kernel_tensors
-        if (self.int8_decode or self.int16_decode) and compiled_kernels() is not None:  # kernels.c reads the
-            # stored buffers as they are
+        if self.decodes_in_c:  # kernels.c reads the stored buffers as they are
             for name in self.expected_buffers():
                 self._buffers[name] = self._buffers[name].contiguous()
             self.kernel_tensors = tuple(self._buffers[name] for name in self.expected_buffers())  # what it reads
@@ -874,7 +876,7 @@ class PackedQuantLinear(quant.QuantLinear):
         # nothing, and the bias add also casts the output back (bfloat16 + float32 -> float32), in one operation.
         if self.kernel_tensors is None:
             self.prepare_fast_path()  # built once, then reused
-        if self.int8_decode or self.int16_decode:  # (prepare_fast_path made the kernel tensors kernels.c's)
+        if self.decodes_in_c:  # (prepare_fast_path made the kernel tensors kernels.c's)
             return self.forward_compiled(x)
         weight, scales = self.kernel_tensors
         x2d = aligned(x.reshape(-1, self.in_features).to(KERNEL_DTYPE))  # (M, K): the kernels take 2-D inputs only
@@ -895,9 +897,14 @@ class PackedQuantLinear(quant.QuantLinear):
         return y if bias is None else y + bias.to(x.dtype)
 
     @property
+    def decodes_in_c(self) -> bool:
+        """Whether decode goes through kernels.c, with int8 or 16-bit activations (choose_decode_kernels)."""
+        return (self.int8_decode or self.int16_decode) and compiled_kernels() is not None
+
+    @property
     def compiled(self) -> bool:
         """Whether decode reads the stored buffers through kernels.c (no kernel layout)."""
-        return (self.int8_decode or self.int16_decode) and self.kernel_tensors is not None
+        return self.decodes_in_c and self.kernel_tensors is not None
 
     def forward_compiled(self, x):  # kernels.c, from the stored buffers; float32 sums, in x's dtype
         if self.bits == 4:
