@@ -426,6 +426,202 @@ int int8_matmul(const int8_t *qweight, const uint16_t *scales, int blocks, const
     return 0;
 }
 
+/* ---- Prompt products: many rows of float32 activations times int4 or int8 weights ---------------------------- */
+
+/* At a prompt (hundreds of rows) a product does 2 * rows operations per weight it reads: the arithmetic, not the
+   memory, sets its speed, so these stay in float32 and give the readable path's numbers (the same products,
+   summed in another order: ~1e-7 apart). The readable path writes the whole weight out in float32, then calls
+   torch's matrix product. Here each weight is decoded straight into the layout the multiplication reads, a panel
+   at a time, in cache, the way BLIS-style matrix products pack their operands (Goto and van de Geijn, "Anatomy of
+   high-performance matrix multiplication", 2008):
+     for each block of PROMPT_KC columns (k):
+       pack the activations' block: strips of TILE_ROWS rows, column by column (all threads share it)
+       for each panel of PROMPT_NC weight rows (outputs; the panels are shared out between the threads):
+         decode the panel's block to float32: strips of TILE_COLUMNS rows, column by column
+         for each strip of activation rows, for each strip of the panel: one tile of outputs
+   A tile is 6 rows x 16 outputs, summed over the block in 12 AVX registers: each column k adds one broadcast
+   activation times two vectors of 8 weights per row. */
+#define TILE_ROWS 6       /* 6 x 2 accumulators + 2 weight vectors + 1 broadcast activation: 15 of 16 AVX registers */
+#define TILE_COLUMNS 16   /* outputs per tile: two vectors of 8 floats */
+#define PROMPT_KC 512     /* columns per block, a multiple of every group size (128 at most): fewer blocks, fewer
+                             passes over the outputs; a strip of activations (12 KB) stays in L1 across a panel */
+#define PROMPT_NC 128     /* outputs per panel: 256 KB of decoded weights, inside a 512 KB L2 */
+
+/* In-register transpose of 8 vectors of 8 floats: r[i][j] -> r[j][i] */
+static inline void transpose8(__m256 r[8]) {
+    __m256 t[8], s[8];
+    for (int i = 0; i < 8; i += 2)
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]), t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    for (int i = 0; i < 8; i += 4)
+        for (int j = 0; j < 2; j++) {
+            s[i + 2 * j] = _mm256_shuffle_ps(t[i + j], t[i + j + 2], 0x44);
+            s[i + 2 * j + 1] = _mm256_shuffle_ps(t[i + j], t[i + j + 2], 0xEE);
+        }
+    for (int i = 0; i < 4; i++)
+        r[i] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x20), r[i + 4] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x31);
+}
+
+/* One block (32 columns) of an int4 weight row as floats, in column order: (code - 8) * scale + zero, computed as
+   code * scale + shift with shift = zero - 8 scale (row_scales) */
+static inline void decode_int4_block(const uint8_t *bytes, float scale, float shift, __m256 out[4]) {
+    __m128i packed = _mm_loadu_si128((const __m128i *)bytes), mask = _mm_set1_epi8(0x0F);
+    __m128i low = _mm_and_si128(packed, mask), high = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
+    __m128i codes[2] = {_mm_unpacklo_epi8(low, high), _mm_unpackhi_epi8(low, high)};  /* columns 0-15, 16-31 */
+    __m256 s = _mm256_set1_ps(scale), z = _mm256_set1_ps(shift);
+    for (int i = 0; i < 4; i++) {
+        __m128i eight = i & 1 ? _mm_srli_si128(codes[i / 2], 8) : codes[i / 2];
+        out[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(eight)), s, z);
+    }
+}
+
+/* One block of an int8 weight row as floats: code * scale */
+static inline void decode_int8_block(const int8_t *codes, float scale, __m256 out[4]) {
+    for (int i = 0; i < 4; i++) {
+        __m128i eight = _mm_loadl_epi64((const __m128i *)(codes + 8 * i));
+        out[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(eight)), _mm256_set1_ps(scale));
+    }
+}
+
+typedef struct {     /* a weight as quant.py stores it */
+    int bits;        /* 4: qweight [N, blocks * 16] bytes, scales (zeros) [N, groups] float16, a group 2^group_shift
+                        blocks; 8: qweight [N, blocks * 32] int8, scales [N] float16 */
+    const void *qweight;
+    const uint16_t *scales, *zeros;
+    int blocks, group_shift, rows;
+} Weight;
+
+/* Weight rows n0 .. n0 + 15 (zeros past the last), blocks b0 .. b0 + count - 1, decoded into
+   strip[32 * count][TILE_COLUMNS]: column k of the block, then the 16 rows. Eight rows at a time, a block at a
+   time: each row's 32 floats, then 8 x 8 transposes. */
+static void decode_strip(const Weight *w, int n0, int b0, int count, float *strip) {
+    const int groups = w->blocks >> w->group_shift, g0 = b0 >> w->group_shift;
+    for (int half = 0; half < 2; half++) {
+        float scale[8][PROMPT_KC / 32], shift[8][PROMPT_KC / 32];  /* per row, per group of the block */
+        for (int i = 0; i < 8; i++) {
+            int64_t n = n0 + 8 * half + i;
+            if (n < w->rows && w->bits == 4)
+                row_scales(w->scales + n * groups + g0, w->zeros ? w->zeros + n * groups + g0 : NULL,
+                           count >> w->group_shift, scale[i], shift[i]);
+            else if (n < w->rows)
+                scale[i][0] = _cvtsh_ss(w->scales[n]);
+        }
+        for (int b = 0; b < count; b++) {
+            __m256 v[8][4];
+            for (int i = 0; i < 8; i++) {
+                int64_t n = n0 + 8 * half + i;
+                if (n >= w->rows)
+                    v[i][0] = v[i][1] = v[i][2] = v[i][3] = _mm256_setzero_ps();
+                else if (w->bits == 4)
+                    decode_int4_block((const uint8_t *)w->qweight + (n * w->blocks + b0 + b) * 16,
+                                      scale[i][b >> w->group_shift], shift[i][b >> w->group_shift], v[i]);
+                else
+                    decode_int8_block((const int8_t *)w->qweight + (n * w->blocks + b0 + b) * 32, scale[i][0], v[i]);
+            }
+            for (int q = 0; q < 4; q++) {  /* columns 8q .. 8q + 7 of the block */
+                __m256 t[8];
+                for (int i = 0; i < 8; i++)
+                    t[i] = v[i][q];
+                transpose8(t);
+                for (int j = 0; j < 8; j++)
+                    _mm256_store_ps(strip + (32 * b + 8 * q + j) * TILE_COLUMNS + 8 * half, t[j]);
+            }
+        }
+    }
+}
+
+/* Columns k0 .. k0 + width - 1 of x [M, K] into strips[M / 6 rounded up][width][TILE_ROWS]: column k of the strip,
+   then its 6 rows (zeros past K and past M). Shared out between the threads of the caller's parallel region. */
+static void pack_activations(const float *x, int rows, int in_features, int k0, int width, float *strips) {
+    #pragma omp for schedule(static)
+    for (int s = 0; s < (rows + TILE_ROWS - 1) / TILE_ROWS; s++)
+        for (int i = 0; i < TILE_ROWS; i++) {
+            int m = s * TILE_ROWS + i, valid = m < rows ? in_features - k0 : 0, k = 0;
+            const float *row = x + (int64_t)m * in_features + k0;
+            float *out = strips + (int64_t)s * width * TILE_ROWS + i;
+            for (; k < width && k < valid; k++)
+                out[k * TILE_ROWS] = row[k];
+            for (; k < width; k++)
+                out[k * TILE_ROWS] = 0.0f;
+        }
+}
+
+/* One tile: y[0 .. rows-1][0 .. columns-1] (row stride ldy) = (first block: bias or 0; else y) + the sum over
+   k < width of a[k][i] * b[k][j]. always_inline into one caller: the 12 accumulators stay in registers. */
+static inline __attribute__((always_inline)) void tile(const float *a, const float *b, int width, float *y,
+                                                       int64_t ldy, int rows, int columns, int first,
+                                                       const float *bias) {
+    __m256 acc[TILE_ROWS][2];
+    if (!first)  /* the outputs are read back at the end: fetched while the products run */
+        for (int i = 0; i < rows; i++)
+            _mm_prefetch((const char *)(y + i * ldy), _MM_HINT_T0);
+    for (int i = 0; i < TILE_ROWS; i++)
+        acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    for (int k = 0; k < width; k++) {
+        __m256 b0 = _mm256_load_ps(b + TILE_COLUMNS * k), b1 = _mm256_load_ps(b + TILE_COLUMNS * k + 8);
+        for (int i = 0; i < TILE_ROWS; i++) {
+            __m256 ai = _mm256_broadcast_ss(a + TILE_ROWS * k + i);
+            acc[i][0] = _mm256_fmadd_ps(ai, b0, acc[i][0]);
+            acc[i][1] = _mm256_fmadd_ps(ai, b1, acc[i][1]);
+        }
+    }
+    float sums[TILE_ROWS][TILE_COLUMNS];  /* (a constant loop: a loop over `rows` would keep acc in memory) */
+    for (int i = 0; i < TILE_ROWS; i++)
+        _mm256_storeu_ps(sums[i], acc[i][0]), _mm256_storeu_ps(sums[i] + 8, acc[i][1]);
+    for (int i = 0; i < rows; i++) {
+        float *out = y + i * ldy;
+        if (columns < TILE_COLUMNS)  /* the last tile of a weight whose rows are not a multiple of 16 */
+            for (int j = 0; j < columns; j++)
+                out[j] = (first ? (bias ? bias[j] : 0.0f) : out[j]) + sums[i][j];
+        else
+            for (int j = 0; j < TILE_COLUMNS; j += 8) {
+                __m256 before = !first ? _mm256_loadu_ps(out + j) : bias ? _mm256_loadu_ps(bias + j) : _mm256_setzero_ps();
+                _mm256_storeu_ps(out + j, _mm256_add_ps(before, _mm256_loadu_ps(sums[i] + j)));
+            }
+    }
+}
+
+/* y [M, N] = x [M, K] float32 times the weight's transpose (+ bias [N], if given), all float32; K <= 32 * blocks
+   (the int4 groups' padding columns multiply zeros). Returns 0, or -1 without memory. */
+int prompt_matmul(const void *qweight, const uint16_t *scales, const uint16_t *zeros, int bits, int blocks,
+                  int group_shift, const float *x, int in_features, int rows, float *y, int n_total,
+                  const float *bias) {
+    const Weight w = {bits, qweight, scales, zeros, blocks, group_shift, n_total};
+    const int padded = 32 * blocks, strips = (rows + TILE_ROWS - 1) / TILE_ROWS;
+    float *activations = aligned_alloc(64, sizeof(float) * strips * PROMPT_KC * TILE_ROWS);
+    int failed = 0;
+    if (!activations)
+        return -1;
+    #pragma omp parallel
+    {
+        float *panel = aligned_alloc(64, sizeof(float) * PROMPT_KC * PROMPT_NC);  /* per thread */
+        if (!panel)
+            #pragma omp atomic write
+            failed = 1;
+        for (int k0 = 0; k0 < padded; k0 += PROMPT_KC) {
+            int width = padded - k0 < PROMPT_KC ? padded - k0 : PROMPT_KC;
+            pack_activations(x, rows, in_features, k0, width, activations);  /* ends with a barrier */
+            #pragma omp for schedule(static)  /* the same panels to the same thread in every block */
+            for (int n0 = 0; n0 < n_total; n0 += PROMPT_NC) {
+                if (!panel)
+                    continue;
+                int outputs = n_total - n0 < PROMPT_NC ? n_total - n0 : PROMPT_NC;
+                for (int j = 0; j < outputs; j += TILE_COLUMNS)
+                    decode_strip(&w, n0 + j, k0 / 32, width / 32, panel + (int64_t)j * width);
+                for (int s = 0; s < strips; s++)
+                    for (int j = 0; j < outputs; j += TILE_COLUMNS)
+                        tile(activations + (int64_t)s * width * TILE_ROWS, panel + (int64_t)j * width, width,
+                             y + (int64_t)s * TILE_ROWS * n_total + n0 + j, n_total,
+                             rows - s * TILE_ROWS < TILE_ROWS ? rows - s * TILE_ROWS : TILE_ROWS,
+                             outputs - j < TILE_COLUMNS ? outputs - j : TILE_COLUMNS, k0 == 0,
+                             bias ? bias + n0 + j : NULL);
+            }
+        }
+        free(panel);
+    }
+    free(activations);
+    return failed ? -1 : 0;
+}
+
 /* 8 keys' or values' elements, 16-bit (float16, or bfloat16 whose 16 bits are the top of a float32), as float32 */
 static inline __m256 load8(const uint16_t *p, int bfloat16) {
     __m128i bits = _mm_loadu_si128((const __m128i *)p);

@@ -76,7 +76,7 @@ def enable(model: nn.Module, int8_activations: bool | str = False) -> str:
         count = set_int8_activations(model, True, large_inputs)
     else:
         count = 0
-        choose_decode_kernels(packed, int8_activations=False)
+        choose_compiled_kernels(packed, int8_activations=False)
     for layer in packed:
         if layer.fast_path_supported():
             layer.prepare_fast_path()
@@ -91,6 +91,9 @@ def enable(model: nn.Module, int8_activations: bool | str = False) -> str:
         sixteen = sum(1 for layer in packed if layer.int16_decode)
         if sixteen:
             said.append(f"{sixteen} layers decoding through kernels.c (16-bit activations)")
+        prompts = sum(1 for layer in packed if layer.prompt_in_c)
+        if prompts:
+            said.append(f"prompts through kernels.c in {prompts} layers")
     if int8_activations:
         said.append(int8_activations_said(packed, count, large_inputs))
     return ", ".join(said) or "nothing to speed up"
@@ -175,7 +178,10 @@ def compiled_kernels():
             [integer] * 2
         library.attend_one_row.argtypes = [pointer] * 4 + [integer] * 5 + [ctypes.c_int64] * 2 + [integer, ctypes.c_float]
         library.int8_matmul.argtypes = [pointer, pointer, integer, pointer, integer, pointer, integer, integer]
-        for kernel in (library.int4_matmul, library.int8_matmul, library.attend_one_row):
+        # prompt_matmul(qweight, scales, zeros, bits, blocks, group_shift, x, K, rows, y, N, bias)
+        library.prompt_matmul.argtypes = [pointer] * 3 + [integer] * 3 + [pointer] + [integer] * 2 + [pointer] + \
+            [integer, pointer]
+        for kernel in (library.int4_matmul, library.int8_matmul, library.prompt_matmul, library.attend_one_row):
             kernel.restype = integer
         return library if compiled_kernels_agree(library) else None
     except (OSError, subprocess.SubprocessError, AttributeError):  # no compiler, a failed compile, a bad library
@@ -186,11 +192,11 @@ def compiled_kernels_agree(library) -> bool:
     """Whether the kernels match the readable path on small random inputs: int4_matmul and int8_matmul
     quant.QuantLinear's product within the activations' rounding (int8 ones ~0.5%, 16-bit ones within 1e-4; both int4
     schemes, groups of 32 and of 64 with padding, an odd number of blocks; one row, a decode step, and five: a tile
-    of 4 and one more), and
-    attend_one_row attend_one_row_in_torch within float32 rounding (both 16-bit dtypes, grouped heads, a cache
-    preallocated longer than the keys)."""
+    of 4 and one more), prompt_matmul it within float32 rounding (the same weights, seven rows: a tile of 6 and one
+    more), and attend_one_row attend_one_row_in_torch within float32 rounding (both 16-bit dtypes, grouped heads, a
+    cache preallocated longer than the keys)."""
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(5, 288, generator=generator)  # 288 columns: 9 blocks, 9 groups of 32 (8 at a time, and 1)
+    x = torch.randn(7, 288, generator=generator)  # 288 columns: 9 blocks, 9 groups of 32 (8 at a time, and 1)
     for scheme, group_size in (("symmetric", 32), ("asymmetric", 64)):
         layer = quant.QuantLinear.from_linear(nn.Linear(288, 48, bias=False), 4, group_size, scheme=scheme)
         with torch.no_grad():
@@ -201,6 +207,8 @@ def compiled_kernels_agree(library) -> bool:
                                        group_size, library, bits)
             if not (got - want).norm() < tolerance * want.norm():
                 return False
+        if not prompt_agrees(library, layer, x):
+            return False
     layer = quant.QuantLinear.from_linear(nn.Linear(288, 48, bias=False), 8)
     with torch.no_grad():
         layer.load_quantized(torch.randn(48, 288, generator=generator))
@@ -208,6 +216,8 @@ def compiled_kernels_agree(library) -> bool:
         got, want = int8_matmul_compiled(x[:rows], layer.qweight, layer.scales, library, bits), layer(x[:rows])
         if not (got - want).norm() < tolerance * want.norm():
             return False
+    if not prompt_agrees(library, layer, x):
+        return False
     for dtype in (torch.float16, torch.bfloat16):
         q = torch.randn(1, 4, 1, 16, generator=generator)
         k, v = (torch.randn(1, 2, 40, 16, generator=generator).to(dtype)[:, :, :37] for _ in range(2))
@@ -215,6 +225,14 @@ def compiled_kernels_agree(library) -> bool:
                               rtol=1e-4, atol=1e-5):
             return False
     return True
+
+
+def prompt_agrees(library, layer, x) -> bool:
+    """Whether kernels.c's prompt product of the quant.QuantLinear `layer` is its readable product of x, within
+    float32 rounding."""
+    got = prompt_matmul_compiled(x, layer.qweight, layer.scales, layer._buffers.get("zeros"), layer.group_size,
+                                 library=library)
+    return torch.allclose(got, layer(x), rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -584,7 +602,7 @@ def set_int8_activations(model: nn.Module, enabled: bool = True, large_inputs: b
         if not isinstance(layer, PackedQuantLinear):
             layer.__class__ = PackedQuantLinear
         layer.int8_activations = enabled and large_inputs
-    choose_decode_kernels(layers, int8_activations=enabled)
+    choose_compiled_kernels(layers, int8_activations=enabled)
     for module in model.modules():  # a fused q/k/v whose layers gave their kernel layout up
         fused = module.__dict__.get("fused_qkv")
         if fused is not None and not fused.valid():
@@ -593,13 +611,15 @@ def set_int8_activations(model: nn.Module, enabled: bool = True, large_inputs: b
     return sum(1 for layer in layers if enabled and (large or layer.int8_decode))
 
 
-def choose_decode_kernels(layers, int8_activations: bool):
-    """Which kernel decodes each PackedQuantLinear: where kernels.c's products pay, it does, with 16-bit
-    activations, or with int8 ones when int8_activations (int8 layers: where K is a multiple of 32); elsewhere
-    torch's packed kernels (bfloat16 activations)."""
+def choose_compiled_kernels(layers, int8_activations: bool):
+    """Which kernels multiply each PackedQuantLinear. Where kernels.c's products pay (int8 layers: where K is a
+    multiple of 32), they decode, with 16-bit activations or with int8 ones when int8_activations, and they take
+    prompts (more than FAST_PATH_MAX_ROWS rows) in float32; elsewhere torch's packed kernels decode (bfloat16
+    activations) and prompts are dequantized."""
     pay = compiled_products_pay()
     for layer in layers:
         compiled = pay and (layer.bits == 4 or layer.in_features % BLOCK == 0)
+        layer.prompt_in_c = compiled
         int8, int16 = compiled and int8_activations, compiled and not int8_activations
         if (int8, int16) != (layer.int8_decode, layer.int16_decode):
             layer.release_kernel_tensors()  # the other decode kernel reads another layout: built again when used
@@ -682,6 +702,26 @@ def int8_matmul_compiled(x, qweight, scales, library=None, activation_bits=8):
     return y.view(*x.shape[:-1], qweight.shape[0])
 
 
+def prompt_matmul_compiled(x, qweight, scales, zeros, group_size, bias=None, library=None):
+    """x (..., K) times a weight as quant.py stores it (int4: qweight [N, Kp/2] uint8, scales (and zeros) [N, Kp/G];
+    int8: qweight [N, K] int8, K a multiple of 32, scales [N]) plus bias -> (..., N) float32, by kernels.c's prompt
+    product: float32 throughout, the readable product's numbers summed in another order."""
+    library = library or compiled_kernels()
+    bits = 8 if qweight.dtype == torch.int8 else 4
+    out_features, blocks = qweight.shape[0], qweight.shape[1] * (2 if bits == 4 else 1) // BLOCK
+    group_shift = 0 if bits == 8 else (group_size // BLOCK).bit_length() - 1
+    x2d = x.reshape(-1, x.shape[-1]).float().contiguous()
+    y = torch.empty(x2d.shape[0], out_features, dtype=torch.float32)
+    qweight, scales = qweight.contiguous(), scales.contiguous()
+    zeros = None if zeros is None else zeros.contiguous()
+    bias = None if bias is None else bias.detach().float().contiguous()
+    if library.prompt_matmul(qweight.data_ptr(), scales.data_ptr(), None if zeros is None else zeros.data_ptr(), bits,
+                             blocks, group_shift, x2d.data_ptr(), x2d.shape[1], x2d.shape[0], y.data_ptr(),
+                             out_features, None if bias is None else bias.data_ptr()):
+        raise MemoryError("kernels.c: no memory for the prompt product's panels")
+    return y.view(*x.shape[:-1], out_features)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 3e. PackedQuantLinear: quant.QuantLinear with the fast paths. Same buffers, same file format, same numbers
 #     within the kernels' bfloat16 rounding of the activations.
@@ -698,7 +738,8 @@ class PackedQuantLinear(quant.QuantLinear):
     kernel_holds = ()      # the buffers whose only copy is in kernel_tensors (dropped from _buffers)
     int8_activations = False  # the opt-in W8A8 path for large inputs (set_int8_activations)
     int8_decode = False       # decode with int8 activations, by kernels.c (set_int8_activations)
-    int16_decode = False      # decode with 16-bit activations, by kernels.c (choose_decode_kernels)
+    int16_decode = False      # decode with 16-bit activations, by kernels.c (choose_compiled_kernels)
+    prompt_in_c = False       # larger inputs by kernels.c's float32 prompt product (choose_compiled_kernels)
 
     def forward(self, x):  # x: (..., K) -> (..., N)
         rows = x.numel() // self.in_features
@@ -706,6 +747,8 @@ class PackedQuantLinear(quant.QuantLinear):
             return self.forward_fast(x)
         if self.int8_activations and self.int8_activations_supported(x):
             return self.forward_int8_activations(x)
+        if self.prompt_in_c and self.compiled_prompt_applies(x):
+            return self.forward_compiled_prompt(x)
         return self.forward_readable(x)
 
     # -- the stored tensors, wherever they are held ----------------------------------------------------------
@@ -898,7 +941,7 @@ class PackedQuantLinear(quant.QuantLinear):
 
     @property
     def decodes_in_c(self) -> bool:
-        """Whether decode goes through kernels.c, with int8 or 16-bit activations (choose_decode_kernels)."""
+        """Whether decode goes through kernels.c, with int8 or 16-bit activations (choose_compiled_kernels)."""
         return (self.int8_decode or self.int16_decode) and compiled_kernels() is not None
 
     @property
@@ -914,6 +957,19 @@ class PackedQuantLinear(quant.QuantLinear):
             y = int8_matmul_compiled(x, self.qweight, self.scales, activation_bits=8 if self.int8_decode else 16)
         bias = self._parameters.get("bias")
         return (y if bias is None else y.add_(bias)).to(x.dtype)
+
+    def compiled_prompt_applies(self, x) -> bool:
+        # The stored buffers on the CPU (not only a kernel layout's copy), no autograd (the product has no
+        # backward), and the library here.
+        return (not torch.is_grad_enabled() and x.device.type == "cpu" and not self.kernel_holds
+                and self._buffers["qweight"].device.type == "cpu" and compiled_kernels() is not None)
+
+    def forward_compiled_prompt(self, x):
+        """kernels.c's prompt product from the stored buffers: each weight decoded once, in cache, straight into
+        the float32 layout its matrix product reads; the readable path's numbers in another order of sums."""
+        y = prompt_matmul_compiled(x, self.qweight, self.scales, self._buffers.get("zeros"), self.group_size,
+                                   self._parameters.get("bias"))
+        return y.to(x.dtype)
 
     def int8_activations_supported(self, x) -> bool:
         # On the CPU only, and not where autograd needs a gradient through x: the rounding has none.

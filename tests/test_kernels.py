@@ -365,6 +365,66 @@ def test_compiled_decode_of_int8_is_the_readable_product_of_the_rounded_activati
     assert not odd.int8_decode
 
 
+def prompt_through(layer, monkeypatch):
+    """A PackedQuantLinear holding `layer`'s tensors, its prompts through kernels.c; the calls are counted."""
+    fast = decode_through(layer, 16)
+    fast.prompt_in_c = True
+    calls = []
+    compiled = kernels.prompt_matmul_compiled
+    monkeypatch.setattr(kernels, "prompt_matmul_compiled", lambda *a, **k: calls.append(1) or compiled(*a, **k))
+    return fast, calls
+
+
+@needs_compiled
+@pytest.mark.parametrize("out_features, in_features, group_size, scheme", [
+    (48, 288, 32, "symmetric"), (24, 200, 64, "asymmetric"),  # padded columns
+    (17, 96, 32, "asymmetric"),  # 17 outputs: a last tile of 1 of 16
+    (300, 1100, 128, "asymmetric"), (260, 1056, 32, "symmetric")])  # 3 blocks of columns (512, 512, 128 or 32),
+@pytest.mark.parametrize("rows", [65, 72, 200])  # 3 panels of outputs (128, 128, 44 or 4); a last tile of 5 rows
+@pytest.mark.parametrize("bias", [True, False])
+def test_compiled_prompt_of_int4_is_the_readable_product(out_features, in_features, group_size, scheme, rows, bias,
+                                                         monkeypatch):
+    layer = int4_layer(out_features, in_features, group_size, scheme, bias)
+    x = torch.randn(rows, in_features) * 2
+    fast, calls = prompt_through(layer, monkeypatch)
+    with torch.inference_mode():
+        got, want = fast(x), layer(x)
+    assert calls == [1] and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # float32 sums in another order, nothing rounded
+    with torch.inference_mode():
+        half = fast(x.to(torch.bfloat16))  # a bfloat16 model: the same product, in its dtype
+    torch.testing.assert_close(half, layer(x.to(torch.bfloat16).float()).to(torch.bfloat16))
+
+
+@needs_compiled
+@pytest.mark.parametrize("out_features, in_features", [(40, 96), (150, 1056)])
+def test_compiled_prompt_of_int8_is_the_readable_product(out_features, in_features, monkeypatch):
+    generator = torch.Generator().manual_seed(0)
+    layer = quant.QuantLinear.from_linear(nn.Linear(in_features, out_features), 8)
+    with torch.no_grad():
+        layer.load_quantized(torch.randn(out_features, in_features, generator=generator) * 0.08)
+        layer.bias.normal_(0, 0.5, generator=generator)
+        layer.qweight[0, :3] = torch.tensor([-127, 127, -128], dtype=torch.int8)  # the extremes
+    x = torch.randn(2, 70, in_features, generator=generator) * 2  # (B, T, K): 140 rows
+    fast, calls = prompt_through(layer, monkeypatch)
+    with torch.inference_mode():
+        got, want = fast(x), layer(x)
+    assert calls == [1] and got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_compiled
+def test_compiled_prompt_leaves_autograd_and_small_inputs_alone(monkeypatch):
+    layer = int4_layer(48, 288, 32, "symmetric", True)
+    fast, calls = prompt_through(layer, monkeypatch)
+    x = torch.randn(70, 288, requires_grad=True)
+    fast(x).sum().backward()  # with autograd: the readable path, which has a backward
+    assert not calls and x.grad is not None
+    with torch.no_grad():
+        fast(x[:5])  # a decode-sized input: the decode kernels
+    assert not calls
+
+
 @needs_compiled
 @pytest.mark.parametrize("avx512", [False, True])
 def test_compiled_decode_is_chosen_by_capability(monkeypatch, avx512):
@@ -379,6 +439,7 @@ def test_compiled_decode_is_chosen_by_capability(monkeypatch, avx512):
     kernels.enable(plain)  # without int8 activations: 16-bit ones, through kernels.c where it pays
     layers = [m for m in plain.modules() if isinstance(m, kernels.PackedQuantLinear)]
     assert all(m.int16_decode == m.compiled == (not avx512) and not m.int8_decode for m in layers)
+    assert all(m.prompt_in_c == (not avx512) for m in layers)  # prompts too: AVX-512 keeps torch's product
 
 
 def test_no_compiler_or_a_failed_compile_means_no_compiled_kernel(tmp_path, monkeypatch):
