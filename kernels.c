@@ -1,9 +1,10 @@
 /*
- * kernels.c: the fast layer's compiled part, for x86 CPUs with AVX2, FMA and F16C. The kernels of a decode step
+ * kernels.c: the fast layer's compiled part, for x86 CPUs with AVX2, FMA and F16C. The kernels of a quantized model
  * where torch's own are slow on such CPUs (docs/benchmarks.md has the measurements):
  *   int4_matmul     int4 weights times 16-bit integer activations: the default int4 decode; or times int8
  *                   activations (W4A8), for --int8-activations
  *   int8_matmul     the same for int8 weights (an int4 model's lm_head; int8 models)
+ *   prompt_matmul   many rows (a prompt) times int4 or int8 weights in float32, each weight decoded once, in cache
  *   attend_one_row  one query row's attention over a 16-bit KV cache, without a float32 copy of the cache
  * kernels.py compiles this file on first use where a C compiler exists, checks each kernel against the readable
  * path, and calls them through ctypes; without a compiler, nothing changes. The work of each call is shared out

@@ -8,7 +8,7 @@ it never changes the meaning of. A program switches it on with one call:
 Without that call everything works, the readable way, slower. What enable() does, each chosen by a capability
 check made once, and each pinned to the readable path by a test (tests/test_kernels.py, tests/test_quant.py):
   0. On x86 CPUs with AVX2, where a C compiler exists, it compiles kernels.c once (a cache folder) and checks it:
-     decode kernels torch lacks there. Without a compiler, everything below still works, with torch's.
+     kernels torch lacks there. Without a compiler, everything below still works, with torch's.
   1. Phi-2's MLP computes its GELU in place when autograd is off (one (T, 10240) tensor fewer at prefill), and
      decode attention over a 16-bit KV cache (every decoder) multiplies in float32: kernels.c reading the cache as
      it is, else written out in torch (both faster than the fused kernel).
@@ -17,9 +17,10 @@ check made once, and each pinned to the readable path by a test (tests/test_kern
   3. QuantLinear layers become PackedQuantLinear. Decode (up to FAST_PATH_MAX_ROWS rows): on CPUs without AVX-512,
      kernels.c's integer products (16-bit activations; int8 ones with int8_activations), reading the stored
      tensors; elsewhere torch's packed int8 / int4 kernels, the weight held once in the kernel's own layout, an
-     int4 attention layer's q, k, v as one product. Large inputs:
-     dequantized a slice of rows at a time into reused scratch memory, or with int8_activations int8 x int8
-     products (W8A8) on CPUs with int8 dot-product instructions.
+     int4 attention layer's q, k, v as one product. Large inputs (prompts, the vision tower): on CPUs without
+     AVX-512, kernels.c's float32 prompt product, each weight decoded once into cache; elsewhere dequantized a
+     slice of rows at a time into reused scratch memory; with int8_activations, int8 x int8 products (W8A8)
+     where the CPU has int8 dot-product instructions.
 Measurements behind these choices are in docs/benchmarks.md and docs/quantization.md.
 """
 
@@ -115,8 +116,8 @@ def int8_activations_said(layers, count, large_inputs) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 0. kernels.c, the compiled part: three decode kernels for x86 CPUs with AVX2, where torch's are slow (its header
-#    says why), compiled once per machine into a cache folder where a C compiler exists, checked, loaded with ctypes.
+# 0. kernels.c, the compiled part: kernels for x86 CPUs with AVX2 where torch's are slow (its header says why),
+#    compiled once per machine into a cache folder where a C compiler exists, checked, loaded with ctypes.
 
 
 @functools.cache
@@ -655,15 +656,20 @@ def rescale_int32_(acc, row_scale, channel_scale, bias, out):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 3d. Decode by kernels.c's integer products, on x86 CPUs without AVX-512.
+# 3d. kernels.c's products, on x86 CPUs without AVX-512: decode in integers, prompts in float32.
 #
 # There torch's int4 and int8 kernels run their AVX2 code, bound by arithmetic rather than by memory: they convert
 # every weight to a float and multiply it by a bfloat16 activation. kernels.c rounds the activations to integers
 # per block of 32 and multiplies the codes by them as integers, reading our formats as stored (qweight and the
 # float16 scales: no second layout, so less memory than torch's). By default to 16 bits (~1e-5 from the float
 # product, closer than torch's bfloat16 activations), with --int8-activations to 8 bits (~0.5%, 32 products to an
-# instruction, the way llama.cpp's Q4_0 / Q8_0 x Q8_0 products do). Large inputs (prefill, vision) keep the paths
-# above.
+# instruction, the way llama.cpp's Q4_0 / Q8_0 x Q8_0 products do).
+#
+# Large inputs (a prompt, the vision tower) are bound by arithmetic anywhere: ~2 * rows operations per weight read.
+# Dequantizing writes the whole weight out in float32 and reads it back for torch's product; kernels.c's
+# prompt_matmul decodes each weight once, into a panel that stays in cache, and multiplies it there in float32
+# register tiles: the readable path's numbers, faster on AVX2 CPUs (docs/benchmarks.md). With AVX-512,
+# torch's product runs twice as wide, and is kept.
 
 BLOCK = 32  # activations per rounding step in kernels.c (llama.cpp's Q8_0 block): 16 bytes of int4 codes
 
@@ -729,9 +735,9 @@ def prompt_matmul_compiled(x, qweight, scales, zeros, group_size, bias=None, lib
 
 class PackedQuantLinear(quant.QuantLinear):
     """Decode (<= FAST_PATH_MAX_ROWS rows) through kernels.c's products (reading the stored tensors) or torch's
-    packed kernels; larger inputs dequantized a slice of rows at a time into scratch memory (or with int8
-    activations). For torch's int4 kernel the codes and scales are held once, in its layout, when that layout is
-    verified to give them back exactly."""
+    packed kernels; larger inputs through kernels.c's prompt product, or dequantized a slice of rows at a time into
+    scratch memory (or with int8 activations). For torch's int4 kernel the codes and scales are held once, in its
+    layout, when that layout is verified to give them back exactly."""
 
     kernel_tensors = None  # the packed kernels' private layout, built by prepare_fast_path, never saved
     kernel_layout = None   # an INT4_KERNEL_LAYOUTS name when the codes live only in kernel_tensors[0]

