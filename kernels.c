@@ -575,7 +575,8 @@ static inline __attribute__((always_inline)) void tile(const float *a, const flo
                 out[j] = (first ? (bias ? bias[j] : 0.0f) : out[j]) + sums[i][j];
         else
             for (int j = 0; j < TILE_COLUMNS; j += 8) {
-                __m256 before = !first ? _mm256_loadu_ps(out + j) : bias ? _mm256_loadu_ps(bias + j) : _mm256_setzero_ps();
+                __m256 before = !first ? _mm256_loadu_ps(out + j)
+                                       : bias ? _mm256_loadu_ps(bias + j) : _mm256_setzero_ps();
                 _mm256_storeu_ps(out + j, _mm256_add_ps(before, _mm256_loadu_ps(sums[i] + j)));
             }
     }

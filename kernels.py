@@ -177,7 +177,8 @@ def compiled_kernels():
         # int4_matmul(qweight, scales, zeros, blocks, group_shift, x, K, rows, y, N, bits)
         library.int4_matmul.argtypes = [pointer] * 3 + [integer] * 2 + [pointer] + [integer] * 2 + [pointer] + \
             [integer] * 2
-        library.attend_one_row.argtypes = [pointer] * 4 + [integer] * 5 + [ctypes.c_int64] * 2 + [integer, ctypes.c_float]
+        library.attend_one_row.argtypes = [pointer] * 4 + [integer] * 5 + [ctypes.c_int64] * 2 + \
+            [integer, ctypes.c_float]
         library.int8_matmul.argtypes = [pointer, pointer, integer, pointer, integer, pointer, integer, integer]
         # prompt_matmul(qweight, scales, zeros, bits, blocks, group_shift, x, K, rows, y, N, bias)
         library.prompt_matmul.argtypes = [pointer] * 3 + [integer] * 3 + [pointer] + [integer] * 2 + [pointer] + \
