@@ -16,8 +16,8 @@ check made once, and each pinned to the readable path by a test (tests/test_kern
      torch.addmv (matrix x vector), which reads the weight faster than F.linear's general product there.
   3. QuantLinear layers become PackedQuantLinear. Decode (up to FAST_PATH_MAX_ROWS rows): on CPUs without AVX-512,
      kernels.c's integer products (16-bit activations; int8 ones with int8_activations), reading the stored
-     tensors; elsewhere torch's packed int8 / int4 kernels, the weight held once in the kernel's own layout, an
-     int4 attention layer's q, k, v as one product. Large inputs (prompts, the vision tower): on CPUs without
+     tensors; elsewhere torch's packed int8 / int4 kernels, the weight held once in the kernel's own layout; either
+     way an int4 attention layer's q, k, v as one product. Large inputs (prompts, the vision tower): on CPUs without
      AVX-512, kernels.c's float32 prompt product, each weight decoded once into cache; elsewhere dequantized a
      slice of rows at a time into reused scratch memory; with int8_activations, int8 x int8 products (W8A8)
      where the CPU has int8 dot-product instructions.
@@ -355,23 +355,34 @@ class LlamaDecodeAttention(imp.LlamaAttention):
 
 class FusedProjection:
     """q_proj, k_proj and v_proj of one attention layer as one int4 product (rows q, then k, then v): a decode step
-    calls the packed kernel once per layer instead of three times, and the larger product runs faster per weight.
-    The three layers keep working on their own: their kernel layouts become views into this one's tensors (the
-    codes' rows are contiguous; the (scale, zero) pairs are a strided slice), so no weight is held twice.
+    calls the kernel once per layer instead of three times (the activations rounded once, for kernels.c), and the
+    larger product runs faster per weight. The three layers keep working on their own, on views into this one's
+    tensors, so no weight is held twice:
+      torch's int4 kernel: their kernel layouts (the codes' rows are contiguous; the (scale, zero) pairs a strided
+        slice);
+      kernels.c: their stored buffers, row slices of one tensor per buffer.
     Not a module: nothing is saved from it, and it gives way (valid() is False) as soon as any of the three layers
-    rebuilds its kernel layout (a move, a load_state_dict)."""
+    rebuilds its kernel layout (a move, a load_state_dict, another decode kernel)."""
 
     def __init__(self, layers):
         self.layers, self.sizes = layers, [layer.out_features for layer in layers]
         first = layers[0]
-        self.in_features, self.group_size = first.in_features, first.group_size
-        self.codes = torch.cat([layer.kernel_tensors[0] for layer in layers])  # [Nq + Nk + Nv, Kp/2] uint8
-        self.pairs = torch.cat([layer.kernel_tensors[1] for layer in layers], dim=1)  # [Kp/G, N, 2] bfloat16
+        self.in_features, self.group_size, self.in_c = first.in_features, first.group_size, first.compiled
         biases = [layer._parameters.get("bias") for layer in layers]
         self.bias = None if biases[0] is None else torch.cat([b.detach().float() for b in biases])
+        if self.in_c:  # [Nq + Nk + Nv, ...] per stored buffer; each layer's buffers become its rows
+            self.buffers = {name: torch.cat([layer._buffers[name] for layer in layers])
+                            for name in first.expected_buffers()}
+        else:
+            self.codes = torch.cat([layer.kernel_tensors[0] for layer in layers])  # [Nq + Nk + Nv, Kp/2] uint8
+            self.pairs = torch.cat([layer.kernel_tensors[1] for layer in layers], dim=1)  # [Kp/G, N, 2] bfloat16
         start = 0
         for layer, rows in zip(layers, self.sizes):
-            layer.kernel_tensors = (self.codes[start:start + rows], self.pairs[:, start:start + rows])
+            if self.in_c:
+                layer._buffers.update({name: tensor[start:start + rows] for name, tensor in self.buffers.items()})
+                layer.kernel_tensors = tuple(layer._buffers[name] for name in layer.expected_buffers())
+            else:
+                layer.kernel_tensors = (self.codes[start:start + rows], self.pairs[:, start:start + rows])
             start += rows
         self.views = [layer.kernel_tensors for layer in layers]
 
@@ -379,6 +390,12 @@ class FusedProjection:
         return all(layer.kernel_tensors is views for layer, views in zip(self.layers, self.views))
 
     def __call__(self, x):  # x (..., K) float -> q, k, v (..., N_i) float32
+        if self.in_c:
+            bits = 8 if self.layers[0].int8_decode else 16
+            y = int4_matmul_compiled(x, self.buffers["qweight"], self.buffers["scales"], self.buffers.get("zeros"),
+                                     self.group_size, activation_bits=bits)
+            y = y if self.bias is None else y.add_(self.bias)
+            return y.split(self.sizes, dim=-1)
         x2d = aligned(x.reshape(-1, self.in_features).to(KERNEL_DTYPE))
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.codes, self.group_size, self.pairs)
         y = y.float() if self.bias is None else torch.add(y, self.bias)  # bfloat16 + float32 sums in float32
@@ -387,16 +404,23 @@ class FusedProjection:
 
 def fuse_projections(attention) -> bool:
     """Give `attention` a FusedProjection of its q/k/v when all three are int4 PackedQuantLinear layers with the
-    same settings, each holding its codes only in the kernel's layout (else fusing would copy them) in whole blocks
-    of rows (the kernel lays a partial last block out differently), with no padded columns; True if so."""
+    same settings (and bias or not), prepared for the same kernel: kernels.c (it reads the stored buffers, any
+    shape), or torch's int4 kernel holding the codes only in its layout (else fusing would copy them) in whole blocks
+    of rows (it lays a partial last block out differently), with no padded columns. True if fused."""
     layers = [attention.q_proj, attention.k_proj, attention.v_proj]
     first = layers[0]
     if not all(isinstance(layer, PackedQuantLinear) and layer.bits == 4 and layer.kernel_tensors is not None
-               and "qweight" in layer.kernel_holds and layer.kernel_tensors[0].dtype == torch.uint8
-               and layer.out_features % INT4_KERNEL_LAYOUTS[layer.kernel_layout][0] == 0  # whole blocks of rows
-               and padded_in_features(layer.in_features, 4, layer.group_size) == layer.in_features  # no padding
-               and (layer.in_features, layer.group_size) == (first.in_features, first.group_size)
+               and (layer.in_features, layer.group_size, layer.scheme) == (first.in_features, first.group_size,
+                                                                           first.scheme)
                and (layer.bias is None) == (first.bias is None) for layer in layers):
+        return False
+    in_c = all(layer.compiled and layer.int8_decode == first.int8_decode for layer in layers)
+    in_torch = all(not layer.compiled and "qweight" in layer.kernel_holds
+                   and layer.kernel_tensors[0].dtype == torch.uint8
+                   and layer.out_features % INT4_KERNEL_LAYOUTS[layer.kernel_layout][0] == 0  # whole blocks of rows
+                   and padded_in_features(layer.in_features, 4, layer.group_size) == layer.in_features  # no padding
+                   for layer in layers)
+    if not (in_c or in_torch):
         return False
     attention.__dict__["fused_qkv"] = FusedProjection(layers)  # a plain attribute: not a submodule, never saved
     return True

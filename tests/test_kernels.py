@@ -1,5 +1,7 @@
 """kernels.py, the fast layer: each speed path against the readable one (imp.py, quant.py). The packed int8 / int4
 kernels have their own, larger set in test_quant.py."""
+import collections
+
 import pytest
 import torch
 import torch.nn as nn
@@ -328,11 +330,14 @@ def test_enable_with_int8_activations_decodes_through_the_compiled_kernels(monke
     assert {m.bits for m in layers} == {4, 8}
     assert f"int8 activations in {len(layers)} layers decoding through kernels.c" in said
     assert all(m.compiled and m.int8_decode and not m.int8_activations for m in layers)
-    assert not any(m.__dict__.get("fused_qkv") for m in model.modules())  # q, k, v read from qweight, unfused
+    fused = [m.fused_qkv for m in model.modules() if m.__dict__.get("fused_qkv")]
+    assert len(fused) == 2 and all(f.in_c for f in fused)  # each decoder layer's q, k, v: one compiled product
     ids, pixels = prompt(model)
     with torch.inference_mode():
         got, want = model(ids, pixels), readable(ids, pixels)  # 14 rows: all through the compiled kernels
-    assert sorted(calls) == sorted(f"int{m.bits}_matmul_compiled" for m in layers)
+    expected = collections.Counter(f"int{m.bits}_matmul_compiled" for m in layers)
+    expected["int4_matmul_compiled"] -= 2 * len(fused)  # q, k, v: one call instead of three
+    assert collections.Counter(calls) == expected
     assert 1e-4 < (got - want).norm() / want.norm() < 0.05
     # switched off again: kernels.c with 16-bit activations, from the same stored tensors
     assert kernels.set_int8_activations(model, False) == 0
@@ -342,6 +347,46 @@ def test_enable_with_int8_activations_decodes_through_the_compiled_kernels(monke
     assert sorted(calls) == sorted(f"int{m.bits}_matmul_compiled" for m in layers)
     assert all(m.compiled and m.int16_decode and not m.int8_decode for m in layers)
     assert (got - want).norm() / want.norm() < 1e-3
+
+
+@needs_compiled
+@pytest.mark.parametrize("int8_activations", [False, True])
+def test_compiled_fused_q_k_v_are_the_three_layers_exactly(tmp_path, monkeypatch, int8_activations):
+    flags = kernels.cpu_flags() - {"avx512f"}  # a CPU where kernels.c decodes
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: flags)
+    fused, separate = int4_tiny_imp(), int4_tiny_imp()
+    assert "q, k, v in one product in 2 layers" in kernels.enable(fused, int8_activations)
+    with monkeypatch.context() as patch:
+        patch.setattr(kernels, "fuse_projections", lambda attention: False)
+        kernels.enable(separate, int8_activations)
+    attention, alone = fused.llm.layers[1].self_attn, separate.llm.layers[1].self_attn
+    x = torch.randn(1, 3, 64)
+    rotary = imp.rotary_cos_sin(torch.arange(5, 8), 32, 10000.0, torch.float32)
+    with torch.inference_mode():
+        for got, want in zip(attention.project(x, rotary), alone.project(x, rotary)):
+            assert torch.equal(got, want)  # the activations rounded once instead of three times, identically
+        ids, pixels = prompt(fused)
+        assert list(fused.generate(ids, pixels, max_new_tokens=6, stop_ids=[])) == \
+            list(separate.generate(ids, pixels, max_new_tokens=6, stop_ids=[]))
+    for name in ("q_proj", "k_proj", "v_proj"):  # each layer: views of the fused buffers, saved as its own tensors
+        mine, theirs = getattr(attention, name), getattr(alone, name)
+        assert mine.qweight._base is attention.fused_qkv.buffers["qweight"]
+        assert mine.resident_bytes() == theirs.resident_bytes()
+        assert all(torch.equal(a, b) for a, b in zip(mine.state_dict().values(), theirs.state_dict().values()))
+    imp.save_safetensors_file(dict(fused.state_dict()), tmp_path / "fused.safetensors")  # slices save as they are
+    from safetensors.torch import load_file
+    saved = load_file(tmp_path / "fused.safetensors")
+    assert all(torch.equal(saved[key], value) for key, value in separate.state_dict().items())
+    other = int4_tiny_imp()
+    other.llm.layers[1].self_attn.k_proj.qweight.bitwise_xor_(0x11)  # another weight for k
+    attention.load_state_dict(other.llm.layers[1].self_attn.state_dict())
+    assert not attention.fused_qkv.valid()  # the loaded layers, each on its own
+    with torch.inference_mode():
+        got = attention.project(x, rotary)
+        kernels.enable(other, int8_activations)
+        want = other.llm.layers[1].self_attn.project(x, rotary)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
 
 
 @needs_compiled
