@@ -645,7 +645,6 @@ def choose_compiled_kernels(layers, int8_activations: bool):
     pay = compiled_products_pay()
     for layer in layers:
         compiled = pay and (layer.bits == 4 or layer.in_features % BLOCK == 0)
-        layer.prompt_in_c = compiled
         int8, int16 = compiled and int8_activations, compiled and not int8_activations
         if (int8, int16) != (layer.int8_decode, layer.int16_decode):
             layer.release_kernel_tensors()  # the other decode kernel reads another layout: built again when used
@@ -706,6 +705,11 @@ def compiled_products_pay() -> bool:
     return compiled_kernels() is not None and "avx512f" not in cpu_flags()
 
 
+def group_shift(group_size) -> int:
+    """kernels.c's size of an int4 group: 2^shift blocks of 32 columns (32, 64, 128 -> 0, 1, 2)."""
+    return (group_size // BLOCK).bit_length() - 1
+
+
 def int4_matmul_compiled(x, qweight, scales, zeros, group_size, library=None, activation_bits=8):
     """x (..., K) times the int4 weight stored as qweight [N, Kp/2], scales (and zeros) [N, Kp/G] float16, the
     activations rounded to int8 (activation_bits 8) or int16 (16) per block of 32 -> (..., N) float32, by
@@ -715,7 +719,7 @@ def int4_matmul_compiled(x, qweight, scales, zeros, group_size, library=None, ac
     x2d = x.reshape(-1, x.shape[-1]).float().contiguous()  # [M, K]: the kernel lays it out itself
     y = torch.empty(x2d.shape[0], out_features, dtype=torch.float32)
     if library.int4_matmul(qweight.data_ptr(), scales.data_ptr(), None if zeros is None else zeros.data_ptr(),
-                           padded // BLOCK, (group_size // BLOCK).bit_length() - 1, x2d.data_ptr(), x2d.shape[1],
+                           padded // BLOCK, group_shift(group_size), x2d.data_ptr(), x2d.shape[1],
                            x2d.shape[0], y.data_ptr(), out_features, activation_bits):
         raise MemoryError("kernels.c: no memory for the rounded activations")
     return y.view(*x.shape[:-1], out_features)
@@ -740,15 +744,15 @@ def prompt_matmul_compiled(x, qweight, scales, zeros, group_size, bias=None, lib
     library = library or compiled_kernels()
     bits = 8 if qweight.dtype == torch.int8 else 4
     out_features, blocks = qweight.shape[0], qweight.shape[1] * (2 if bits == 4 else 1) // BLOCK
-    group_shift = 0 if bits == 8 else (group_size // BLOCK).bit_length() - 1
     x2d = x.reshape(-1, x.shape[-1]).float().contiguous()
     y = torch.empty(x2d.shape[0], out_features, dtype=torch.float32)
     qweight, scales = qweight.contiguous(), scales.contiguous()
     zeros = None if zeros is None else zeros.contiguous()
     bias = None if bias is None else bias.detach().float().contiguous()
+    shift = 0 if bits == 8 else group_shift(group_size)
     if library.prompt_matmul(qweight.data_ptr(), scales.data_ptr(), None if zeros is None else zeros.data_ptr(), bits,
-                             blocks, group_shift, x2d.data_ptr(), x2d.shape[1], x2d.shape[0], y.data_ptr(),
-                             out_features, None if bias is None else bias.data_ptr()):
+                             blocks, shift, x2d.data_ptr(), x2d.shape[1], x2d.shape[0], y.data_ptr(), out_features,
+                             None if bias is None else bias.data_ptr()):
         raise MemoryError("kernels.c: no memory for the prompt product's panels")
     return y.view(*x.shape[:-1], out_features)
 
@@ -770,7 +774,6 @@ class PackedQuantLinear(quant.QuantLinear):
     int8_activations = False  # the opt-in W8A8 path for large inputs (set_int8_activations)
     int8_decode = False       # decode with int8 activations, by kernels.c (set_int8_activations)
     int16_decode = False      # decode with 16-bit activations, by kernels.c (choose_compiled_kernels)
-    prompt_in_c = False       # larger inputs by kernels.c's float32 prompt product (choose_compiled_kernels)
 
     def forward(self, x):  # x: (..., K) -> (..., N)
         rows = x.numel() // self.in_features
@@ -976,6 +979,11 @@ class PackedQuantLinear(quant.QuantLinear):
         return (self.int8_decode or self.int16_decode) and compiled_kernels() is not None
 
     @property
+    def prompt_in_c(self) -> bool:
+        """Whether larger inputs go through kernels.c's float32 prompt product: wherever it decodes them."""
+        return self.decodes_in_c
+
+    @property
     def compiled(self) -> bool:
         """Whether decode reads the stored buffers through kernels.c (no kernel layout)."""
         return self.decodes_in_c and self.kernel_tensors is not None
@@ -990,10 +998,9 @@ class PackedQuantLinear(quant.QuantLinear):
         return (y if bias is None else y.add_(bias)).to(x.dtype)
 
     def compiled_prompt_applies(self, x) -> bool:
-        # The stored buffers on the CPU (not only a kernel layout's copy), no autograd (the product has no
-        # backward), and the library here.
-        return (not torch.is_grad_enabled() and x.device.type == "cpu" and not self.kernel_holds
-                and self._buffers["qweight"].device.type == "cpu" and compiled_kernels() is not None)
+        # The stored buffers on the CPU and no autograd (the product has no backward).
+        return (not torch.is_grad_enabled() and x.device.type == "cpu"
+                and self._buffers["qweight"].device.type == "cpu")
 
     def forward_compiled_prompt(self, x):
         """kernels.c's prompt product from the stored buffers: each weight decoded once, in cache, straight into

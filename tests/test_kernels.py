@@ -412,8 +412,7 @@ def test_compiled_decode_of_int8_is_the_readable_product_of_the_rounded_activati
 
 def prompt_through(layer, monkeypatch):
     """A PackedQuantLinear holding `layer`'s tensors, its prompts through kernels.c; the calls are counted."""
-    fast = decode_through(layer, 16)
-    fast.prompt_in_c = True
+    fast = decode_through(layer, 16)  # (kernels.c takes the prompts of the layers it decodes)
     calls = []
     compiled = kernels.prompt_matmul_compiled
     monkeypatch.setattr(kernels, "prompt_matmul_compiled", lambda *a, **k: calls.append(1) or compiled(*a, **k))
