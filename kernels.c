@@ -32,6 +32,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 
 static inline float horizontal_sum(__m256 v) {
@@ -58,9 +59,11 @@ typedef struct {
     int16_t *codes16;      /* [M][row_length], bits 16 */
     float *steps;          /* [M][row_length / 32] */
     float *sums;           /* [M][groups] */
+    float *block_sums;     /* [M][row_length / 32]: each block's step * q summed (a decode step's offset term) */
 } Activations;
 
-static void free_activations(Activations *a) { free(a->codes8), free(a->codes16), free(a->steps), free(a->sums); }
+static void free_activations(Activations *a) { free(a->codes8), free(a->codes16), free(a->steps), free(a->sums),
+                                          free(a->block_sums); }
 
 /* Block b (32 columns; zeros past K) of one row of x rounded to integers: q = round(x / step), half to even
    as torch.round does, step = max |x| / limit (an all-zero block: any step, 1). Returns the step. */
@@ -85,15 +88,16 @@ static inline float round_block(const float *row, int in_features, int b, float 
     return step;
 }
 
-/* Where column j of block b goes in its row of codes. For int8 weights, in order. For int4 weights: with int8
-   activations, each block's 16 even columns then its 16 odd ones, to meet the low and the high nibbles of the
-   block's 16 bytes (unpack_int4); with 16-bit ones, per pair of blocks p and per t = j % 4, 16 values: column
-   4i + t of block 2p (i = 0..7), then of block 2p + 1, to meet the 16-bit words of the weight (dot_int16_pair). */
+/* Where column j of block b goes in its row of codes. For int8 weights, in order. For int4 weights, per pair of
+   blocks p: with int8 activations, the 16 even columns of block 2p, those of block 2p + 1, then the odd columns
+   of both, to meet the low and the high nibbles of the pair's 32 bytes (dot_int8_pair); with 16-bit ones, per
+   t = j % 4, 16 values: column 4i + t of block 2p (i = 0..7), then of block 2p + 1, to meet the 16-bit words of
+   the weight (dot_int16_pair). */
 static inline int position(int bits, int for_int4, int b, int j) {
     if (!for_int4)
         return 32 * b + j;
     if (bits == 8)
-        return 32 * b + (j & 1) * 16 + j / 2;
+        return 64 * (b / 2) + (j & 1) * 32 + (b & 1) * 16 + j / 2;
     return 64 * (b / 2) + (b & 1) * 8 + (j & 3) * 16 + j / 4;
 }
 
@@ -105,7 +109,8 @@ static int round_activations(Activations *a, const float *x, int rows, int in_fe
     a->codes16 = bits == 16 ? calloc((size_t)rows * a->row_length, sizeof(int16_t)) : NULL;
     a->steps = calloc((size_t)rows * a->row_length / 32, sizeof(float));
     a->sums = calloc((size_t)rows * groups, sizeof(float));
-    if (!(a->codes8 || a->codes16) || !a->steps || !a->sums) {
+    a->block_sums = calloc((size_t)rows * a->row_length / 32, sizeof(float));
+    if (!(a->codes8 || a->codes16) || !a->steps || !a->sums || !a->block_sums) {
         free_activations(a);
         return -1;
     }
@@ -122,6 +127,7 @@ static int round_activations(Activations *a, const float *x, int rows, int in_fe
                 sum += q[j];
             }
             a->steps[(int64_t)m * a->row_length / 32 + b] = step;
+            a->block_sums[(int64_t)m * a->row_length / 32 + b] = step * (float)sum;
             a->sums[(int64_t)m * groups + (b >> group_shift)] += step * (float)sum;
         }
     return 0;
@@ -149,16 +155,11 @@ static inline void row_scales(const uint16_t *scale, const uint16_t *zero, int g
     }
 }
 
-/* block_scale[b] = the scale of block b's group, times the block's activation step where steps is given (one
-   row of activations). The entry past the last block is 0: the missing half of an odd last pair. */
-static inline void scale_blocks(const float *scale, const float *steps, int blocks, int group_shift,
-                                float *block_scale) {
-    int b = 0;
-    if (group_shift == 0 && steps)  /* groups of 32: a scale per block */
-        for (; b + 8 <= blocks; b += 8)
-            _mm256_storeu_ps(block_scale + b, _mm256_mul_ps(_mm256_loadu_ps(scale + b), _mm256_loadu_ps(steps + b)));
-    for (; b < blocks; b++)
-        block_scale[b] = scale[b >> group_shift] * (steps ? steps[b] : 1.0f);
+/* block_scale[b] = the scale of block b's group. The entry past the last block is 0: the missing half of an odd
+   last pair. */
+static inline void scale_blocks(const float *scale, int blocks, int group_shift, float *block_scale) {
+    for (int b = 0; b < blocks; b++)
+        block_scale[b] = scale[b >> group_shift];
     block_scale[blocks] = 0.0f;
 }
 
@@ -174,76 +175,34 @@ static inline float offset_term(const float *shift, const float *sums, int group
     return horizontal_sum(offset) + rest;
 }
 
-/* ---- int4 weights times int8 activations -------------------------------------------------------------------- */
+/* ---- int4 weights: two blocks at a time ----------------------------------------------------------------- */
 
-/* the 32 int4 codes of one block's 16 bytes: low nibbles (even columns), then high nibbles (odd columns) */
-static inline __m256i unpack_int4(const uint8_t *bytes) {
-    __m128i packed = _mm_loadu_si128((const __m128i *)bytes);
-    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0F));
+/* Both products read a pair of blocks, 32 bytes of codes, at once, and leave block 2p's sums in lanes 0-3 and
+   block 2p + 1's in lanes 4-7, as float32 (exact: < 2^24). With `whole` false only block 2p is read (the last
+   block of an odd count; its partner's activations are zeros). */
+static inline __m256i load_pair(const uint8_t *bytes, int whole) {
+    return whole ? _mm256_loadu_si256((const __m256i *)bytes)
+                 : _mm256_inserti128_si256(_mm256_setzero_si256(), _mm_loadu_si128((const __m128i *)bytes), 0);
 }
 
-/* 32 unsigned codes times 32 signed int8 activations: products added in pairs (vpmaddubsw; |pair sum| <= 2 * 15 *
-   127 = 3810, far from the 16-bit limit), then in fours (vpmaddwd), 8 int32 sums as float32 (exact: < 2^24) */
-static inline __m256 dot_int8(__m256i unsigned_codes, const int8_t *x) {
-    __m256i pairs = _mm256_maddubs_epi16(unsigned_codes, _mm256_loadu_si256((const __m256i *)x));
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+/* int8 activations. The low nibbles of the 32 bytes are the even columns of block 2p (bytes 0-15), then of block
+   2p + 1; the high nibbles the odd columns: the activations are laid out to match (position() below). vpmaddubsw
+   multiplies unsigned codes by signed activations and adds neighbours (|sum| <= 2 * 15 * 127 = 3810, so the two
+   halves' sums add in 16 bits), vpmaddwd adds those in pairs into 32 bits. */
+static inline __m256 dot_int8_pair(const uint8_t *bytes, int whole, const int8_t *x) {
+    __m256i packed = load_pair(bytes, whole), mask = _mm256_set1_epi8(0x0F);
+    __m256i low = _mm256_and_si256(packed, mask), high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
+    __m256i sums = _mm256_add_epi16(_mm256_maddubs_epi16(low, _mm256_loadu_si256((const __m256i *)x)),
+                                    _mm256_maddubs_epi16(high, _mm256_loadu_si256((const __m256i *)(x + 32))));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(sums, _mm256_set1_epi16(1)));
 }
 
-/* One weight row times `count` (1..4) rows of activations from m0 on: per block the codes are unpacked once and
-   used for each row, and each row sums in its own accumulator. always_inline: called with a constant count, the
-   loops over the rows unroll. The offset term is added by the caller. */
-static inline __attribute__((always_inline)) void int4_tile8(const uint8_t *weight, const float *block_scale,
-                                                             int blocks, const Activations *a, int64_t m0,
-                                                             int count, float *out) {
-    __m256 acc[4];
-    for (int i = 0; i < count; i++)
-        acc[i] = _mm256_setzero_ps();
-    for (int b = 0; b < blocks; b++) {
-        if ((b & 3) == 0)  /* each cache line of codes once */
-            _mm_prefetch((const char *)(weight + 16 * b + PREFETCH_AHEAD), _MM_HINT_T0);
-        __m256 s = _mm256_broadcast_ss(block_scale + b);
-        __m256i codes = unpack_int4(weight + 16 * b);
-        for (int i = 0; i < count; i++) {
-            int64_t row = m0 + i;
-            __m256 step = _mm256_broadcast_ss(a->steps + row * a->row_length / 32 + b);
-            acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(s, step),
-                                     dot_int8(codes, a->codes8 + row * a->row_length + 32 * b), acc[i]);
-        }
-    }
-    for (int i = 0; i < count; i++)
-        out[i] = horizontal_sum(acc[i]);
-}
-
-/* A decode step has one row of activations: each weight row's dot product then has nothing to share its unpacked
-   codes with, and the loop would wait on one accumulator's latency. So four blocks go to four accumulators.
-   scaled_steps: scale_blocks with the row's steps. */
-static inline float int4_row8(const uint8_t *weight, const float *scaled_steps, int blocks, const int8_t *x) {
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    int b = 0;
-    for (; b + 4 <= blocks; b += 4) {  /* 4 blocks: 64 bytes of codes, one cache line */
-        _mm_prefetch((const char *)(weight + 16 * b + PREFETCH_AHEAD), _MM_HINT_T0);
-        for (int i = 0; i < 4; i++)
-            acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(scaled_steps + b + i),
-                                     dot_int8(unpack_int4(weight + 16 * (b + i)), x + 32 * (b + i)), acc[i]);
-    }
-    for (; b < blocks; b++)
-        acc[0] = _mm256_fmadd_ps(_mm256_broadcast_ss(scaled_steps + b), dot_int8(unpack_int4(weight + 16 * b),
-                                                                                 x + 32 * b), acc[0]);
-    return horizontal_sum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
-}
-
-/* ---- int4 weights times 16-bit activations ------------------------------------------------------------------ */
-
-/* vpmaddwd: 16 int16 x int16 products, added in pairs (|pair sum| <= 2 * 15 * 32767, inside 32 bits). The codes
-   need no widening: read as 16-bit words, each word of the weight holds 4 codes (columns 4i .. 4i+3 of word i in
-   its bits 0-3, 4-7, 8-11, 12-15), so one mask and three shifts give four vectors of 16-bit codes, one per
-   position t in the word, and two blocks' 32 bytes go at once. The products of the four vectors added, lanes 0-3
-   hold block 2p's sums and lanes 4-7 block 2p + 1's, as float32 (exact: < 2^24). With `whole` false only block 2p
-   is read (the last block of an odd count). */
+/* 16-bit activations. vpmaddwd: 16 int16 x int16 products, added in pairs (|pair sum| <= 2 * 15 * 32767, inside
+   32 bits). The codes need no widening: read as 16-bit words, each word of the weight holds 4 codes (columns
+   4i .. 4i+3 of word i in its bits 0-3, 4-7, 8-11, 12-15), so one mask and three shifts give four vectors of
+   16-bit codes, one per position t in the word, and the activations are laid out to match. */
 static inline __m256 dot_int16_pair(const uint8_t *bytes, int whole, const int16_t *x) {
-    __m256i words = whole ? _mm256_loadu_si256((const __m256i *)bytes)
-                          : _mm256_inserti128_si256(_mm256_setzero_si256(), _mm_loadu_si128((const __m128i *)bytes), 0);
-    __m256i mask = _mm256_set1_epi16(0x000F);
+    __m256i words = load_pair(bytes, whole), mask = _mm256_set1_epi16(0x000F);
     __m256i c0 = _mm256_and_si256(words, mask), c1 = _mm256_and_si256(_mm256_srli_epi16(words, 4), mask);
     __m256i c2 = _mm256_and_si256(_mm256_srli_epi16(words, 8), mask), c3 = _mm256_srli_epi16(words, 12);
     __m256i s01 = _mm256_add_epi32(_mm256_madd_epi16(c0, _mm256_loadu_si256((const __m256i *)x)),
@@ -253,15 +212,25 @@ static inline __m256 dot_int16_pair(const uint8_t *bytes, int whole, const int16
     return _mm256_cvtepi32_ps(_mm256_add_epi32(s01, s23));
 }
 
+/* Pair p's codes times the activations' 64 values from `at` on, with the activations' bits (a constant where
+   the callers are inlined: no branch left in their loops) */
+static inline __attribute__((always_inline)) __m256 dot_pair(const uint8_t *weight, int p, int whole,
+                                                             const Activations *a, int64_t at, int bits) {
+    return bits == 8 ? dot_int8_pair(weight + 32 * p, whole, a->codes8 + at)
+                     : dot_int16_pair(weight + 32 * p, whole, a->codes16 + at);
+}
+
 /* [v[0] x 4, v[1] x 4]: the scales of a pair of blocks, lane for lane */
 static inline __m256 two_broadcasts(const float *v) {
     return _mm256_set_m128(_mm_broadcast_ss(v + 1), _mm_broadcast_ss(v));
 }
 
-/* As int4_tile8, two blocks at a time */
-static inline __attribute__((always_inline)) void int4_tile16(const uint8_t *weight, const float *block_scale,
-                                                              int blocks, const Activations *a, int64_t m0,
-                                                              int count, float *out) {
+/* One weight row times `count` (1..4) rows of activations from m0 on: each pair's codes are read once and used
+   for each row, and each row sums in its own accumulator. always_inline: called with a constant count and bits,
+   the loops over the rows unroll. The offset term is added by the caller. */
+static inline __attribute__((always_inline)) void int4_tile(const uint8_t *weight, const float *block_scale,
+                                                            int blocks, const Activations *a, int64_t m0,
+                                                            int count, int bits, float *out) {
     const int pairs = (blocks + 1) / 2;
     __m256 acc[4];
     for (int i = 0; i < count; i++)
@@ -272,7 +241,7 @@ static inline __attribute__((always_inline)) void int4_tile16(const uint8_t *wei
         __m256 s = two_broadcasts(block_scale + 2 * p);
         for (int i = 0; i < count; i++) {
             int64_t row = m0 + i;
-            __m256 d = dot_int16_pair(weight + 32 * p, 2 * p + 1 < blocks, a->codes16 + row * a->row_length + 64 * p);
+            __m256 d = dot_pair(weight, p, 2 * p + 1 < blocks, a, row * a->row_length + 64 * p, bits);
             __m256 steps = two_broadcasts(a->steps + row * a->row_length / 32 + 2 * p);
             acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(s, steps), d, acc[i]);
         }
@@ -281,37 +250,75 @@ static inline __attribute__((always_inline)) void int4_tile16(const uint8_t *wei
         out[i] = horizontal_sum(acc[i]);
 }
 
-/* As int4_row8: two pairs of blocks to two accumulators */
-static inline float int4_row16(const uint8_t *weight, const float *scaled_steps, int blocks, const int16_t *x) {
-    const int pairs = (blocks + 1) / 2;
-    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-    int p = 0;
-    for (; p + 2 <= blocks / 2; p += 2) {  /* 2 whole pairs: 64 bytes, one cache line */
-        _mm_prefetch((const char *)(weight + 32 * p + PREFETCH_AHEAD), _MM_HINT_T0);
-        for (int i = 0; i < 2; i++)
-            acc[i] = _mm256_fmadd_ps(two_broadcasts(scaled_steps + 2 * (p + i)),
-                                     dot_int16_pair(weight + 32 * (p + i), 1, x + 64 * (p + i)), acc[i]);
+/* ---- A decode step: one row of activations ------------------------------------------------------------- */
+
+/* The float16 values (scales or zeros) of blocks b .. b + 7 as float32, one lane per block: a group is 2^shift
+   blocks, so 8 blocks span 8, 4 or 2 groups, each value repeated over its blocks */
+static inline __m256 eight_blocks(const uint16_t *values, int b, int group_shift) {
+    if (group_shift == 0)
+        return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(values + b)));
+    if (group_shift == 1)
+        return _mm256_permutevar8x32_ps(_mm256_cvtph_ps(_mm_loadl_epi64((const __m128i *)(values + b / 2))),
+                                        _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+    int32_t two;
+    memcpy(&two, values + b / 4, sizeof two);
+    return _mm256_permutevar8x32_ps(_mm256_cvtph_ps(_mm_cvtsi32_si128(two)), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+}
+
+/* One weight row times the one row of activations. A decode step reads each weight once, so everything a row
+   needs besides its codes is computed as it streams, 8 blocks (128 bytes of codes) at a time: the blocks' scales
+   times the activations' steps, and the offset term, the sum over blocks of (zero - 8 scale) * (the block's sum
+   of x). The four pairs go to four accumulators, so the loop does not wait on the latency of one. */
+static inline __attribute__((always_inline)) float int4_decode_row(const uint8_t *weight, const uint16_t *scale,
+                                                                   const uint16_t *zero, int blocks, int group_shift,
+                                                                   const Activations *a, int bits) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    __m256 offset = _mm256_setzero_ps();
+    int b = 0;
+    for (; b + 8 <= blocks; b += 8) {
+        _mm_prefetch((const char *)(weight + 16 * b + PREFETCH_AHEAD), _MM_HINT_T0);
+        _mm_prefetch((const char *)(weight + 16 * b + 64 + PREFETCH_AHEAD), _MM_HINT_T0);
+        __m256 s = eight_blocks(scale, b, group_shift);
+        __m256 z = zero ? eight_blocks(zero, b, group_shift) : _mm256_setzero_ps();
+        offset = _mm256_fmadd_ps(_mm256_fnmadd_ps(_mm256_set1_ps(8.0f), s, z), _mm256_loadu_ps(a->block_sums + b),
+                                 offset);
+        __m256 steps = _mm256_mul_ps(s, _mm256_loadu_ps(a->steps + b));  /* scale x step, per block */
+        for (int i = 0; i < 4; i++) {  /* pair b/2 + i: blocks b + 2i and b + 2i + 1 */
+            __m256i lanes = _mm256_setr_epi32(2 * i, 2 * i, 2 * i, 2 * i, 2 * i + 1, 2 * i + 1, 2 * i + 1, 2 * i + 1);
+            acc[i] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(steps, lanes),
+                                     dot_pair(weight, b / 2 + i, 1, a, 32 * (b + 2 * i), bits), acc[i]);
+        }
     }
-    for (; p < pairs; p++)
-        acc[0] = _mm256_fmadd_ps(two_broadcasts(scaled_steps + 2 * p),
-                                 dot_int16_pair(weight + 32 * p, 2 * p + 1 < blocks, x + 64 * p), acc[0]);
-    return horizontal_sum(_mm256_add_ps(acc[0], acc[1]));
+    float rest = 0.0f;
+    for (; b < blocks; b += 2) {  /* the last blocks, fewer than 8, a pair at a time (b is even) */
+        int whole = b + 1 < blocks;
+        float pair[2] = {0.0f, 0.0f};
+        for (int i = 0; i < 1 + whole; i++) {
+            float s = _cvtsh_ss(scale[(b + i) >> group_shift]);
+            float z = zero ? _cvtsh_ss(zero[(b + i) >> group_shift]) : 0.0f;
+            rest += (z - 8.0f * s) * a->block_sums[b + i];
+            pair[i] = s * a->steps[b + i];
+        }
+        acc[0] = _mm256_fmadd_ps(two_broadcasts(pair), dot_pair(weight, b / 2, whole, a, 32 * b, bits), acc[0]);
+    }
+    __m256 sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    return horizontal_sum(sum) + horizontal_sum(offset) + rest;
 }
 
 /* ---- The int4 product ------------------------------------------------------------------------------------- */
 
 /* One weight row times rows m0 .. m0 + count - 1 (count 1..4) of the activations, with their bits */
-static inline void int4_tile(const uint8_t *weight, const float *block_scale, int blocks, const Activations *a,
+static inline void int4_rows(const uint8_t *weight, const float *block_scale, int blocks, const Activations *a,
                              int64_t m0, int count, float *out) {
-    switch (a->bits == 8 ? count : 4 + count) {  /* a constant count in each call: the loops unroll */
-        case 1: int4_tile8(weight, block_scale, blocks, a, m0, 1, out); break;
-        case 2: int4_tile8(weight, block_scale, blocks, a, m0, 2, out); break;
-        case 3: int4_tile8(weight, block_scale, blocks, a, m0, 3, out); break;
-        case 4: int4_tile8(weight, block_scale, blocks, a, m0, 4, out); break;
-        case 5: int4_tile16(weight, block_scale, blocks, a, m0, 1, out); break;
-        case 6: int4_tile16(weight, block_scale, blocks, a, m0, 2, out); break;
-        case 7: int4_tile16(weight, block_scale, blocks, a, m0, 3, out); break;
-        default: int4_tile16(weight, block_scale, blocks, a, m0, 4, out); break;
+    switch (a->bits == 8 ? count : 4 + count) {  /* constants in each call: the loops unroll */
+        case 1: int4_tile(weight, block_scale, blocks, a, m0, 1, 8, out); break;
+        case 2: int4_tile(weight, block_scale, blocks, a, m0, 2, 8, out); break;
+        case 3: int4_tile(weight, block_scale, blocks, a, m0, 3, 8, out); break;
+        case 4: int4_tile(weight, block_scale, blocks, a, m0, 4, 8, out); break;
+        case 5: int4_tile(weight, block_scale, blocks, a, m0, 1, 16, out); break;
+        case 6: int4_tile(weight, block_scale, blocks, a, m0, 2, 16, out); break;
+        case 7: int4_tile(weight, block_scale, blocks, a, m0, 3, 16, out); break;
+        default: int4_tile(weight, block_scale, blocks, a, m0, 4, 16, out); break;
     }
 }
 
@@ -333,19 +340,18 @@ int int4_matmul(const uint8_t *qweight, const uint16_t *scales, const uint16_t *
             if (!scale)
                 continue;
             const uint8_t *weight = qweight + (int64_t)n * blocks * 16;
-            row_scales(scales + (int64_t)n * groups, zeros ? zeros + (int64_t)n * groups : 0, groups, scale, shift);
             if (rows == 1) {  /* a decode step */
-                scale_blocks(scale, a.steps, blocks, group_shift, block_scale);
-                float dot = bits == 8 ? int4_row8(weight, block_scale, blocks, a.codes8)
-                                      : int4_row16(weight, block_scale, blocks, a.codes16);
-                y[n] = dot + offset_term(shift, a.sums, groups);
+                const uint16_t *scale_row = scales + (int64_t)n * groups, *zero_row = zeros ? zeros + (int64_t)n * groups : 0;
+                y[n] = bits == 8 ? int4_decode_row(weight, scale_row, zero_row, blocks, group_shift, &a, 8)
+                                 : int4_decode_row(weight, scale_row, zero_row, blocks, group_shift, &a, 16);
                 continue;
             }
-            scale_blocks(scale, NULL, blocks, group_shift, block_scale);
+            row_scales(scales + (int64_t)n * groups, zeros ? zeros + (int64_t)n * groups : 0, groups, scale, shift);
+            scale_blocks(scale, blocks, group_shift, block_scale);
             for (int m0 = 0; m0 < rows; m0 += 4) {  /* each weight row read from memory once, for all M rows of x */
                 float out[4];
                 int count = rows - m0 < 4 ? rows - m0 : 4;
-                int4_tile(weight, block_scale, blocks, &a, m0, count, out);
+                int4_rows(weight, block_scale, blocks, &a, m0, count, out);
                 for (int i = 0; i < count; i++)
                     y[(m0 + i) * (int64_t)n_total + n] = out[i] + offset_term(shift, a.sums + (m0 + i) * groups,
                                                                               groups);
