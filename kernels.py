@@ -389,17 +389,16 @@ class FusedProjection:
     def valid(self) -> bool:
         return all(layer.kernel_tensors is views for layer, views in zip(self.layers, self.views))
 
-    def __call__(self, x):  # x (..., K) float -> q, k, v (..., N_i) float32
+    def __call__(self, x):  # x (..., K) float -> (..., Nq + Nk + Nv) float32, a new tensor
         if self.in_c:
             bits = 8 if self.layers[0].int8_decode else 16
             y = int4_matmul_compiled(x, self.buffers["qweight"], self.buffers["scales"], self.buffers.get("zeros"),
                                      self.group_size, activation_bits=bits)
-            y = y if self.bias is None else y.add_(self.bias)
-            return y.split(self.sizes, dim=-1)
+            return y if self.bias is None else y.add_(self.bias)
         x2d = aligned(x.reshape(-1, self.in_features).to(KERNEL_DTYPE))
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.codes, self.group_size, self.pairs)
         y = y.float() if self.bias is None else torch.add(y, self.bias)  # bfloat16 + float32 sums in float32
-        return y.view(*x.shape[:-1], -1).split(self.sizes, dim=-1)
+        return y.view(*x.shape[:-1], -1)
 
 
 def fuse_projections(attention) -> bool:
@@ -433,9 +432,26 @@ def project_fused(attention, x, rotary, rotary_dim):
     B, T, _ = x.shape
     if fused is None or B * T > FAST_PATH_MAX_ROWS or torch.is_grad_enabled() or not fused.valid():
         return None
-    q, k, v = (t.view(B, T, -1, attention.head_dim).transpose(1, 2) for t in fused(x))  # (B, heads, T, D)
-    cos, sin = rotary
-    return imp.apply_rotary(q, cos, sin, rotary_dim), imp.apply_rotary(k, cos, sin, rotary_dim), v
+    q_size, k_size, v_size = fused.sizes
+    q_and_k, v = fused(x).split([q_size + k_size, v_size], dim=-1)
+    heads = lambda t: t.view(B, T, -1, attention.head_dim)  # (B, T, heads, D)
+    rotate_in_place(heads(q_and_k), *rotary, rotary_dim)  # the queries' and the keys' heads at once
+    q, k = heads(q_and_k).split([q_size // attention.head_dim, k_size // attention.head_dim], dim=2)
+    return q.transpose(1, 2), k.transpose(1, 2), heads(v).transpose(1, 2)  # (B, heads, T, D)
+
+
+def rotate_in_place(x, cos, sin, rotary_dim):
+    """imp.apply_rotary on x (B, T, heads, D), overwriting it: seven operations on the rotated dims instead of
+    twenty on copies for q and k apart (a decode step runs this once per layer, and at one row an operation costs
+    its overhead, not its arithmetic). The same products, each rounded, then the same sums: the same numbers
+    (addcmul_ would fuse a product into its sum, rounding once). The two halves of the cos and sin tables are
+    equal (one angle per pair of dims, imp.rotary_cos_sin)."""
+    half = rotary_dim // 2
+    x1, x2 = x[..., :half], x[..., half:rotary_dim]  # (B, T, heads, half): dim i pairs with dim i + half
+    cos, sin = cos[:, None, :half], sin[:, None, :half]  # (T, 1, half)
+    first = (x1 * cos).sub_(x2 * sin)  # x1 cos - x2 sin
+    x2.mul_(cos).add_(x1 * sin)        # x2 cos + x1 sin (x1 not yet overwritten)
+    x1.copy_(first)
 
 
 class RowVectorLinear(nn.Linear):

@@ -180,6 +180,16 @@ def test_llama_decode_attention_keeps_the_window_and_the_head_groups(cache_dtype
                        imp.LlamaAttention.attend(attention, two_rows, k.float(), v.float()))
 
 
+@pytest.mark.parametrize("rotary_dim, head_dim", [(32, 80), (64, 64)])  # Phi-2's partial rotary; Llama's whole
+def test_rotation_in_place_is_apply_rotary_exactly(rotary_dim, head_dim):
+    x = torch.randn(2, 3, 5, head_dim) * 3  # (B, T, heads, D)
+    cos, sin = imp.rotary_cos_sin(torch.arange(40, 43), rotary_dim, 10000.0, torch.float32)
+    want = imp.apply_rotary(x.transpose(1, 2), cos, sin, rotary_dim).transpose(1, 2)
+    got = x.clone()
+    kernels.rotate_in_place(got, cos, sin, rotary_dim)
+    assert torch.equal(got, want)
+
+
 def int4_tiny_imp():
     model = tiny_imp()
     quant.quantize_model(model, bits=4, group_size=32)
