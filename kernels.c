@@ -47,6 +47,27 @@ static inline float horizontal_max(__m256 v) {
     return _mm_cvtss_f32(_mm_max_ss(r, _mm_movehdup_ps(r)));
 }
 
+/* e^x for 8 floats, to float32 precision: x = n ln 2 + r with n an integer and |r| <= ln 2 / 2, so e^x = 2^n e^r,
+   e^r by its Taylor series to r^7 (the first term left out, r^8 / 8!, is below 6e-9) and 2^n written straight
+   into the exponent bits. ln 2 is subtracted in two parts, the first exact in 9 bits, so n ln 2 costs no rounding.
+   x is clamped to [-87, 88], where 2^n is a normal float: e^-87 ~ 1.6e-38 stands in for anything smaller. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),  /* x / ln 2 */
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 5040);  /* 1/2 + r/6 + r^2/24 + ... + r^5/5040, by Horner's rule */
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    __m256 e_r = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));  /* 1 + r + r^2 p */
+    __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(e_r, _mm256_castsi256_ps(two_n));
+}
+
 /* ---- The activations, rounded to integers once per call, for all weight rows ------------------------------ */
 
 /* x [M, K] float32 -> per block of 32 columns (columns past K, the padding of the int4 groups, are zeros): codes
@@ -667,7 +688,15 @@ int attend_one_row(const float *q, const uint16_t *k, const uint16_t *v, float *
             scores[t] = horizontal_sum(dot) * scale;
             largest = fmaxf(largest, scores[t]);
         }
-        for (int t = 0; t < length; t++) {  /* softmax: exp(s - max), summed; divided once at the end */
+        __m256 top = _mm256_set1_ps(largest), sum = _mm256_setzero_ps();  /* softmax: exp(s - max), summed */
+        int t = 0;
+        for (; t + 8 <= length; t += 8) {
+            __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + t), top));
+            _mm256_storeu_ps(scores + t, e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        total = horizontal_sum(sum);
+        for (; t < length; t++) {
             scores[t] = expf(scores[t] - largest);
             total += scores[t];
         }
@@ -679,10 +708,38 @@ int attend_one_row(const float *q, const uint16_t *k, const uint16_t *v, float *
             for (int c = 0; c < chunks; c++)
                 acc[c] = _mm256_fmadd_ps(p, load8(values + (int64_t)t * head_dim + 8 * c, bfloat16), acc[c]);
         }
-        __m256 inverse = _mm256_set1_ps(1.0f / total);
+        __m256 inverse = _mm256_set1_ps(1.0f / total);  /* divided once, at the end */
         for (int c = 0; c < chunks; c++)
             _mm256_storeu_ps(out + (int64_t)bh * head_dim + 8 * c, _mm256_mul_ps(acc[c], inverse));
         free(scores);
     }
     return failed ? -1 : 0;
+}
+
+/* ---- GELU ------------------------------------------------------------------------------------------------ */
+
+/* x <- GELU(x), tanh form (Phi-2's "gelu_new", SigLIP's "gelu_pytorch_tanh"), n floats in place:
+   0.5 x (1 + tanh u), u = sqrt(2 / pi) (x + 0.044715 x^3), computed as x / (1 + e^(-2u)), the same function
+   (0.5 (1 + tanh u) = 1 / (1 + e^(-2u))) without tanh's cancellation where tanh u is near -1. */
+static inline __m256 gelu8(__m256 x) {
+    __m256 cube_term = _mm256_mul_ps(_mm256_mul_ps(x, x), _mm256_set1_ps(0.044715f));
+    __m256 u = _mm256_mul_ps(_mm256_fmadd_ps(cube_term, x, x), _mm256_set1_ps(0.7978845608028654f));  /* sqrt(2/pi) */
+    __m256 e = exp8(_mm256_mul_ps(u, _mm256_set1_ps(-2.0f)));
+    return _mm256_div_ps(x, _mm256_add_ps(e, _mm256_set1_ps(1.0f)));
+}
+
+void gelu_tanh(float *x, int64_t n) {
+    const int64_t chunk = 2048, chunks = (n + chunk - 1) / chunk;  /* 8 KB per piece of work */
+    #pragma omp parallel for schedule(static)
+    for (int64_t c = 0; c < chunks; c++) {
+        int64_t i = c * chunk, end = i + chunk < n ? i + chunk : n;
+        for (; i + 8 <= end; i += 8)
+            _mm256_storeu_ps(x + i, gelu8(_mm256_loadu_ps(x + i)));
+        if (i < end) {  /* the last 1..7, through a zero-padded vector */
+            float rest[8] = {0};
+            memcpy(rest, x + i, sizeof(float) * (end - i));
+            _mm256_storeu_ps(rest, gelu8(_mm256_loadu_ps(rest)));
+            memcpy(x + i, rest, sizeof(float) * (end - i));
+        }
+    }
 }

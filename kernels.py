@@ -57,6 +57,8 @@ def enable(model: nn.Module, int8_activations: bool | str = False) -> str:
     for module in model.modules():
         if type(module) is imp.PhiMLP:
             module.__class__ = InPlaceGeluMLP  # the same tensors, another forward
+        elif type(module) is imp.SiglipMLP:
+            module.__class__ = InPlaceGeluSiglipMLP
         elif type(module) is imp.PhiAttention:
             module.__class__ = DecodeAttention
         elif type(module) is imp.LlamaAttention:
@@ -185,6 +187,7 @@ def compiled_kernels():
             [integer, pointer]
         for kernel in (library.int4_matmul, library.int8_matmul, library.prompt_matmul, library.attend_one_row):
             kernel.restype = integer
+        library.gelu_tanh.argtypes, library.gelu_tanh.restype = [pointer, ctypes.c_int64], None
         return library if compiled_kernels_agree(library) else None
     except (OSError, subprocess.SubprocessError, AttributeError):  # no compiler, a failed compile, a bad library
         return None
@@ -195,8 +198,8 @@ def compiled_kernels_agree(library) -> bool:
     quant.QuantLinear's product within the activations' rounding (int8 ones ~0.5%, 16-bit ones within 1e-4; both int4
     schemes, groups of 32 and of 64 with padding, an odd number of blocks; one row, a decode step, and five: a tile
     of 4 and one more), prompt_matmul it within float32 rounding (the same weights, seven rows: a tile of 6 and one
-    more), and attend_one_row attend_one_row_in_torch within float32 rounding (both 16-bit dtypes, grouped heads, a
-    cache preallocated longer than the keys)."""
+    more), attend_one_row attend_one_row_in_torch within float32 rounding (both 16-bit dtypes, grouped heads, a
+    cache preallocated longer than the keys), and gelu_tanh F.gelu's tanh form within float32 rounding."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(7, 288, generator=generator)  # 288 columns: 9 blocks, 9 groups of 32 (8 at a time, and 1)
     for scheme, group_size in (("symmetric", 32), ("asymmetric", 64)):
@@ -226,7 +229,8 @@ def compiled_kernels_agree(library) -> bool:
         if not torch.allclose(attend_one_row_compiled(q, k, v, library), attend_one_row_in_torch(q, k, v),
                               rtol=1e-4, atol=1e-5):
             return False
-    return True
+    x = torch.cat([torch.linspace(-20, 20, 2001), torch.randn(2100, generator=generator) * 3])  # a partial chunk
+    return torch.allclose(gelu_tanh_compiled(x.clone(), library), F.gelu(x, approximate="tanh"), rtol=1e-5, atol=1e-6)
 
 
 def prompt_agrees(library, layer, x) -> bool:
@@ -253,14 +257,39 @@ def bfloat16_is_emulated() -> bool:
     return best_cpu_dtype() != torch.bfloat16
 
 
-class InPlaceGeluMLP(imp.PhiMLP):
-    """imp.PhiMLP whose GELU overwrites fc1's output when autograd is off (generation): the same numbers, without
-    a second (B, T, 10240) tensor beside it (32 MB in float32 at a 770-token prefill). Training keeps F.gelu."""
+class GeluInPlace:
+    """fc2(gelu(fc1(x))), GELU's tanh form, overwriting fc1's output when autograd is off (generation): no second
+    (B, T, 10240) tensor beside it (32 MB in float32 at a 770-token prefill), and kernels.c's GELU where it applies.
+    Training keeps the readable forward."""
 
     def forward(self, x):
         if torch.is_grad_enabled():
             return super().forward(x)
-        return self.fc2(torch.ops.aten.gelu_(self.fc1(x), approximate="tanh"))
+        return self.fc2(gelu_tanh_(self.fc1(x)))
+
+
+class InPlaceGeluMLP(GeluInPlace, imp.PhiMLP):
+    pass
+
+
+class InPlaceGeluSiglipMLP(GeluInPlace, imp.SiglipMLP):
+    pass
+
+
+def gelu_tanh_(x):
+    """x <- F.gelu(x, approximate="tanh"), in place: kernels.c where it applies (float32, contiguous, on the CPU;
+    the same function within float32 rounding, vectorized, where torch's tanh is several times slower on AVX2),
+    else torch's gelu_."""
+    library = compiled_kernels()
+    if library is not None and x.dtype == torch.float32 and x.is_contiguous() and x.device.type == "cpu":
+        return gelu_tanh_compiled(x, library)
+    return torch.ops.aten.gelu_(x, approximate="tanh")
+
+
+def gelu_tanh_compiled(x, library):
+    """x (float32, contiguous, CPU) <- its GELU (tanh form), by kernels.c; returns x."""
+    library.gelu_tanh(x.data_ptr(), x.numel())
+    return x
 
 
 def is_decode_over_16_bit_cache(q, k) -> bool:

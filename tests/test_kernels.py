@@ -39,7 +39,9 @@ def test_enabled_model_computes_what_the_readable_one_does(dtype):
     readable, fast = tiny_imp().to(dtype), tiny_imp().to(dtype)
     kernels.enable(fast)
     ids, pixels = prompt(readable)
-    tolerance = 0 if dtype == torch.float32 else 0.05  # bfloat16 rows by addmv: the same sums, another order
+    # float32: kernels.c's GELU, the same function rounded otherwise (exactly 0 without it); bfloat16 rows by addmv:
+    # the same sums, another order
+    tolerance = (0 if kernels.compiled_kernels() is None else 1e-5) if dtype == torch.float32 else 0.05
     with torch.inference_mode():  # autograd off: the in-place GELU
         torch.testing.assert_close(fast(ids, pixels), readable(ids, pixels), rtol=0, atol=tolerance)
         tokens = list(readable.generate(ids, pixels, max_new_tokens=6, stop_ids=[]))
@@ -51,14 +53,23 @@ def test_enabled_model_computes_what_the_readable_one_does(dtype):
     assert torch.equal(fast.llm.layers[0].mlp.fc1.weight.grad, readable.llm.layers[0].mlp.fc1.weight.grad)
 
 
-def test_in_place_gelu_is_the_tanh_gelu_and_leaves_training_alone():
-    mlp = tiny_imp().llm.layers[0].mlp
-    x = torch.randn(3, 64)
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("tower", ["llm", "vision"])
+def test_in_place_gelu_is_the_tanh_gelu_and_leaves_training_alone(monkeypatch, compiled, tower):
+    if compiled and kernels.compiled_kernels() is None:
+        pytest.skip("no compiled kernels here")
+    if not compiled:
+        monkeypatch.setattr(kernels, "compiled_kernels", lambda: None)  # torch's gelu_: the very same numbers
+    model = tiny_imp()
+    mlp = model.llm.layers[0].mlp if tower == "llm" else model.vision.layers[0].mlp
+    x = torch.randn(3, mlp.fc1.in_features) * 4
     expected = mlp.fc2(F.gelu(mlp.fc1(x), approximate="tanh"))
-    mlp.__class__ = kernels.InPlaceGeluMLP
+    kernels.enable(model)
+    assert type(mlp) is (kernels.InPlaceGeluMLP if tower == "llm" else kernels.InPlaceGeluSiglipMLP)
     with torch.no_grad():
-        assert torch.equal(mlp(x), expected)
-    assert torch.equal(mlp(x), expected) and mlp(x).requires_grad
+        got = mlp(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6 if compiled else 0)  # float32 rounding
+    assert torch.equal(mlp(x), expected) and mlp(x).requires_grad  # autograd on: the readable forward
 
 
 def test_enable_makes_quantized_layers_packed_and_equal_to_the_readable_ones(monkeypatch):
@@ -238,6 +249,17 @@ needs_compiled = pytest.mark.skipif(kernels.compiled_kernels() is None, reason="
 def test_the_compiled_kernel_is_found_where_it_can_be_built():
     # Else a broken build or check would turn every @needs_compiled test into a silent skip.
     assert kernels.compiled_kernels() is not None
+
+
+@needs_compiled
+def test_compiled_gelu_is_the_tanh_gelu_over_its_range():
+    x = torch.cat([torch.linspace(-30, 30, 60001), torch.tensor([0.0, -0.0, 1e-30, -1e-30]), torch.randn(8191) * 5])
+    got = kernels.gelu_tanh_compiled(x.clone(), kernels.compiled_kernels())  # 8191: a partial vector at the end
+    want = F.gelu(x, approximate="tanh")
+    # torch's 1 + tanh(u) cancels to 0 where tanh(u) rounds to -1 (x below ~-5), so there the two are up to
+    # |x| * 2^-24 apart; elsewhere within float32 rounding
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=5e-7)
+    assert torch.equal(got[x >= 10], x[x >= 10]) and torch.all(got[x <= -10].abs() < 1e-30)
 
 
 def int4_layer(out_features, in_features, group_size, scheme, bias, seed=0):
