@@ -681,7 +681,23 @@ int attend_one_row(const float *q, const uint16_t *k, const uint16_t *v, float *
         __m256 qv[32];  /* the query row, in registers / L1 for all T keys */
         for (int c = 0; c < chunks; c++)
             qv[c] = _mm256_loadu_ps(query + 8 * c);
-        for (int t = 0; t < length; t++) {
+        int t = 0;
+        for (; t + 4 <= length; t += 4) {  /* four keys at once: four independent chains of FMAs */
+            const uint16_t *key = keys + (int64_t)t * head_dim;
+            for (int byte = 0; byte < 8 * head_dim; byte += 64)  /* the four keys PREFETCH_AHEAD bytes on */
+                _mm_prefetch((const char *)key + PREFETCH_AHEAD + byte, _MM_HINT_T0);
+            __m256 dot[4];
+            for (int i = 0; i < 4; i++)
+                dot[i] = _mm256_mul_ps(qv[0], load8(key + i * head_dim, bfloat16));
+            for (int c = 1; c < chunks; c++)
+                for (int i = 0; i < 4; i++)
+                    dot[i] = _mm256_fmadd_ps(qv[c], load8(key + i * head_dim + 8 * c, bfloat16), dot[i]);
+            for (int i = 0; i < 4; i++) {
+                scores[t + i] = horizontal_sum(dot[i]) * scale;
+                largest = fmaxf(largest, scores[t + i]);
+            }
+        }
+        for (; t < length; t++) {
             __m256 dot = _mm256_mul_ps(qv[0], load8(keys + (int64_t)t * head_dim, bfloat16));
             for (int c = 1; c < chunks; c++)
                 dot = _mm256_fmadd_ps(qv[c], load8(keys + (int64_t)t * head_dim + 8 * c, bfloat16), dot);
@@ -689,8 +705,7 @@ int attend_one_row(const float *q, const uint16_t *k, const uint16_t *v, float *
             largest = fmaxf(largest, scores[t]);
         }
         __m256 top = _mm256_set1_ps(largest), sum = _mm256_setzero_ps();  /* softmax: exp(s - max), summed */
-        int t = 0;
-        for (; t + 8 <= length; t += 8) {
+        for (t = 0; t + 8 <= length; t += 8) {
             __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + t), top));
             _mm256_storeu_ps(scores + t, e);
             sum = _mm256_add_ps(sum, e);
@@ -704,6 +719,9 @@ int attend_one_row(const float *q, const uint16_t *k, const uint16_t *v, float *
         for (int c = 0; c < chunks; c++)
             acc[c] = _mm256_setzero_ps();
         for (int t = 0; t < length; t++) {
+            if ((t & 3) == 0)
+                for (int byte = 0; byte < 8 * head_dim; byte += 64)
+                    _mm_prefetch((const char *)(values + (int64_t)t * head_dim) + PREFETCH_AHEAD + byte, _MM_HINT_T0);
             __m256 p = _mm256_set1_ps(scores[t]);
             for (int c = 0; c < chunks; c++)
                 acc[c] = _mm256_fmadd_ps(p, load8(values + (int64_t)t * head_dim + 8 * c, bfloat16), acc[c]);
