@@ -343,10 +343,10 @@ static inline void int4_rows(const uint8_t *weight, const float *block_scale, in
     }
 }
 
-/* y [M, N] = x [M, K] float32, rounded to `bits` (8 or 16) per block of 32, times the int4 weight; 0, or -1
-   without memory. */
+/* y [M, N] = x [M, K] float32, rounded to `bits` (8 or 16) per block of 32, times the int4 weight, plus bias [N]
+   (or none); 0, or -1 without memory. */
 int int4_matmul(const uint8_t *qweight, const uint16_t *scales, const uint16_t *zeros, int blocks, int group_shift,
-                const float *x, int in_features, int rows, float *y, int n_total, int bits) {
+                const float *x, int in_features, int rows, float *y, int n_total, int bits, const float *bias) {
     const int groups = blocks >> group_shift;  /* a group is 2^group_shift blocks: 32, 64 or 128 columns */
     int failed = 0;
     Activations a;
@@ -363,8 +363,9 @@ int int4_matmul(const uint8_t *qweight, const uint16_t *scales, const uint16_t *
             const uint8_t *weight = qweight + (int64_t)n * blocks * 16;
             if (rows == 1) {  /* a decode step */
                 const uint16_t *scale_row = scales + (int64_t)n * groups, *zero_row = zeros ? zeros + (int64_t)n * groups : 0;
-                y[n] = bits == 8 ? int4_decode_row(weight, scale_row, zero_row, blocks, group_shift, &a, 8)
-                                 : int4_decode_row(weight, scale_row, zero_row, blocks, group_shift, &a, 16);
+                float dot = bits == 8 ? int4_decode_row(weight, scale_row, zero_row, blocks, group_shift, &a, 8)
+                                      : int4_decode_row(weight, scale_row, zero_row, blocks, group_shift, &a, 16);
+                y[n] = bias ? dot + bias[n] : dot;
                 continue;
             }
             row_scales(scales + (int64_t)n * groups, zeros ? zeros + (int64_t)n * groups : 0, groups, scale, shift);
@@ -373,9 +374,10 @@ int int4_matmul(const uint8_t *qweight, const uint16_t *scales, const uint16_t *
                 float out[4];
                 int count = rows - m0 < 4 ? rows - m0 : 4;
                 int4_rows(weight, block_scale, blocks, &a, m0, count, out);
-                for (int i = 0; i < count; i++)
-                    y[(m0 + i) * (int64_t)n_total + n] = out[i] + offset_term(shift, a.sums + (m0 + i) * groups,
-                                                                              groups);
+                for (int i = 0; i < count; i++) {
+                    float dot = out[i] + offset_term(shift, a.sums + (m0 + i) * groups, groups);
+                    y[(m0 + i) * (int64_t)n_total + n] = bias ? dot + bias[n] : dot;
+                }
             }
         }
         if (!scale)
@@ -429,9 +431,9 @@ static inline __attribute__((always_inline)) void int8_tile(const int8_t *weight
 }
 
 /* y [M, N] = x [M, K] float32, rounded to `bits` (8 or 16) per block of 32, times the int8 weight qweight [N, K], K
-   a multiple of 32; 0, or -1 without memory. */
+   a multiple of 32, plus bias [N] (or none); 0, or -1 without memory. */
 int int8_matmul(const int8_t *qweight, const uint16_t *scales, int blocks, const float *x, int rows, float *y,
-                int n_total, int bits) {
+                int n_total, int bits, const float *bias) {
     Activations a;
     if (round_activations(&a, x, rows, blocks * 32, blocks, 0, bits, 0))
         return -1;
@@ -447,8 +449,10 @@ int int8_matmul(const int8_t *qweight, const uint16_t *scales, int blocks, const
                 case 3: int8_tile(weight, blocks, &a, m0, 3, out); break;
                 default: int8_tile(weight, blocks, &a, m0, 4, out); break;
             }
-            for (int i = 0; i < count; i++)
-                y[(m0 + i) * (int64_t)n_total + n] = out[i] * scale;
+            for (int i = 0; i < count; i++) {
+                float product = out[i] * scale;  /* rounded before the bias is added, as torch would */
+                y[(m0 + i) * (int64_t)n_total + n] = bias ? product + bias[n] : product;
+            }
         }
     free_activations(&a);
     return 0;

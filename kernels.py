@@ -134,7 +134,8 @@ def cpu_flags() -> frozenset:
 
 
 COMPILED_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.c")
-COMPILER_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
+# -ffp-contract=off: a * b + c in the C stays two roundings, as written and as torch computes it, never one FMA
+COMPILER_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 
 
 def compiled_kernel_folder() -> str:
@@ -176,12 +177,12 @@ def compiled_kernels():
     try:
         library = ctypes.CDLL(compile_kernels())
         pointer, integer = ctypes.c_void_p, ctypes.c_int
-        # int4_matmul(qweight, scales, zeros, blocks, group_shift, x, K, rows, y, N, bits)
+        # int4_matmul(qweight, scales, zeros, blocks, group_shift, x, K, rows, y, N, bits, bias)
         library.int4_matmul.argtypes = [pointer] * 3 + [integer] * 2 + [pointer] + [integer] * 2 + [pointer] + \
-            [integer] * 2
+            [integer] * 2 + [pointer]
         library.attend_one_row.argtypes = [pointer] * 4 + [integer] * 5 + [ctypes.c_int64] * 2 + \
             [integer, ctypes.c_float]
-        library.int8_matmul.argtypes = [pointer, pointer, integer, pointer, integer, pointer, integer, integer]
+        library.int8_matmul.argtypes = [pointer, pointer, integer, pointer, integer, pointer, integer, integer, pointer]
         # prompt_matmul(qweight, scales, zeros, bits, blocks, group_shift, x, K, rows, y, N, bias)
         library.prompt_matmul.argtypes = [pointer] * 3 + [integer] * 3 + [pointer] + [integer] * 2 + [pointer] + \
             [integer, pointer]
@@ -421,9 +422,8 @@ class FusedProjection:
     def __call__(self, x):  # x (..., K) float -> (..., Nq + Nk + Nv) float32, a new tensor
         if self.in_c:
             bits = 8 if self.layers[0].int8_decode else 16
-            y = int4_matmul_compiled(x, self.buffers["qweight"], self.buffers["scales"], self.buffers.get("zeros"),
-                                     self.group_size, activation_bits=bits)
-            return y if self.bias is None else y.add_(self.bias)
+            return int4_matmul_compiled(x, self.buffers["qweight"], self.buffers["scales"], self.buffers.get("zeros"),
+                                        self.group_size, activation_bits=bits, bias=self.bias)
         x2d = aligned(x.reshape(-1, self.in_features).to(KERNEL_DTYPE))
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.codes, self.group_size, self.pairs)
         y = y.float() if self.bias is None else torch.add(y, self.bias)  # bfloat16 + float32 sums in float32
@@ -755,31 +755,42 @@ def group_shift(group_size) -> int:
     return (group_size // BLOCK).bit_length() - 1
 
 
-def int4_matmul_compiled(x, qweight, scales, zeros, group_size, library=None, activation_bits=8):
+def int4_matmul_compiled(x, qweight, scales, zeros, group_size, library=None, activation_bits=8, bias=None):
     """x (..., K) times the int4 weight stored as qweight [N, Kp/2], scales (and zeros) [N, Kp/G] float16, the
-    activations rounded to int8 (activation_bits 8) or int16 (16) per block of 32 -> (..., N) float32, by
-    kernels.c."""
+    activations rounded to int8 (activation_bits 8) or int16 (16) per block of 32, plus bias [N] -> (..., N)
+    float32, by kernels.c."""
     library = library or compiled_kernels()
     out_features, padded = qweight.shape[0], qweight.shape[1] * 2
     x2d = x.reshape(-1, x.shape[-1]).float().contiguous()  # [M, K]: the kernel lays it out itself
     y = torch.empty(x2d.shape[0], out_features, dtype=torch.float32)
+    bias = float32_vector(bias)
     if library.int4_matmul(qweight.data_ptr(), scales.data_ptr(), None if zeros is None else zeros.data_ptr(),
                            padded // BLOCK, group_shift(group_size), x2d.data_ptr(), x2d.shape[1],
-                           x2d.shape[0], y.data_ptr(), out_features, activation_bits):
+                           x2d.shape[0], y.data_ptr(), out_features, activation_bits,
+                           None if bias is None else bias.data_ptr()):
         raise MemoryError("kernels.c: no memory for the rounded activations")
     return y.view(*x.shape[:-1], out_features)
 
 
-def int8_matmul_compiled(x, qweight, scales, library=None, activation_bits=8):
+def int8_matmul_compiled(x, qweight, scales, library=None, activation_bits=8, bias=None):
     """x (..., K) times the int8 weight qweight [N, K] (K a multiple of 32), scales [N] float16, the activations
-    rounded to int8 (activation_bits 8) or int16 (16) per block of 32 -> (..., N) float32, by kernels.c."""
+    rounded to int8 (activation_bits 8) or int16 (16) per block of 32, plus bias [N] -> (..., N) float32, by
+    kernels.c."""
     library = library or compiled_kernels()
     x2d = x.reshape(-1, x.shape[-1]).float().contiguous()
     y = torch.empty(x2d.shape[0], qweight.shape[0], dtype=torch.float32)
+    bias = float32_vector(bias)
     if library.int8_matmul(qweight.data_ptr(), scales.data_ptr(), x2d.shape[1] // BLOCK, x2d.data_ptr(), x2d.shape[0],
-                           y.data_ptr(), qweight.shape[0], activation_bits):
+                           y.data_ptr(), qweight.shape[0], activation_bits, None if bias is None else bias.data_ptr()):
         raise MemoryError("kernels.c: no memory for the rounded activations")
     return y.view(*x.shape[:-1], qweight.shape[0])
+
+
+def float32_vector(bias):
+    """A bias as kernels.c reads it: float32, contiguous (None stays None). Its numbers only: no gradient."""
+    if bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()):
+        return bias
+    return bias.detach().float().contiguous()
 
 
 def prompt_matmul_compiled(x, qweight, scales, zeros, group_size, bias=None, library=None):
@@ -793,7 +804,7 @@ def prompt_matmul_compiled(x, qweight, scales, zeros, group_size, bias=None, lib
     y = torch.empty(x2d.shape[0], out_features, dtype=torch.float32)
     qweight, scales = qweight.contiguous(), scales.contiguous()
     zeros = None if zeros is None else zeros.contiguous()
-    bias = None if bias is None else bias.detach().float().contiguous()
+    bias = float32_vector(bias)
     shift = 0 if bits == 8 else group_shift(group_size)
     if library.prompt_matmul(qweight.data_ptr(), scales.data_ptr(), None if zeros is None else zeros.data_ptr(), bits,
                              blocks, shift, x2d.data_ptr(), x2d.shape[1], x2d.shape[0], y.data_ptr(), out_features,
@@ -822,6 +833,8 @@ class PackedQuantLinear(quant.QuantLinear):
 
     def forward(self, x):  # x: (..., K) -> (..., N)
         rows = x.numel() // self.in_features
+        if rows <= FAST_PATH_MAX_ROWS and self.compiled:  # first: a decode step calls this ~130 times
+            return self.forward_compiled(x)
         if rows <= FAST_PATH_MAX_ROWS and self.fast_path_supported():
             return self.forward_fast(x)
         if self.int8_activations and self.int8_activations_supported(x):
@@ -1034,13 +1047,15 @@ class PackedQuantLinear(quant.QuantLinear):
         return self.decodes_in_c and self.kernel_tensors is not None
 
     def forward_compiled(self, x):  # kernels.c, from the stored buffers; float32 sums, in x's dtype
+        buffers, bias, bits = self._buffers, self._parameters.get("bias"), 8 if self.int8_decode else 16
+        # the bias added by the kernel, unless autograd wants its gradient (the kernel has no backward)
+        in_c = None if bias is not None and bias.requires_grad and torch.is_grad_enabled() else bias
         if self.bits == 4:
-            y = int4_matmul_compiled(x, self.qweight, self.scales, self._buffers.get("zeros"), self.group_size,
-                                     activation_bits=8 if self.int8_decode else 16)
+            y = int4_matmul_compiled(x, buffers["qweight"], buffers["scales"], buffers.get("zeros"), self.group_size,
+                                     activation_bits=bits, bias=in_c)
         else:
-            y = int8_matmul_compiled(x, self.qweight, self.scales, activation_bits=8 if self.int8_decode else 16)
-        bias = self._parameters.get("bias")
-        return (y if bias is None else y.add_(bias)).to(x.dtype)
+            y = int8_matmul_compiled(x, buffers["qweight"], buffers["scales"], activation_bits=bits, bias=in_c)
+        return (y if in_c is bias else y + bias).to(x.dtype)
 
     def compiled_prompt_applies(self, x) -> bool:
         # The stored buffers on the CPU and no autograd (the product has no backward).

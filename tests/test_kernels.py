@@ -323,9 +323,16 @@ def test_compiled_decode_of_int4_is_the_readable_product_of_the_rounded_activati
     x[..., :32] = 0.0  # an all-zero block of activations
     x[..., 40] = 30.0  # an outlier: its block's step is large, the other blocks' are not
     fast = decode_through(layer, bits)
-    got = fast(x)
+    with torch.no_grad():
+        got = fast(x)  # the bias added by the kernel
     assert fast.compiled
     assert_rounded_product(got, layer, x, bits)
+    if bias:  # a bias being trained (quant.QuantLinear's is frozen): added by torch, the same sum, with a gradient
+        fast.bias.requires_grad_(True)
+        y = fast(x)
+        assert torch.equal(y, got)
+        y.sum().backward()
+        assert torch.equal(fast.bias.grad, torch.full_like(fast.bias, rows))
 
 
 @needs_compiled
@@ -435,9 +442,12 @@ def test_compiled_decode_of_int8_is_the_readable_product_of_the_rounded_activati
     x = torch.randn(1, rows, 96, generator=generator) * 2
     x[..., 0] = 40.0
     fast = decode_through(layer, bits)
-    got = fast(x)
+    with torch.no_grad():
+        got = fast(x)  # the bias added by the kernel
     assert fast.compiled and fast.kernel_tensors[0] is fast.qweight
     assert_rounded_product(got, layer, x, bits)
+    fast.bias.requires_grad_(True)  # a bias being trained: added by torch, the same sum
+    assert torch.equal(fast(x), got)
     odd = kernels.PackedQuantLinear.from_linear(nn.Linear(80, 16), 8)  # 80 columns: not whole blocks of 32
     kernels.set_int8_activations(odd, True)
     assert not odd.int8_decode
