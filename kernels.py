@@ -833,7 +833,7 @@ class PackedQuantLinear(quant.QuantLinear):
 
     def forward(self, x):  # x: (..., K) -> (..., N)
         rows = x.numel() // self.in_features
-        if rows <= FAST_PATH_MAX_ROWS and self.compiled:  # first: a decode step calls this ~130 times
+        if rows <= FAST_PATH_MAX_ROWS and self.compiled:  # first: ~100 calls in each Imp-3B decode step
             return self.forward_compiled(x)
         if rows <= FAST_PATH_MAX_ROWS and self.fast_path_supported():
             return self.forward_fast(x)
