@@ -363,14 +363,15 @@ int int4_matmul(const uint8_t *qweight, const uint16_t *scales, const uint16_t *
             if (!scale)
                 continue;
             const uint8_t *weight = qweight + (int64_t)n * blocks * 16;
+            const uint16_t *scale_row = scales + (int64_t)n * groups;
+            const uint16_t *zero_row = zeros ? zeros + (int64_t)n * groups : NULL;
             if (rows == 1) {  /* a decode step */
-                const uint16_t *scale_row = scales + (int64_t)n * groups, *zero_row = zeros ? zeros + (int64_t)n * groups : 0;
                 float dot = bits == 8 ? int4_decode_row(weight, scale_row, zero_row, blocks, group_shift, &a, 8)
                                       : int4_decode_row(weight, scale_row, zero_row, blocks, group_shift, &a, 16);
                 y[n] = bias ? dot + bias[n] : dot;
                 continue;
             }
-            row_scales(scales + (int64_t)n * groups, zeros ? zeros + (int64_t)n * groups : 0, groups, scale, shift);
+            row_scales(scale_row, zero_row, groups, scale, shift);
             scale_blocks(scale, blocks, group_shift, block_scale);
             for (int m0 = 0; m0 < rows; m0 += 4) {  /* each weight row read from memory once, for all M rows of x */
                 float out[4];

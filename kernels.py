@@ -464,8 +464,9 @@ def project_fused(attention, x, rotary, rotary_dim):
     q_size, k_size, v_size = fused.sizes
     q_and_k, v = fused(x).split([q_size + k_size, v_size], dim=-1)
     heads = lambda t: t.view(B, T, -1, attention.head_dim)  # (B, T, heads, D)
-    rotate_in_place(heads(q_and_k), *rotary, rotary_dim)  # the queries' and the keys' heads at once
-    q, k = heads(q_and_k).split([q_size // attention.head_dim, k_size // attention.head_dim], dim=2)
+    q_and_k = heads(q_and_k)
+    rotate_in_place(q_and_k, *rotary, rotary_dim)  # the queries' and the keys' heads at once
+    q, k = q_and_k.split([q_size // attention.head_dim, k_size // attention.head_dim], dim=2)
     return q.transpose(1, 2), k.transpose(1, 2), heads(v).transpose(1, 2)  # (B, heads, T, D)
 
 
@@ -833,10 +834,11 @@ class PackedQuantLinear(quant.QuantLinear):
 
     def forward(self, x):  # x: (..., K) -> (..., N)
         rows = x.numel() // self.in_features
-        if rows <= FAST_PATH_MAX_ROWS and self.compiled:  # first: ~100 calls in each Imp-3B decode step
-            return self.forward_compiled(x)
-        if rows <= FAST_PATH_MAX_ROWS and self.fast_path_supported():
-            return self.forward_fast(x)
+        if rows <= FAST_PATH_MAX_ROWS:
+            if self.compiled:  # first: ~100 calls in each Imp-3B decode step
+                return self.forward_compiled(x)
+            if self.fast_path_supported():
+                return self.forward_fast(x)
         if self.int8_activations and self.int8_activations_supported(x):
             return self.forward_int8_activations(x)
         if self.prompt_in_c and self.compiled_prompt_applies(x):
