@@ -1,12 +1,16 @@
 /*
- * kernels.c: the fast layer's compiled part, for x86 CPUs with AVX2, FMA and F16C. The kernels of a quantized model
- * where torch's own are slow on such CPUs (docs/benchmarks.md has the measurements):
- *   int4_matmul     int4 weights times 16-bit integer activations: the default int4 decode; or times int8
- *                   activations (W4A8), for --int8-activations
- *   int8_matmul     the same for int8 weights (an int4 model's lm_head; int8 models)
- *   prompt_matmul   many rows (a prompt) times int4 or int8 weights in float32, each weight decoded once, in cache
- *   attend_one_row  one query row's attention over a 16-bit KV cache, without a float32 copy of the cache
- *   gelu_tanh       GELU (tanh form) in place, vectorized: torch's tanh is several times slower on AVX2
+ * kernels.c: the fast layer's compiled part, for x86 CPUs with AVX2, FMA and F16C (AVX-512 ones included). The
+ * kernels where torch's own are slow on such CPUs (docs/benchmarks.md has the measurements):
+ *   int4_matmul      int4 weights times 16-bit integer activations: the default int4 decode; or times int8
+ *                    activations (W4A8), for --int8-activations
+ *   int8_matmul      the same for int8 weights (an int4 model's lm_head; int8 models)
+ *   prompt_matmul    many rows (a prompt) times int4 or int8 weights in float32, each weight decoded once, in cache
+ *                    (CPUs without AVX-512)
+ *   dequantize_int4  an int4 weight decoded in one pass, float32 or bfloat16, for torch's product of a prompt
+ *                    (CPUs with AVX-512)
+ *   attend_one_row   one query row's attention over a 16-bit KV cache, without a float32 copy of the cache
+ *   bfloat16_matvec  a bfloat16 weight times one row: a bfloat16 model's decode step
+ *   gelu_tanh        GELU (tanh form) in place, vectorized: torch's tanh is several times slower on AVX2
  * kernels.py compiles this file on first use where a C compiler exists, checks each kernel against the readable
  * path, and calls them through ctypes; without a compiler, nothing changes. The work of each call is shared out
  * between threads by OpenMP: loaded into a process that already holds torch, the library binds to torch's own
@@ -739,6 +743,116 @@ int attend_one_row(const float *q, const uint16_t *k, const uint16_t *v, float *
         free(scores);
     }
     return failed ? -1 : 0;
+}
+
+/* ---- Dequantizing an int4 weight for torch's product ----------------------------------------------------- */
+
+/* float32 -> bfloat16, rounded to nearest, ties to even, as torch's .to(torch.bfloat16) (no NaN in a weight) */
+static inline __m128i to_bfloat16(__m256 v) {
+    __m256i bits = _mm256_castps_si256(v);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+    return _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
+}
+
+/* out [rows, K] = rows row0 .. row0 + rows - 1 of the int4 weight, (code - 8) * scale + zero in float32, as
+   quant.dequantize_int4 computes it (the product is exact: one rounding, at the sum), stored as float32, or
+   rounded to bfloat16 (bfloat16 != 0). The padding columns past K are dropped. Where torch's own product takes a
+   prompt, the weight is decoded in one pass, in the dtype that product reads, instead of several over float32. */
+void dequantize_int4(const uint8_t *qweight, const uint16_t *scales, const uint16_t *zeros, int blocks,
+                     int group_shift, int row0, int rows, int in_features, void *out, int bfloat16) {
+    const int groups = blocks >> group_shift;
+    #pragma omp parallel for schedule(static)
+    for (int r = 0; r < rows; r++) {
+        int64_t n = row0 + r;
+        for (int b = 0; b < blocks && 32 * b < in_features; b++) {
+            int g = b >> group_shift, width = in_features - 32 * b < 32 ? in_features - 32 * b : 32;
+            float scale = _cvtsh_ss(scales[n * groups + g]), zero = zeros ? _cvtsh_ss(zeros[n * groups + g]) : 0.0f;
+            __m128i packed = _mm_loadu_si128((const __m128i *)(qweight + (n * blocks + b) * 16));
+            __m128i low = _mm_and_si128(packed, _mm_set1_epi8(0x0F));
+            __m128i high = _mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0F));
+            __m128i codes[2] = {_mm_unpacklo_epi8(low, high), _mm_unpackhi_epi8(low, high)};  /* columns 0-15, 16-31 */
+            float values[32];
+            for (int i = 0; i < 4; i++) {
+                __m128i eight = i & 1 ? _mm_srli_si128(codes[i / 2], 8) : codes[i / 2];
+                __m256 centred = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(eight)), _mm256_set1_ps(8.0f));
+                __m256 w = _mm256_add_ps(_mm256_mul_ps(centred, _mm256_set1_ps(scale)), _mm256_set1_ps(zero));
+                if (width == 32 && bfloat16)
+                    _mm_storeu_si128((__m128i *)((uint16_t *)out + (int64_t)r * in_features + 32 * b + 8 * i),
+                                     to_bfloat16(w));
+                else if (width == 32)
+                    _mm256_storeu_ps((float *)out + (int64_t)r * in_features + 32 * b + 8 * i, w);
+                else
+                    _mm256_storeu_ps(values + 8 * i, w);
+            }
+            for (int j = 0; width < 32 && j < width; j++) {  /* the last block, cut at K */
+                uint32_t bits;
+                memcpy(&bits, values + j, sizeof bits);
+                if (bfloat16)
+                    ((uint16_t *)out)[(int64_t)r * in_features + 32 * b + j] =
+                        (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+                else
+                    ((float *)out)[(int64_t)r * in_features + 32 * b + j] = values[j];
+            }
+        }
+    }
+}
+
+/* ---- bfloat16 weights times one row --------------------------------------------------------------------- */
+
+/* y [N] = W [N, K] bfloat16 times x [K] float32, plus bias [N] (or none), summed in float32: a decode step of a
+   bfloat16 model. The sixteen bits of a bfloat16 are the top half of a float32, so a weight becomes a float by
+   sitting above sixteen zero bits, and its product with a bfloat16 activation is exact: only the order of the
+   sums differs from torch's product. vpunpcklwd / vpunpckhwd against zeros turn 16 weights into two vectors of 8
+   floats, columns 0-3 and 8-11, then 4-7 and 12-15 (they work within each 128-bit half); x is laid out once per
+   call in that order. Four accumulators, 32 weights (one cache line) per step, read PREFETCH_AHEAD bytes ahead. */
+static void interleave_like_unpack(const float *x, int in_features, float *out) {
+    for (int k0 = 0; k0 < in_features; k0 += 16)
+        for (int i = 0; i < 16; i++) {
+            int half = i / 8, lane = i % 8;   /* output lane i of the pair (lo, hi) */
+            int column = k0 + 8 * (lane / 4) + 4 * half + lane % 4;
+            out[k0 + i] = column < in_features ? x[column] : 0.0f;
+        }
+}
+
+static inline void bfloat16_dot16(const uint16_t *w, const float *x, __m256 *acc_low, __m256 *acc_high) {
+    __m256i bits = _mm256_loadu_si256((const __m256i *)w), zero = _mm256_setzero_si256();
+    *acc_low = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, bits)), _mm256_loadu_ps(x), *acc_low);
+    *acc_high = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, bits)), _mm256_loadu_ps(x + 8),
+                                *acc_high);
+}
+
+int bfloat16_matvec(const uint16_t *weight, const float *x, int in_features, float *y, int n_total,
+                    const float *bias) {
+    const int whole = in_features / 16 * 16;
+    float *xs = aligned_alloc(64, sizeof(float) * (whole + 64));
+    if (!xs)
+        return -1;
+    interleave_like_unpack(x, whole, xs);
+    #pragma omp parallel for schedule(static)
+    for (int n = 0; n < n_total; n++) {
+        const uint16_t *w = weight + (int64_t)n * in_features;
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        int k = 0;
+        for (; k + 32 <= whole; k += 32) {
+            _mm_prefetch((const char *)(w + k) + PREFETCH_AHEAD, _MM_HINT_T0);
+            bfloat16_dot16(w + k, xs + k, &acc[0], &acc[1]);
+            bfloat16_dot16(w + k + 16, xs + k + 16, &acc[2], &acc[3]);
+        }
+        if (k < whole)
+            bfloat16_dot16(w + k, xs + k, &acc[0], &acc[1]);
+        float rest = 0.0f;
+        for (k = whole; k < in_features; k++) {  /* the last K % 16 columns */
+            uint32_t bits = (uint32_t)w[k] << 16;
+            float value;
+            memcpy(&value, &bits, sizeof value);
+            rest += value * x[k];
+        }
+        float dot = horizontal_sum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]))) + rest;
+        y[n] = bias ? dot + bias[n] : dot;
+    }
+    free(xs);
+    return 0;
 }
 
 /* ---- GELU ------------------------------------------------------------------------------------------------ */

@@ -12,15 +12,17 @@ check made once, and each pinned to the readable path by a test (tests/test_kern
   1. Phi-2's MLP computes its GELU in place when autograd is off (one (T, 10240) tensor fewer at prefill), and
      decode attention over a 16-bit KV cache (every decoder) multiplies in float32: kernels.c reading the cache as
      it is, else written out in torch (both faster than the fused kernel).
-  2. On CPUs without native bfloat16, a bfloat16 decode step multiplies each weight by its single row with
-     torch.addmv (matrix x vector), which reads the weight faster than F.linear's general product there.
-  3. QuantLinear layers become PackedQuantLinear. Decode (up to FAST_PATH_MAX_ROWS rows): on CPUs without AVX-512,
-     kernels.c's integer products (16-bit activations; int8 ones with int8_activations), reading the stored
-     tensors; elsewhere torch's packed int8 / int4 kernels, the weight held once in the kernel's own layout; either
-     way an int4 attention layer's q, k, v as one product. Large inputs (prompts, the vision tower): on CPUs without
-     AVX-512, kernels.c's float32 prompt product, each weight decoded once into cache; elsewhere dequantized a
-     slice of rows at a time into reused scratch memory; with int8_activations, int8 x int8 products (W8A8)
-     where the CPU has int8 dot-product instructions.
+  2. A bfloat16 decode step multiplies each weight by its single row with kernels.c's bfloat16_matvec, else, on
+     CPUs without native bfloat16, torch.addmv (matrix x vector): both read the weight faster than F.linear's
+     general product.
+  3. QuantLinear layers become PackedQuantLinear. Decode (up to FAST_PATH_MAX_ROWS rows): kernels.c's integer
+     products (16-bit activations; int8 ones with int8_activations), reading the stored tensors; without it,
+     torch's packed int8 / int4 kernels, the weight held once in the kernel's own layout; either way an int4
+     attention layer's q, k, v as one product. Large inputs (prompts, the vision tower): on CPUs without AVX-512,
+     kernels.c's float32 prompt product, each weight decoded once into cache; elsewhere dequantized a slice of rows
+     at a time into reused scratch memory (by kernels.c in one pass, in the activations' dtype, where it
+     compiled); with int8_activations, int8 x int8 products (W8A8) where the CPU has int8 dot-product
+     instructions.
 Measurements behind these choices are in docs/benchmarks.md and docs/quantization.md.
 """
 
@@ -65,11 +67,11 @@ def enable(model: nn.Module, int8_activations: bool | str = False) -> str:
             module.__class__ = LlamaDecodeAttention
     if compiled_kernels() is not None:
         said.append("decode attention by kernels.c")
-    if bfloat16_is_emulated():
+    if compiled_kernels() is not None or bfloat16_is_emulated():
         for name, module in model.named_modules():
             if type(module) is nn.Linear and not name.startswith(("vision", "connector")):
                 module.__class__ = RowVectorLinear
-        said.append("bfloat16 rows by addmv")
+        said.append("bfloat16 rows by " + ("kernels.c" if compiled_kernels() is not None else "addmv"))
     packed = [m for m in model.modules() if isinstance(m, quant.QuantLinear)]
     for layer in packed:
         if not isinstance(layer, PackedQuantLinear):
@@ -189,6 +191,12 @@ def compiled_kernels():
         for kernel in (library.int4_matmul, library.int8_matmul, library.prompt_matmul, library.attend_one_row):
             kernel.restype = integer
         library.gelu_tanh.argtypes, library.gelu_tanh.restype = [pointer, ctypes.c_int64], None
+        # dequantize_int4(qweight, scales, zeros, blocks, group_shift, row0, rows, K, out, bfloat16)
+        library.dequantize_int4.argtypes = [pointer] * 3 + [integer] * 5 + [pointer, integer]
+        library.dequantize_int4.restype = None
+        # bfloat16_matvec(weight, x, K, y, N, bias)
+        library.bfloat16_matvec.argtypes = [pointer, pointer, integer, pointer, integer, pointer]
+        library.bfloat16_matvec.restype = integer
         return library if compiled_kernels_agree(library) else None
     except (OSError, subprocess.SubprocessError, AttributeError):  # no compiler, a failed compile, a bad library
         return None
@@ -199,8 +207,10 @@ def compiled_kernels_agree(library) -> bool:
     quant.QuantLinear's product within the activations' rounding (int8 ones ~0.5%, 16-bit ones within 1e-4; both int4
     schemes, groups of 32 and of 64 with padding, an odd number of blocks; one row, a decode step, and five: a tile
     of 4 and one more), prompt_matmul it within float32 rounding (the same weights, seven rows: a tile of 6 and one
-    more), attend_one_row attend_one_row_in_torch within float32 rounding (both 16-bit dtypes, grouped heads, a
-    cache preallocated longer than the keys), and gelu_tanh F.gelu's tanh form within float32 rounding."""
+    more), dequantize_int4 its dequantize() exactly (float32 and bfloat16), attend_one_row attend_one_row_in_torch
+    within float32 rounding (both 16-bit dtypes, grouped heads, a cache preallocated longer than the keys),
+    bfloat16_matvec F.linear within bfloat16 rounding (a width that is no multiple of 16), and gelu_tanh F.gelu's
+    tanh form within float32 rounding."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(7, 288, generator=generator)  # 288 columns: 9 blocks, 9 groups of 32 (8 at a time, and 1)
     for scheme, group_size in (("symmetric", 32), ("asymmetric", 64)):
@@ -215,6 +225,11 @@ def compiled_kernels_agree(library) -> bool:
                 return False
         if not prompt_agrees(library, layer, x):
             return False
+        for dtype in (torch.float32, torch.bfloat16):  # rows 3 .. 40, bit for bit, cut at 270 columns (padding)
+            got = dequantize_int4_compiled(layer.qweight, layer.scales, layer._buffers.get("zeros"), group_size,
+                                           270, 3, 41, dtype, library=library)
+            if not torch.equal(got, layer.dequantize(3, 41)[:, :270].to(dtype)):
+                return False
     layer = quant.QuantLinear.from_linear(nn.Linear(288, 48, bias=False), 8)
     with torch.no_grad():
         layer.load_quantized(torch.randn(48, 288, generator=generator))
@@ -230,6 +245,11 @@ def compiled_kernels_agree(library) -> bool:
         if not torch.allclose(attend_one_row_compiled(q, k, v, library), attend_one_row_in_torch(q, k, v),
                               rtol=1e-4, atol=1e-5):
             return False
+    weight, bias = torch.randn(40, 118, generator=generator).bfloat16(), torch.randn(40, generator=generator)
+    x = torch.randn(118, generator=generator).bfloat16()  # 118 columns: 3 steps of 32, one of 16, and 6 more
+    if not torch.allclose(bfloat16_matvec_compiled(x, weight, bias, library).float(),
+                          F.linear(x.float(), weight.float(), bias).bfloat16().float(), rtol=1e-2, atol=1e-2):
+        return False
     x = torch.cat([torch.linspace(-20, 20, 2001), torch.randn(2100, generator=generator) * 3])  # a partial chunk
     return torch.allclose(gelu_tanh_compiled(x.clone(), library), F.gelu(x, approximate="tanh"), rtol=1e-5, atol=1e-6)
 
@@ -485,16 +505,35 @@ def rotate_in_place(x, cos, sin, rotary_dim):
 
 
 class RowVectorLinear(nn.Linear):
-    """nn.Linear whose single bfloat16 row (a decode step) goes through torch.addmv on CPUs without native
-    bfloat16: F.linear sends it to the general product, which converts bfloat16 in software, while the
-    matrix-vector kernel reads the weight near the memory's speed. Both sum in float32; anything else is F.linear."""
+    """nn.Linear whose single bfloat16 row (a decode step) reads the weight at the memory's speed: kernels.c's
+    bfloat16_matvec where it compiled, else, on CPUs without native bfloat16, torch.addmv (matrix x vector). F.linear
+    sends one row to the general product, which reads the weight at half that speed or less (docs/benchmarks.md).
+    All three sum exact products in float32; anything else is F.linear."""
 
     def forward(self, x):
-        if x.dtype == torch.bfloat16 and x.numel() == self.in_features and x.device.type == "cpu":
+        if x.dtype != torch.bfloat16 or x.numel() != self.in_features or x.device.type != "cpu":
+            return F.linear(x, self.weight, self.bias)
+        library = compiled_kernels()
+        if library is not None and not (torch.is_grad_enabled() and self.weight.requires_grad):
+            y = bfloat16_matvec_compiled(x, self.weight, self.bias, library)
+        else:
             vector = x.reshape(self.in_features)
             y = torch.mv(self.weight, vector) if self.bias is None else torch.addmv(self.bias, self.weight, vector)
-            return y.view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight, self.bias)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+def bfloat16_matvec_compiled(x, weight, bias, library):
+    """x (K elements) times weight [N, K] bfloat16, plus bias, by kernels.c: summed in float32, rounded to
+    bfloat16 once at the end, as F.linear does -> [N] bfloat16."""
+    out_features, in_features = weight.shape
+    vector = x.reshape(in_features).float()
+    weight = weight.contiguous()
+    y = torch.empty(out_features, dtype=torch.float32)
+    bias = float32_vector(bias)
+    if library.bfloat16_matvec(weight.data_ptr(), vector.data_ptr(), in_features, y.data_ptr(), out_features,
+                               None if bias is None else bias.data_ptr()):
+        raise MemoryError("kernels.c: no memory for the activations")
+    return y.to(torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -684,11 +723,11 @@ def set_int8_activations(model: nn.Module, enabled: bool = True, large_inputs: b
 
 
 def choose_compiled_kernels(layers, int8_activations: bool):
-    """Which kernels multiply each PackedQuantLinear. Where kernels.c's products pay (int8 layers: where K is a
-    multiple of 32), they decode, with 16-bit activations or with int8 ones when int8_activations, and they take
-    prompts (more than FAST_PATH_MAX_ROWS rows) in float32; elsewhere torch's packed kernels decode (bfloat16
-    activations) and prompts are dequantized."""
-    pay = compiled_products_pay()
+    """Which kernels multiply each PackedQuantLinear. Where kernels.c compiled (int8 layers: where K is a multiple
+    of 32), its products decode, with 16-bit activations or with int8 ones when int8_activations, and, where
+    compiled_prompt_pays(), take prompts (more than FAST_PATH_MAX_ROWS rows) in float32; elsewhere torch's packed
+    kernels decode (bfloat16 activations), and prompts are dequantized."""
+    pay = compiled_decode_pays()
     for layer in layers:
         compiled = pay and (layer.bits == 4 or layer.in_features % BLOCK == 0)
         int8, int16 = compiled and int8_activations, compiled and not int8_activations
@@ -726,28 +765,36 @@ def rescale_int32_(acc, row_scale, channel_scale, bias, out):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 3d. kernels.c's products, on x86 CPUs without AVX-512: decode in integers, prompts in float32.
+# 3d. kernels.c's products: decode in integers (x86 with AVX2), prompts in float32 (without AVX-512).
 #
-# There torch's int4 and int8 kernels run their AVX2 code, bound by arithmetic rather than by memory: they convert
-# every weight to a float and multiply it by a bfloat16 activation. kernels.c rounds the activations to integers
-# per block of 32 and multiplies the codes by them as integers, reading our formats as stored (qweight and the
-# float16 scales: no second layout, so less memory than torch's). By default to 16 bits (~1e-5 from the float
-# product, closer than torch's bfloat16 activations), with --int8-activations to 8 bits (~0.5%, 32 products to an
-# instruction, the way llama.cpp's Q4_0 / Q8_0 x Q8_0 products do).
+# torch's int4 and int8 kernels convert every weight to a float and multiply it by a bfloat16 activation: on AVX2
+# CPUs bound by that arithmetic rather than by memory, with AVX-512 still short of the memory's speed at one row
+# (docs/benchmarks.md). kernels.c rounds the activations to integers per block of 32 and multiplies the codes by
+# them as integers, reading our formats as stored (qweight and the float16 scales: no second layout, so less memory
+# than torch's). By default to 16 bits (~1e-5 from the float product, closer than torch's bfloat16 activations),
+# with --int8-activations to 8 bits (~0.5%, 32 products to an instruction, the way llama.cpp's Q4_0 / Q8_0 x Q8_0
+# products do).
 #
 # Large inputs (a prompt, the vision tower) are bound by arithmetic anywhere: ~2 * rows operations per weight read.
-# Dequantizing writes the whole weight out in float32 and reads it back for torch's product; kernels.c's
-# prompt_matmul decodes each weight once, into a panel that stays in cache, and multiplies it there in float32
-# register tiles: the readable path's numbers, faster on AVX2 CPUs (docs/benchmarks.md). With AVX-512,
-# torch's product runs twice as wide, and is kept.
+# Dequantizing writes the whole weight out and reads it back for torch's product; kernels.c's prompt_matmul
+# decodes each weight once, into a panel that stays in cache, and multiplies it there in float32 register tiles:
+# the readable path's numbers, faster on AVX2 CPUs (docs/benchmarks.md). With AVX-512, torch's product runs twice
+# as wide (and in bfloat16 where that is native), and is kept; kernels.c's dequantize_int4 then writes each slice
+# of the weight in one pass, in the dtype that product reads.
 
 BLOCK = 32  # activations per rounding step in kernels.c (llama.cpp's Q8_0 block): 16 bytes of int4 codes
 
 
-def compiled_products_pay() -> bool:
-    """Whether kernels.c's int4 / int8 products beat torch's kernels here: where it compiled and the CPU has no
-    AVX-512. There torch's packed kernels run their AVX2 code, bound by arithmetic (docs/benchmarks.md); with
-    AVX-512 they read the weights near the memory's speed (measured on a Zen 5), and are kept."""
+def compiled_decode_pays() -> bool:
+    """Whether kernels.c decodes quantized layers: wherever it compiled. Its products read the weights near the
+    memory's speed; torch's packed kernels convert every weight to a float first, bound by that arithmetic on AVX2
+    CPUs and short of the memory's speed with AVX-512 too (docs/benchmarks.md: an AVX2 Zen 3, an AVX-512 Zen 5)."""
+    return compiled_kernels() is not None
+
+
+def compiled_prompt_pays() -> bool:
+    """Whether kernels.c's float32 prompt product beats dequantizing for torch's: on x86 CPUs without AVX-512.
+    With AVX-512 torch's product runs twice as wide, and with native bfloat16 the model multiplies in it."""
     return compiled_kernels() is not None and "avx512f" not in cpu_flags()
 
 
@@ -785,6 +832,22 @@ def int8_matmul_compiled(x, qweight, scales, library=None, activation_bits=8, bi
                            y.data_ptr(), qweight.shape[0], activation_bits, None if bias is None else bias.data_ptr()):
         raise MemoryError("kernels.c: no memory for the rounded activations")
     return y.view(*x.shape[:-1], qweight.shape[0])
+
+
+def dequantize_int4_compiled(qweight, scales, zeros, group_size, in_features, start, end, dtype, out=None,
+                             library=None):
+    """Rows start .. end-1 of the int4 weight stored as qweight [N, Kp/2], scales (and zeros) [N, Kp/G] float16,
+    decoded by kernels.c as quant.dequantize_int4 does, in float32, then stored as `dtype` (float32 or bfloat16,
+    rounded as .to() rounds): [rows, K], into `out` (rows * K elements) if given."""
+    library = library or compiled_kernels()
+    rows = end - start
+    out = torch.empty(rows, in_features, dtype=dtype) if out is None else out.view(rows, in_features)
+    qweight, scales = qweight.contiguous(), scales.contiguous()
+    zeros = None if zeros is None else zeros.contiguous()
+    library.dequantize_int4(qweight.data_ptr(), scales.data_ptr(), None if zeros is None else zeros.data_ptr(),
+                            qweight.shape[1] * 2 // BLOCK, group_shift(group_size), start, rows, in_features,
+                            out.data_ptr(), dtype == torch.bfloat16)
+    return out
 
 
 def float32_vector(bias):
@@ -895,6 +958,19 @@ class PackedQuantLinear(quant.QuantLinear):
         return dequantize_int4_codes(codes, self.stored_buffer("scales", start, end), zeros, self.group_size,
                                      self.in_features, out)
 
+    def dequantized(self, dtype, start=0, end=None, reuse=False):
+        """dequantize(start, end, reuse).to(dtype): by kernels.c in one pass, in quant.dequantize_int4's arithmetic,
+        where it applies (int4, the stored buffers held as they are, on the CPU; float32 or bfloat16)."""
+        buffers = self._buffers
+        if (self.bits != 4 or dtype not in (torch.float32, torch.bfloat16) or compiled_kernels() is None
+                or not all(name in buffers for name in self.expected_buffers())
+                or buffers["qweight"].device.type != "cpu"):
+            return self.dequantize(start, end, reuse).to(dtype)
+        end = self.out_features if end is None else min(end, self.out_features)
+        out = scratch("weight", (end - start) * self.in_features, dtype, "cpu") if reuse else None
+        return dequantize_int4_compiled(buffers["qweight"], buffers["scales"], buffers.get("zeros"), self.group_size,
+                                        self.in_features, start, end, dtype, out)
+
     def resident_bytes(self) -> int:
         """Bytes this layer holds in memory: its buffers, bias and kernel layouts, each counted once (the int8
         kernel reads qweight itself), a view into a FusedProjection's tensors by its own size."""
@@ -942,13 +1018,13 @@ class PackedQuantLinear(quant.QuantLinear):
         slices = quant.row_slices(self.out_features, self.in_features)
         reuse = not torch.is_grad_enabled()  # with autograd, F.linear may keep the weight for the backward pass
         if len(slices) == 1:
-            return F.linear(x, self.dequantize(reuse=reuse).to(x.dtype), bias)
+            return F.linear(x, self.dequantized(x.dtype, reuse=reuse), bias)
         if not reuse:  # autograd does not go through out= ops: the slices' products, then one torch.cat of them
-            return torch.cat([F.linear(x, self.dequantize(start, end).to(x.dtype),
+            return torch.cat([F.linear(x, self.dequantized(x.dtype, start, end),
                                        None if bias is None else bias[start:end]) for start, end in slices], dim=-1)
         x2d, out = x.reshape(-1, self.in_features), None
         for start, end in slices:
-            weight = self.dequantize(start, end, reuse).to(x.dtype).t()
+            weight = self.dequantized(x.dtype, start, end, reuse).t()
             out = x.new_empty(x2d.shape[0], self.out_features) if out is None else out
             if bias is None:
                 torch.mm(x2d, weight, out=out[:, start:end])
@@ -1040,8 +1116,8 @@ class PackedQuantLinear(quant.QuantLinear):
 
     @property
     def prompt_in_c(self) -> bool:
-        """Whether larger inputs go through kernels.c's float32 prompt product: wherever it decodes them."""
-        return self.decodes_in_c
+        """Whether larger inputs go through kernels.c's float32 prompt product: where it decodes them and it pays."""
+        return self.decodes_in_c and compiled_prompt_pays()
 
     @property
     def compiled(self) -> bool:

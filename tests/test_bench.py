@@ -68,7 +68,7 @@ def test_quick_quantized_rows_hold_their_weights_once_and_a_16_bit_cache(quick):
     try:
         import kernels
         layout_known = kernels.packed_kernels_available()[4] and kernels.int4_kernel_layout() is not None
-        compiled = kernels.compiled_products_pay()  # kernels.c decodes, reading the stored tensors as they are
+        compiled = kernels.compiled_decode_pays()  # kernels.c decodes, reading the stored tensors as they are
     finally:
         sys.path.remove(ROOT)
     rows = {row["dtype"]: row for row in quick[0]["results"]}
@@ -79,7 +79,7 @@ def test_quick_quantized_rows_hold_their_weights_once_and_a_16_bit_cache(quick):
         if rows[dtype]["compute_dtype"] == "float32":
             assert rows[dtype]["cache_dtype"] == "float16"
     int4 = rows["int4"]
-    if compiled:  # x86 without AVX-512: no kernel layout at all
+    if compiled:  # x86 with AVX2 and a C compiler: no kernel layout at all
         assert int4["resident_weight_bytes"] == int4["weight_bytes"]
         return
     # In memory (torch's int4 kernel): the kernel's bfloat16 (scale, zero) pairs in place of the float16 scales, +2

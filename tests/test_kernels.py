@@ -90,27 +90,39 @@ def test_enable_makes_quantized_layers_packed_and_equal_to_the_readable_ones(mon
         assert list(model.generate(ids, pixels, max_new_tokens=6, stop_ids=[])) == readable_tokens
 
 
+@pytest.mark.parametrize("path", ["addmv", "kernels.c"])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("shape", [(1, 1, 96), (96,), (1, 96)])  # a decode step's (B, T, C), and other single rows
-def test_bfloat16_single_row_fast_path_equals_f_linear(shape, bias, monkeypatch):
+@pytest.mark.parametrize("shape", [(1, 1, 118), (118,), (1, 118)])  # a decode step's (B, T, C), and other single rows
+def test_bfloat16_single_row_fast_path_equals_f_linear(shape, bias, path, monkeypatch):
+    if path == "kernels.c" and kernels.compiled_kernels() is None:
+        pytest.skip("no compiled kernels here")
+    if path == "addmv":
+        monkeypatch.setattr(kernels, "compiled_kernels", lambda: None)
     calls = []
     monkeypatch.setattr(torch, "mv", lambda *a: calls.append("mv") or torch.ops.aten.mv(*a))
     monkeypatch.setattr(torch, "addmv", lambda *a: calls.append("addmv") or torch.ops.aten.addmv(*a))
+    compiled = kernels.bfloat16_matvec_compiled
+    monkeypatch.setattr(kernels, "bfloat16_matvec_compiled", lambda *a: calls.append("kernels.c") or compiled(*a))
     generator = torch.Generator().manual_seed(3)
-    layer = kernels.RowVectorLinear(96, 40, bias=bias).to(torch.bfloat16)
+    # 118 columns: kernels.c's steps of 32 columns, one of 16, and the last 6 one by one
+    layer = kernels.RowVectorLinear(118, 40, bias=bias).to(torch.bfloat16)
     with torch.no_grad():
         layer.weight.normal_(0, 0.5, generator=generator)
         if bias:
             layer.bias.normal_(0, 2.0, generator=generator)  # large enough that dropping it would show
     x = torch.randn(shape, generator=generator).to(torch.bfloat16)
-    fast, readable = layer(x), F.linear(x, layer.weight, layer.bias)
-    assert calls == ["addmv" if bias else "mv"]
+    with torch.no_grad():
+        fast, readable = layer(x), F.linear(x, layer.weight, layer.bias)
+    assert calls == [path if path == "kernels.c" else "addmv" if bias else "mv"]
     assert fast.shape == readable.shape and fast.dtype == torch.bfloat16
     # Both sum in float32 and round to bfloat16 (8 bits): within a few 2^-8 of sum |x||w| (+ |b|) per output.
     magnitude = x.float().abs().reshape(-1) @ layer.weight.float().abs().T + (layer.bias.float().abs() if bias else 0)
     assert torch.all((fast.float() - readable.float()).abs().reshape(-1) <= 2 ** -7 * magnitude)
     exact = x.double().reshape(-1) @ layer.weight.double().T + (layer.bias.double() if bias else 0)
     assert torch.all((fast.double().reshape(-1) - exact).abs() <= 2 ** -7 * magnitude)
+    if path == "kernels.c":  # exact products summed in float32, rounded once: the float32 product's numbers, rounded
+        want = F.linear(x.float(), layer.weight.float(), None if not bias else layer.bias.float()).bfloat16()
+        assert (fast.float() - want.float()).abs().max() <= 2 ** -7 * want.float().abs().max()
 
 
 def test_f_linear_where_the_fast_path_does_not_apply(monkeypatch):
@@ -124,13 +136,21 @@ def test_f_linear_where_the_fast_path_does_not_apply(monkeypatch):
     assert calls == []
 
 
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("emulated", [True, False])
-def test_enable_chooses_the_row_vector_product_by_capability(monkeypatch, emulated):
+def test_enable_chooses_the_row_vector_product_by_capability(monkeypatch, emulated, compiled):
+    if compiled and kernels.compiled_kernels() is None:
+        pytest.skip("no compiled kernels here")
+    if not compiled:
+        monkeypatch.setattr(kernels, "compiled_kernels", lambda: None)
     monkeypatch.setattr(kernels, "bfloat16_is_emulated", lambda: emulated)
     model = tiny_imp()
-    kernels.enable(model)
+    said = kernels.enable(model)
     llm_linears = [m for m in model.llm.modules() if isinstance(m, nn.Linear)]
-    assert llm_linears and all(isinstance(m, kernels.RowVectorLinear) == emulated for m in llm_linears)
+    # kernels.c's row product wherever it compiled; torch.addmv where bfloat16 is emulated; else F.linear
+    assert llm_linears and all(isinstance(m, kernels.RowVectorLinear) == (compiled or emulated) for m in llm_linears)
+    assert ("bfloat16 rows by kernels.c" in said) == compiled and ("bfloat16 rows by addmv" in said) == (
+        emulated and not compiled)
     assert not any(isinstance(m, kernels.RowVectorLinear) for m in model.vision.modules())  # many rows there
     assert all(type(m) is kernels.InPlaceGeluMLP for m in model.llm.modules() if isinstance(m, imp.PhiMLP))
 
@@ -454,12 +474,43 @@ def test_compiled_decode_of_int8_is_the_readable_product_of_the_rounded_activati
 
 
 def prompt_through(layer, monkeypatch):
-    """A PackedQuantLinear holding `layer`'s tensors, its prompts through kernels.c; the calls are counted."""
-    fast = decode_through(layer, 16)  # (kernels.c takes the prompts of the layers it decodes)
+    """A PackedQuantLinear holding `layer`'s tensors, its prompts through kernels.c (even where torch's product is
+    chosen, with AVX-512); the calls are counted."""
+    monkeypatch.setattr(kernels, "compiled_prompt_pays", lambda: True)
+    fast = decode_through(layer, 16)  # (kernels.c takes the prompts of the layers it decodes, where that pays)
     calls = []
     compiled = kernels.prompt_matmul_compiled
     monkeypatch.setattr(kernels, "prompt_matmul_compiled", lambda *a, **k: calls.append(1) or compiled(*a, **k))
     return fast, calls
+
+
+@needs_compiled
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_features, in_features, group_size, scheme", [
+    (150, 288, 32, "symmetric"), (80, 200, 64, "asymmetric"), (130, 1100, 128, "asymmetric")])  # padded columns
+def test_compiled_dequantize_is_quants_dequantize_exactly(monkeypatch, dtype, out_features, in_features, group_size,
+                                                          scheme):
+    """Where torch's product takes the prompts (AVX-512), kernels.c decodes each slice of the int4 weight for it in
+    one pass: the very numbers of quant.dequantize_int4, rounded to the activations' dtype as .to() rounds."""
+    monkeypatch.setattr(kernels, "compiled_prompt_pays", lambda: False)
+    layer = int4_layer(out_features, in_features, group_size, scheme, True)
+    with torch.no_grad():
+        layer.scales[2, 0] = -layer.scales[2, 0]  # a negative scale, as a file may hold
+    fast = decode_through(layer, 16)
+    calls = []
+    compiled = kernels.dequantize_int4_compiled
+    monkeypatch.setattr(kernels, "dequantize_int4_compiled", lambda *a, **k: calls.append(1) or compiled(*a, **k))
+    for start, end in ((0, None), (5, 19)):
+        got = fast.dequantized(dtype, start, end, reuse=True)
+        assert torch.equal(got, layer.dequantize(start, end).to(dtype)) and got.dtype == dtype
+    monkeypatch.setattr(quant, "SLICE_WEIGHTS", in_features * 64)  # a prompt in slices of 64 rows
+    x = (torch.randn(70, in_features, generator=torch.Generator().manual_seed(2)) * 2).to(dtype)
+    calls.clear()
+    with torch.inference_mode():
+        got, want = fast(x), layer(x)
+    assert len(calls) == len(quant.row_slices(out_features, in_features)) > 1  # every slice, through kernels.c
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5) if dtype == torch.float32 else \
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)  # bfloat16 products, another blocking
 
 
 @needs_compiled
@@ -513,21 +564,26 @@ def test_compiled_prompt_leaves_autograd_and_small_inputs_alone(monkeypatch):
     assert not calls
 
 
-@needs_compiled
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("avx512", [False, True])
-def test_compiled_decode_is_chosen_by_capability(monkeypatch, avx512):
+def test_compiled_decode_is_chosen_by_capability(monkeypatch, avx512, compiled):
+    if compiled and kernels.compiled_kernels() is None:
+        pytest.skip("no compiled kernels here")
+    if not compiled:
+        monkeypatch.setattr(kernels, "compiled_kernels", lambda: None)
     flags = kernels.cpu_flags() | {"avx512f"} if avx512 else kernels.cpu_flags() - {"avx512f"}
     monkeypatch.setattr(kernels, "cpu_flags", lambda: flags)
     model = int4_tiny_imp()
     kernels.enable(model, int8_activations=True)
     layers = [m for m in model.modules() if isinstance(m, kernels.PackedQuantLinear)]
-    # with AVX-512, torch's kernels read the weights near the memory's speed: kept
-    assert all(m.int8_decode == m.compiled == (not avx512) and not m.int16_decode for m in layers)
+    # decode through kernels.c wherever it compiled, with or without AVX-512
+    assert all(m.int8_decode == m.compiled == compiled and not m.int16_decode for m in layers)
     plain = int4_tiny_imp()
-    kernels.enable(plain)  # without int8 activations: 16-bit ones, through kernels.c where it pays
+    kernels.enable(plain)  # without int8 activations: 16-bit ones
     layers = [m for m in plain.modules() if isinstance(m, kernels.PackedQuantLinear)]
-    assert all(m.int16_decode == m.compiled == (not avx512) and not m.int8_decode for m in layers)
-    assert all(m.prompt_in_c == (not avx512) for m in layers)  # prompts too: AVX-512 keeps torch's product
+    assert all(m.int16_decode == m.compiled == compiled and not m.int8_decode for m in layers)
+    # prompts through kernels.c only without AVX-512: with it, torch's product runs twice as wide
+    assert all(m.prompt_in_c == (compiled and not avx512) for m in layers)
 
 
 def test_no_compiler_or_a_failed_compile_means_no_compiled_kernel(tmp_path, monkeypatch):
@@ -550,7 +606,7 @@ def test_no_compiler_or_a_failed_compile_means_no_compiled_kernel(tmp_path, monk
 def test_a_compiled_kernel_with_wrong_numbers_is_not_used(tmp_path, monkeypatch):
     source = open(kernels.COMPILED_SOURCE).read()
     broken = source.replace("- 8.0f * s", "- 7.0f * s").replace("set1_ps(8.0f)", "set1_ps(7.0f)")  # wrong offsets
-    assert broken.count("(7.0f)") + broken.count("- 7.0f") == 4
+    assert broken.count("(7.0f)") + broken.count("- 7.0f") == 5
     (tmp_path / "kernels.c").write_text(broken)
     monkeypatch.setattr(kernels, "COMPILED_SOURCE", str(tmp_path / "kernels.c"))
     monkeypatch.setenv("NANOIMP_CACHE", str(tmp_path / "cache"))
