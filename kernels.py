@@ -88,9 +88,10 @@ def enable(model: nn.Module, int8_activations: bool | str = False) -> str:
     fused = sum(fuse_projections(module) for module in model.modules()
                 if isinstance(module, (DecodeAttention, LlamaDecodeAttention)))
     quant.give_back_freed_memory()  # the qweight buffers the int4 kernel layouts replaced
-    if packed:
+    if any(not layer.decodes_in_c for layer in packed):  # torch's packed kernels decode them, where they work
         kinds = [bits for bits, ok in packed_kernels_available().items() if ok]
         said.append(f"packed int{'/int'.join(map(str, kinds))} kernels" if kinds else "no packed kernels here")
+    if packed:
         if fused:
             said.append(f"q, k, v in one product in {fused} layers")
         sixteen = sum(1 for layer in packed if layer.int16_decode)
@@ -514,11 +515,13 @@ class RowVectorLinear(nn.Linear):
         if x.dtype != torch.bfloat16 or x.numel() != self.in_features or x.device.type != "cpu":
             return F.linear(x, self.weight, self.bias)
         library = compiled_kernels()
-        if library is not None and not (torch.is_grad_enabled() and self.weight.requires_grad):
+        if library is not None and not (torch.is_grad_enabled() and self.weight.requires_grad):  # (no backward)
             y = bfloat16_matvec_compiled(x, self.weight, self.bias, library)
-        else:
+        elif bfloat16_is_emulated():
             vector = x.reshape(self.in_features)
             y = torch.mv(self.weight, vector) if self.bias is None else torch.addmv(self.bias, self.weight, vector)
+        else:
+            return F.linear(x, self.weight, self.bias)
         return y.view(*x.shape[:-1], self.out_features)
 
 

@@ -83,7 +83,8 @@ def test_enable_makes_quantized_layers_packed_and_equal_to_the_readable_ones(mon
     said = kernels.enable(model)
     layers = [m for m in model.modules() if isinstance(m, quant.QuantLinear)]
     assert layers and all(isinstance(m, kernels.PackedQuantLinear) for m in layers)
-    assert "packed" in said
+    in_c = kernels.compiled_kernels() is not None  # decode through kernels.c, else torch's packed kernels
+    assert ("packed int" in said) != in_c and ("decoding through kernels.c" in said) == in_c
     with torch.inference_mode():
         torch.testing.assert_close(model(ids, pixels), readable, rtol=1e-5, atol=1e-5)
         # decode: one row through the packed kernels (bfloat16 activations): the same greedy tokens
@@ -96,8 +97,9 @@ def test_enable_makes_quantized_layers_packed_and_equal_to_the_readable_ones(mon
 def test_bfloat16_single_row_fast_path_equals_f_linear(shape, bias, path, monkeypatch):
     if path == "kernels.c" and kernels.compiled_kernels() is None:
         pytest.skip("no compiled kernels here")
-    if path == "addmv":
+    if path == "addmv":  # no compiler, and a CPU without native bfloat16
         monkeypatch.setattr(kernels, "compiled_kernels", lambda: None)
+        monkeypatch.setattr(kernels, "bfloat16_is_emulated", lambda: True)
     calls = []
     monkeypatch.setattr(torch, "mv", lambda *a: calls.append("mv") or torch.ops.aten.mv(*a))
     monkeypatch.setattr(torch, "addmv", lambda *a: calls.append("addmv") or torch.ops.aten.addmv(*a))
@@ -128,9 +130,15 @@ def test_bfloat16_single_row_fast_path_equals_f_linear(shape, bias, path, monkey
 def test_f_linear_where_the_fast_path_does_not_apply(monkeypatch):
     calls = []
     monkeypatch.setattr(torch, "addmv", lambda *a: calls.append("addmv") or torch.ops.aten.addmv(*a))
+    compiled = kernels.bfloat16_matvec_compiled
+    monkeypatch.setattr(kernels, "bfloat16_matvec_compiled", lambda *a: calls.append("kernels.c") or compiled(*a))
     layer = kernels.RowVectorLinear(32, 8).to(torch.bfloat16)
     two_rows = torch.randn(1, 2, 32).to(torch.bfloat16)  # a prefill: the general product
     assert torch.equal(layer(two_rows), F.linear(two_rows, layer.weight, layer.bias))
+    one_row = torch.randn(1, 1, 32).to(torch.bfloat16)
+    monkeypatch.setattr(kernels, "compiled_kernels", lambda: None)  # no compiler, native bfloat16: F.linear
+    monkeypatch.setattr(kernels, "bfloat16_is_emulated", lambda: False)
+    assert torch.equal(layer(one_row), F.linear(one_row, layer.weight, layer.bias))
     one_float_row = torch.randn(1, 1, 32)
     assert torch.equal(layer.float()(one_float_row), F.linear(one_float_row, layer.weight, layer.bias))
     assert calls == []

@@ -3,8 +3,8 @@ with the official `openai` client, with raw http.client for the errors, with 50 
 chat page in headless Chromium driven over the DevTools protocol (a small websocket client below).
 
 Two servers: the demo model (answers checked against `python infer.py` for the same question, image, seed and
-settings), and "slow", the demo model with its lm_head bias pushed towards one token and a 4096-token context, so
-that it answers "aaaa..." for as long as max_tokens allows (~6 ms a token): what the tests of --timeout, the full
+settings), and "slow", the demo model with its lm_head bias pushed towards one token and a 32768-token context, so
+that it answers "aaaa..." for as long as max_tokens allows (1-6 ms a token: 30000 tokens take 30 s or more): what the tests of --timeout, the full
 queue, a client that leaves, and Ctrl-C need. Every server process is stopped in teardown."""
 import base64
 import http.client
@@ -91,12 +91,12 @@ def demo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def slow(tmp_path_factory):
-    """The demo model that never stops talking (the same token every time) within a 4096-token context."""
+    """The demo model that never stops talking (the same token every time) within a 32768-token context."""
     folder = tmp_path_factory.mktemp("slow")
     model = imp.Imp.from_pretrained(DEMO)
     with torch.no_grad():
         model.llm.lm_head.bias[model.tokenizer.token_to_id("a")] += 100.0
-    model.config.max_length = 4096
+    model.config.max_length = 32768
     model.save_pretrained(str(folder / "model"))
     server = Server(str(folder), "--model", str(folder / "model"), "--queue", "1", "--timeout", "4")
     yield server
@@ -392,7 +392,7 @@ def test_fifty_clients_at_once(demo):
 # The slow model: --timeout, the full queue, a client that leaves, Ctrl-C
 
 
-def long_stream_body(max_tokens=3000) -> dict:
+def long_stream_body(max_tokens=30000) -> dict:
     return dict(messages=[user("Talk.")], max_tokens=max_tokens, stream=True)
 
 
@@ -430,7 +430,7 @@ def test_timeout_cuts_the_stream_with_an_error_event(slow):
     status, events, done = stream_events(slow.port, long_stream_body())
     seconds = time.perf_counter() - started
     assert status == 200 and done
-    assert 3.5 < seconds < 8, seconds  # --timeout 4; 3000 tokens would take ~20 s
+    assert 3.5 < seconds < 8, seconds  # --timeout 4; 30000 tokens would take 30 s or more
     text = "".join(e["choices"][0]["delta"].get("content", "") for e in events if "choices" in e)
     assert len(text) > 50 and set(text) == {"a"}
     assert events[-1]["error"]["code"] == "timeout" and "--timeout" in events[-1]["error"]["message"]
@@ -445,7 +445,7 @@ def test_full_queue_gets_503_with_retry_after(slow):
     running.start()
     wait_until(lambda: assert_healthy(slow.port)["busy"], 5, "the first request runs")
     waiting = threading.Thread(target=lambda: results.update(waiting=chat(slow.port, dict(messages=[user("Talk.")],
-                                                                                        max_tokens=3000))))
+                                                                                        max_tokens=30000))))
     waiting.start()
     wait_until(lambda: assert_healthy(slow.port)["waiting"] == 1, 5, "the second request waits")
     started = time.perf_counter()
@@ -475,7 +475,7 @@ def test_a_client_that_leaves_stops_its_generation(slow):
             received += raw.recv(4096)
     left = time.perf_counter()
     wait_until(lambda: not assert_healthy(slow.port)["busy"], 1.5, "the generation stops after the client left")
-    assert time.perf_counter() - left < 1.5  # the answer had ~20 s and --timeout 4 s to go
+    assert time.perf_counter() - left < 1.5  # the answer had 30 s or more and --timeout 4 s to go
     assert assert_healthy(slow.port)["cancelled"] == cancelled + 1
 
 
