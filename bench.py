@@ -22,7 +22,7 @@ the high-water mark of the query itself (reset after building). int8 / int4 rows
 when they compute in float32 (--cache-dtype; imp.KVCache). The opt-in rows int8+a8 / int4+a8 are the same models
 with int8 activations as infer.py --int8-activations runs them: inputs of more than kernels.FAST_PATH_MAX_ROWS rows
 (prefill, vision tower) as int8 x int8 GEMMs on CPUs with int8 dot-product instructions (VNNI, AMX), and decode
-through kernels.c's int4 / int8 x int8 products on x86 CPUs without AVX-512, where it compiled.
+through kernels.c's int4 / int8 x int8 products on x86 CPUs, where it compiled.
 
 Decode is memory-bound: every new token reads all Linear weights of the language model (lm_head included, the
 embedding not; quantized ones in the packed kernel's layout, which is what it reads) plus the KV cache. A stream
@@ -57,8 +57,8 @@ import quant
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PRECISIONS = ("float32", "bfloat16", "int8", "int4")
 # Opt-in rows: the same int8 / int4 model with int8 activations (kernels.py: int8 x int8 GEMMs for prefill and the
-# vision tower on VNNI / AMX; decode through kernels.c on x86 without AVX-512). Not in the default list: they change the
-# numbers a little, and a full-size row takes minutes.
+# vision tower on VNNI / AMX; decode through kernels.c on x86 where it compiled). Not in the default list: they
+# change the numbers a little, and a full-size row takes minutes.
 A8_PRECISIONS = ("int8+a8", "int4+a8")
 TEXT_TOKENS = 41       # the paper's prompt: 41 text tokens around one <image> (729 image tokens at 384 px)
 NEW_TOKENS = 64

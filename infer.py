@@ -86,7 +86,7 @@ def parse_arguments(argv):
     parser.add_argument("--quant", choices=("int8", "int4"), help="quantize the weights while loading (quant.py)")
     parser.add_argument("--int8-activations", action="store_true", help="with a quantized model (--quant or a "
                         "quantized folder): round activations to int8 for integer products, numbers move by ~1%% "
-                        "(kernels.set_int8_activations): decode through kernels.c on x86 CPUs without AVX-512 where a C "
+                        "(kernels.set_int8_activations): decode through kernels.c on x86 CPUs with AVX2 where a C "
                         "compiler exists (which decodes with 16-bit activations without it: a few %% faster); "
                         "prefill and the vision tower on CPUs with int8 "
                         "dot-product instructions, VNNI or AMX (~2-3x); where neither applies, left off with a note")

@@ -391,7 +391,7 @@ def test_enable_with_int8_activations_decodes_through_the_compiled_kernels(monke
         compiled = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, f=compiled, n=name, **k: calls.append(n) or f(*a, **k))
     monkeypatch.setattr(kernels, "int8_products_are_native", lambda: False)  # a CPU without VNNI: decode only
-    flags = kernels.cpu_flags() - {"avx512f"}  # a CPU without AVX-512
+    flags = kernels.cpu_flags() - {"avx512f"}  # a CPU without AVX-512 (kernels.c decodes with it too)
     monkeypatch.setattr(kernels, "cpu_flags", lambda: flags)
     said = kernels.enable(model, int8_activations=True)
     layers = [m for m in model.modules() if isinstance(m, kernels.PackedQuantLinear)]
