@@ -806,12 +806,11 @@ void dequantize_int4(const uint8_t *qweight, const uint16_t *scales, const uint1
    sums differs from torch's product. vpunpcklwd / vpunpckhwd against zeros turn 16 weights into two vectors of 8
    floats, columns 0-3 and 8-11, then 4-7 and 12-15 (they work within each 128-bit half); x is laid out once per
    call in that order. Four accumulators, 32 weights (one cache line) per step, read PREFETCH_AHEAD bytes ahead. */
-static void interleave_like_unpack(const float *x, int in_features, float *out) {
-    for (int k0 = 0; k0 < in_features; k0 += 16)
-        for (int i = 0; i < 16; i++) {
-            int half = i / 8, lane = i % 8;   /* output lane i of the pair (lo, hi) */
-            int column = k0 + 8 * (lane / 4) + 4 * half + lane % 4;
-            out[k0 + i] = column < in_features ? x[column] : 0.0f;
+static void interleave_like_unpack(const float *x, int whole, float *out) {  /* whole: a multiple of 16 */
+    for (int k0 = 0; k0 < whole; k0 += 16)
+        for (int i = 0; i < 16; i++) {  /* lane i % 8 of the low (i < 8) or the high vector */
+            int lane = i % 8, high = i / 8;
+            out[k0 + i] = x[k0 + 8 * (lane / 4) + 4 * high + lane % 4];
         }
 }
 
