@@ -502,15 +502,21 @@ static inline void transpose8(__m256 r[8]) {
 
 /* One block (32 columns) of an int4 weight row as floats, in column order: (code - 8) * scale + zero, computed as
    code * scale + shift with shift = zero - 8 scale (row_scales) */
-static inline void decode_int4_block(const uint8_t *bytes, float scale, float shift, __m256 out[4]) {
+/* The 32 codes (0..15) of one block of int4 bytes as floats, in column order: 4 vectors of 8 */
+static inline void int4_codes(const uint8_t *bytes, __m256 codes[4]) {
     __m128i packed = _mm_loadu_si128((const __m128i *)bytes), mask = _mm_set1_epi8(0x0F);
     __m128i low = _mm_and_si128(packed, mask), high = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
-    __m128i codes[2] = {_mm_unpacklo_epi8(low, high), _mm_unpackhi_epi8(low, high)};  /* columns 0-15, 16-31 */
-    __m256 s = _mm256_set1_ps(scale), z = _mm256_set1_ps(shift);
+    __m128i sixteen[2] = {_mm_unpacklo_epi8(low, high), _mm_unpackhi_epi8(low, high)};  /* columns 0-15, 16-31 */
     for (int i = 0; i < 4; i++) {
-        __m128i eight = i & 1 ? _mm_srli_si128(codes[i / 2], 8) : codes[i / 2];
-        out[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(eight)), s, z);
+        __m128i eight = i & 1 ? _mm_srli_si128(sixteen[i / 2], 8) : sixteen[i / 2];
+        codes[i] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(eight));
     }
+}
+
+static inline void decode_int4_block(const uint8_t *bytes, float scale, float shift, __m256 out[4]) {
+    int4_codes(bytes, out);
+    for (int i = 0; i < 4; i++)
+        out[i] = _mm256_fmadd_ps(out[i], _mm256_set1_ps(scale), _mm256_set1_ps(shift));
 }
 
 /* One block of an int8 weight row as floats: code * scale */
@@ -761,39 +767,27 @@ static inline __m128i to_bfloat16(__m256 v) {
    prompt, the weight is decoded in one pass, in the dtype that product reads, instead of several over float32. */
 void dequantize_int4(const uint8_t *qweight, const uint16_t *scales, const uint16_t *zeros, int blocks,
                      int group_shift, int row0, int rows, int in_features, void *out, int bfloat16) {
-    const int groups = blocks >> group_shift;
+    const int groups = blocks >> group_shift, size = bfloat16 ? 2 : 4;  /* bytes per output element */
     #pragma omp parallel for schedule(static)
     for (int r = 0; r < rows; r++) {
         int64_t n = row0 + r;
         for (int b = 0; b < blocks && 32 * b < in_features; b++) {
             int g = b >> group_shift, width = in_features - 32 * b < 32 ? in_features - 32 * b : 32;
-            float scale = _cvtsh_ss(scales[n * groups + g]), zero = zeros ? _cvtsh_ss(zeros[n * groups + g]) : 0.0f;
-            __m128i packed = _mm_loadu_si128((const __m128i *)(qweight + (n * blocks + b) * 16));
-            __m128i low = _mm_and_si128(packed, _mm_set1_epi8(0x0F));
-            __m128i high = _mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0F));
-            __m128i codes[2] = {_mm_unpacklo_epi8(low, high), _mm_unpackhi_epi8(low, high)};  /* columns 0-15, 16-31 */
-            float values[32];
+            __m256 scale = _mm256_set1_ps(_cvtsh_ss(scales[n * groups + g]));
+            __m256 zero = _mm256_set1_ps(zeros ? _cvtsh_ss(zeros[n * groups + g]) : 0.0f);
+            char *target = (char *)out + ((int64_t)r * in_features + 32 * b) * size, partial[32 * 4];
+            char *block = width == 32 ? target : partial;  /* the last block, cut at K, goes through `partial` */
+            __m256 codes[4];
+            int4_codes(qweight + (n * blocks + b) * 16, codes);
             for (int i = 0; i < 4; i++) {
-                __m128i eight = i & 1 ? _mm_srli_si128(codes[i / 2], 8) : codes[i / 2];
-                __m256 centred = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(eight)), _mm256_set1_ps(8.0f));
-                __m256 w = _mm256_add_ps(_mm256_mul_ps(centred, _mm256_set1_ps(scale)), _mm256_set1_ps(zero));
-                if (width == 32 && bfloat16)
-                    _mm_storeu_si128((__m128i *)((uint16_t *)out + (int64_t)r * in_features + 32 * b + 8 * i),
-                                     to_bfloat16(w));
-                else if (width == 32)
-                    _mm256_storeu_ps((float *)out + (int64_t)r * in_features + 32 * b + 8 * i, w);
-                else
-                    _mm256_storeu_ps(values + 8 * i, w);
-            }
-            for (int j = 0; width < 32 && j < width; j++) {  /* the last block, cut at K */
-                uint32_t bits;
-                memcpy(&bits, values + j, sizeof bits);
+                __m256 w = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(codes[i], _mm256_set1_ps(8.0f)), scale), zero);
                 if (bfloat16)
-                    ((uint16_t *)out)[(int64_t)r * in_features + 32 * b + j] =
-                        (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+                    _mm_storeu_si128((__m128i *)(block + 16 * i), to_bfloat16(w));
                 else
-                    ((float *)out)[(int64_t)r * in_features + 32 * b + j] = values[j];
+                    _mm256_storeu_ps((float *)(block + 32 * i), w);
             }
+            if (width < 32)
+                memcpy(target, partial, (size_t)width * size);
         }
     }
 }

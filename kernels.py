@@ -65,13 +65,14 @@ def enable(model: nn.Module, int8_activations: bool | str = False) -> str:
             module.__class__ = DecodeAttention
         elif type(module) is imp.LlamaAttention:
             module.__class__ = LlamaDecodeAttention
-    if compiled_kernels() is not None:
+    compiled = compiled_kernels() is not None
+    if compiled:
         said.append("decode attention by kernels.c")
-    if compiled_kernels() is not None or bfloat16_is_emulated():
+    if compiled or bfloat16_is_emulated():
         for name, module in model.named_modules():
             if type(module) is nn.Linear and not name.startswith(("vision", "connector")):
                 module.__class__ = RowVectorLinear
-        said.append("bfloat16 rows by " + ("kernels.c" if compiled_kernels() is not None else "addmv"))
+        said.append("bfloat16 rows by " + ("kernels.c" if compiled else "addmv"))
     packed = [m for m in model.modules() if isinstance(m, quant.QuantLinear)]
     for layer in packed:
         if not isinstance(layer, PackedQuantLinear):
@@ -966,8 +967,7 @@ class PackedQuantLinear(quant.QuantLinear):
         where it applies (int4, the stored buffers held as they are, on the CPU; float32 or bfloat16)."""
         buffers = self._buffers
         if (self.bits != 4 or dtype not in (torch.float32, torch.bfloat16) or compiled_kernels() is None
-                or not all(name in buffers for name in self.expected_buffers())
-                or buffers["qweight"].device.type != "cpu"):
+                or self.kernel_holds or buffers["qweight"].device.type != "cpu"):
             return self.dequantize(start, end, reuse).to(dtype)
         end = self.out_features if end is None else min(end, self.out_features)
         out = scratch("weight", (end - start) * self.in_features, dtype, "cpu") if reuse else None
